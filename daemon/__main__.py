@@ -1,0 +1,5 @@
+"""`python -m daemon` is the same as the `mendd` command."""
+
+from daemon.cli import app
+
+app(prog_name="mendd")

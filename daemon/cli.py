@@ -1,0 +1,248 @@
+"""The ``mendd`` command line.
+
+Operator mistakes (a bad config value, a model spec that cannot be loaded, an existing home) end in
+one readable paragraph on stderr and exit code 2, never a traceback. Heavy imports (torch,
+transformers) happen inside the commands that need them, so ``mendd --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from daemon.config import ConfigError, MenddConfig, load_config
+from daemon.home import Home, HomeError, init_home, resolve_home
+
+USAGE_ERROR = 2
+
+# Results go to stdout as plain text (print); messages and progress go to stderr through rich.
+# soft_wrap: long messages stay on one line, so paths and keys are never broken across lines.
+err = Console(stderr=True, soft_wrap=True)
+
+# Commands are filled in by later issues; until then they say which one.
+_ISSUES: dict[int, str] = {
+    3: "MEND editor: apply, meta-train, ship a trained editor",
+    4: "versioned model store and ledger",
+    5: "the gate and MLflow review",
+    6: "the service: feeds, the maintenance cycle, APScheduler, health and metrics",
+}
+
+DEFAULT_MODEL: str = MenddConfig.model_fields["model"].default
+DEMO_PROMPT = "The capital of France is"
+
+
+def _is_operator_error(error: Exception) -> bool:
+    if isinstance(error, (ConfigError, HomeError)):
+        return True
+    # store.models imports torch, so it is not imported here just to name its error class; if the
+    # error is a ModelSpecError, that module has necessarily been loaded already.
+    models = sys.modules.get("store.models")
+    return models is not None and isinstance(error, models.ModelSpecError)
+
+
+class _MenddApp(typer.Typer):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as error:
+            if not _is_operator_error(error):
+                raise
+            err.print(f"[bold red]error:[/] {escape(str(error))}")
+            sys.exit(USAGE_ERROR)
+
+
+app = _MenddApp(
+    name="mendd",
+    help="Keep a language model's facts current: MEND edits, gated commits, MLflow review, "
+    "git+DVC versions.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+review_app = typer.Typer(help="Decisions held for a human: list, approve, reject.", no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
+RunId = Annotated[str, typer.Argument(help="MLflow run id of the held decision.")]
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            help="The mendd home folder holding all state. Default: $MENDD_HOME, else ~/.mendd.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = resolve_home(home)
+
+
+def _config(ctx: typer.Context) -> MenddConfig:
+    """Every command that works on a home validates its config first, so a bad value stops it
+    at start with the key, the value and what is allowed."""
+    return load_config(ctx.obj)
+
+
+def _not_yet(issue: int, as_json: bool = False) -> NoReturn:
+    """Say plainly that a command arrives with a later issue, and exit 2."""
+    title = _ISSUES[issue]
+    if as_json:
+        # Scripts asking for JSON still get JSON they can parse.
+        print(json.dumps({"implemented": False, "issue": issue, "title": title}))
+    err.print(f"not implemented yet: arrives with issue #{issue} ({title})", markup=False, highlight=False)
+    raise typer.Exit(USAGE_ERROR)
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    model: Annotated[
+        str, typer.Option(help="Base model: smollm2-135m, tiny-llama or hf:/path/to/folder.")
+    ] = DEFAULT_MODEL,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing mendd.yaml with the defaults.")] = False,
+) -> None:
+    """Create the home folder and a commented default config."""
+    home: Home = ctx.obj
+    init_home(home, model, force=force)
+    print(f"mendd home:  {home.root}")
+    print(f"config:      {home.config_path}")
+
+
+@app.command()
+def demo() -> None:
+    """Load the default model and show it answering (the full demo arrives with issue #6)."""
+    # Imported here: torch and transformers take seconds to import.
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from store.models import load_model
+
+    hf_logging.disable_progress_bar()  # the spinner below is the one progress display
+    loading = f"Loading {DEFAULT_MODEL} (the first run converts the GGUF file; later runs read a cache)..."
+    with err.status(loading):
+        loaded = load_model(DEFAULT_MODEL)
+    inputs = loaded.tokenizer(DEMO_PROMPT, return_tensors="pt")
+    with torch.inference_mode():
+        generated = loaded.model.generate(
+            **inputs,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.eos_token_id,
+        )
+    new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+    continuation = loaded.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    print(f"model:        {DEFAULT_MODEL}")
+    print(f"prompt:       {DEMO_PROMPT}")
+    print(f"continuation: {continuation!r}")  # repr shows the leading space of " Paris"
+    print("\nStill to come before the demo edits this model:")
+    for issue, title in _ISSUES.items():
+        print(f"  - issue #{issue}: {title}")
+
+
+@app.command()
+def run(ctx: typer.Context) -> None:
+    """Run the maintenance service: scheduler, feeds, HTTP health and metrics."""
+    _config(ctx)
+    _not_yet(6)
+
+
+@app.command()
+def cycle(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Run one maintenance cycle now."""
+    _config(ctx)
+    _not_yet(6, as_json)
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Corrections: mendd JSONL, CounterFact, zsRE or MQuAKE.")],
+) -> None:
+    """Enqueue corrections from a file by hand."""
+    _config(ctx)
+    _not_yet(6)
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Current version, pending and held corrections, last cycle, health."""
+    _config(ctx)
+    _not_yet(6, as_json)
+
+
+@app.command()
+def versions(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List the committed model versions."""
+    _config(ctx)
+    _not_yet(4, as_json)
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="Version tag, e.g. v0003.")],
+) -> None:
+    """Make the served model equal to an earlier version (as a new commit)."""
+    _config(ctx)
+    _not_yet(4)
+
+
+@app.command()
+def revert(
+    ctx: typer.Context,
+    correction_id: Annotated[str, typer.Argument(help="Id of an applied correction.")],
+) -> None:
+    """Commit a new version without one correction's weight change."""
+    _config(ctx)
+    _not_yet(4)
+
+
+@review_app.command("list")
+def review_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Decisions waiting for review."""
+    _config(ctx)
+    _not_yet(5, as_json)
+
+
+@review_app.command()
+def approve(ctx: typer.Context, run_id: RunId) -> None:
+    """Accept a held decision and commit it."""
+    _config(ctx)
+    _not_yet(5)
+
+
+@review_app.command()
+def reject(ctx: typer.Context, run_id: RunId) -> None:
+    """Reject a held decision."""
+    _config(ctx)
+    _not_yet(5)
+
+
+@app.command("train-editor")
+def train_editor(ctx: typer.Context) -> None:
+    """Meta-train a MEND editor for the configured model."""
+    _config(ctx)
+    _not_yet(3)
+
+
+@app.command("eval")
+def evaluate(ctx: typer.Context) -> None:
+    """Measure an editor on a dataset (reliability, generalization, locality)."""
+    _config(ctx)
+    _not_yet(3)
+
+
+@app.command()
+def ui(ctx: typer.Context) -> None:
+    """Open the MLflow review UI for this home on 127.0.0.1."""
+    _config(ctx)
+    _not_yet(5)

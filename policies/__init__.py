@@ -1,0 +1,1 @@
+"""May this change be committed? Evaluation suites, metrics, the gate and its YAML policies."""

@@ -1,0 +1,121 @@
+"""The real `mendd` console script, run as a subprocess the way an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MENDD = Path(sys.executable).with_name("mendd")
+
+
+def mendd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # The autouse fixture has already removed the developer's MENDD_* variables from os.environ.
+    return subprocess.run(
+        [str(MENDD), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    root = tmp_path / "home"
+    assert mendd("--home", str(root), "init", "--model", "tiny-llama").returncode == 0
+    return root
+
+
+def test_help_lists_every_command() -> None:
+    result = mendd("--help")
+    assert result.returncode == 0
+    for command in ("init", "demo", "run", "cycle", "submit", "status", "versions", "rollback",
+                    "revert", "review", "train-editor", "eval", "ui"):
+        assert command in result.stdout
+
+
+def test_python_dash_m_daemon_is_the_same_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "daemon", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Usage: mendd" in result.stdout
+
+
+def test_init_creates_the_home_and_prints_its_paths(tmp_path: Path) -> None:
+    root = tmp_path / "new-home"
+    result = mendd("--home", str(root), "init", "--model", "tiny-llama")
+    assert result.returncode == 0, result.stderr
+    assert str(root) in result.stdout and str(root / "mendd.yaml") in result.stdout
+    assert "model: \"tiny-llama\"" in (root / "mendd.yaml").read_text()
+    assert (root / "state").is_dir() and (root / "store").is_dir()
+
+
+def test_init_takes_the_home_from_mendd_home(tmp_path: Path) -> None:
+    result = mendd("init", env={"MENDD_HOME": str(tmp_path / "env-home")})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "env-home" / "mendd.yaml").is_file()
+
+
+def test_second_init_fails_cleanly_and_suggests_force(home: Path) -> None:
+    result = mendd("--home", str(home), "init")
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "issue"),
+    [
+        (["versions"], 4), (["rollback", "v0001"], 4), (["revert", "c1"], 4),
+        (["review", "list"], 5), (["review", "approve", "r1"], 5), (["review", "reject", "r1"], 5), (["ui"], 5),
+        (["run"], 6), (["cycle"], 6), (["submit", "f.jsonl"], 6), (["status"], 6),
+        (["train-editor"], 3), (["eval"], 3),
+    ],
+)
+def test_unimplemented_command_names_its_issue_and_exits_2(home: Path, args: list[str], issue: int) -> None:
+    result = mendd("--home", str(home), *args)
+    assert result.returncode == 2
+    assert f"not implemented yet: arrives with issue #{issue} (" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["versions"], ["status"], ["review", "list"], ["cycle"]])
+def test_json_flag_prints_parseable_json(home: Path, args: list[str]) -> None:
+    result = mendd("--home", str(home), *args, "--json")
+    assert isinstance(json.loads(result.stdout), dict)
+
+
+def test_bad_config_names_key_value_and_allowed_without_traceback(home: Path) -> None:
+    config = home / "mendd.yaml"
+    config.write_text(config.read_text().replace("batch_size: 10", "batch_size: 0"))
+    result = mendd("--home", str(home), "status")
+    assert result.returncode == 2
+    assert "batch_size: 0 is not allowed: must be greater than or equal to 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_override_error_names_the_variable(home: Path) -> None:
+    result = mendd("--home", str(home), "versions", env={"MENDD_HTTP__PORT": "0"})
+    assert result.returncode == 2
+    assert "environment variable MENDD_HTTP__PORT" in result.stderr
+
+
+def test_command_on_a_home_without_config_says_to_run_init(tmp_path: Path) -> None:
+    result = mendd("--home", str(tmp_path / "nowhere"), "status")
+    assert result.returncode == 2
+    assert "No configuration" in result.stderr and "init" in result.stderr
+
+
+def test_demo_with_an_unreadable_model_prints_a_clean_error(tmp_path: Path) -> None:
+    # A damaged model cache is an operator-fixable problem: one message naming the spec, exit 2.
+    broken = tmp_path / "cache" / "smollm2-135m"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{not json")
+    result = mendd("demo", env={"MENDD_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "smollm2-135m" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_loads_smollm2_and_answers_paris() -> None:
+    result = mendd("demo", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "continuation: ' Paris" in result.stdout

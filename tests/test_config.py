@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.config import ConfigError, MenddConfig, load_config
+from daemon.home import Home
+
+
+def home_with(tmp_path: Path, text: str) -> Home:
+    home = Home(tmp_path)
+    home.config_path.write_text(text, encoding="utf-8")
+    return home
+
+
+def config_error(home: Home) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(home)
+    return str(caught.value)
+
+
+def test_good_file_is_loaded(tmp_path: Path) -> None:
+    home = home_with(
+        tmp_path,
+        "model: tiny-llama\n"
+        "editor: {name: ft, edit_layers: [model.layers.3.mlp.up_proj]}\n"
+        "batch_size: 32\n"
+        "http: {host: 0.0.0.0, port: 9100, token: s3cret}\n"
+        "store: {remote: /srv/dvc}\n"
+        "log_level: DEBUG\n",
+    )
+    config = load_config(home)
+    assert config.model == "tiny-llama"
+    assert config.editor.name == "ft"
+    assert config.editor.edit_layers == ["model.layers.3.mlp.up_proj"]
+    assert config.batch_size == 32
+    assert (config.http.host, config.http.port) == ("0.0.0.0", 9100)
+    assert config.http.token is not None and config.http.token.get_secret_value() == "s3cret"
+    assert config.store.remote == "/srv/dvc"
+    assert config.log_level == "DEBUG"
+
+
+def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
+    config = load_config(home_with(tmp_path, ""))
+    assert (config.model, config.editor.name, config.batch_size, config.http.port) == ("smollm2-135m", "mend", 10, 8742)
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = home_with(tmp_path, "batch_size: 20\nhttp: {host: 0.0.0.0, port: 8000}\n")
+    monkeypatch.setenv("MENDD_BATCH_SIZE", "5")
+    monkeypatch.setenv("MENDD_HTTP__PORT", "9000")
+    config = load_config(home)
+    assert config.batch_size == 5
+    assert config.http.port == 9000
+    assert config.http.host == "0.0.0.0"  # the rest of the section still comes from the file
+
+
+def test_keyword_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MENDD_BATCH_SIZE", "5")
+    assert MenddConfig(batch_size=7).batch_size == 7
+
+
+def test_mendd_home_variable_is_not_taken_for_a_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MENDD_HOME", str(tmp_path))
+    assert load_config(home_with(tmp_path, "batch_size: 4\n")).batch_size == 4
+
+
+def test_mlflow_uri_defaults_to_the_database_in_the_home(tmp_path: Path) -> None:
+    home = home_with(tmp_path, "")
+    assert load_config(home).mlflow.tracking_uri == home.mlflow_db_uri
+
+
+def test_relative_editor_and_policy_paths_are_taken_from_the_home(tmp_path: Path) -> None:
+    config = load_config(home_with(tmp_path, "editor: {path: editors/mine}\npolicy: strict.yaml\n"))
+    assert config.editor.path == tmp_path / "editors/mine"
+    assert config.policy == tmp_path / "strict.yaml"
+
+
+def test_negative_batch_size_names_key_value_bound_and_file(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "batch_size: -3\n"))
+    assert "batch_size: -3 is not allowed: must be greater than or equal to 1" in message
+    assert str(tmp_path / "mendd.yaml") in message
+
+
+def test_unknown_editor_name_lists_the_allowed_names(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "editor: {name: rome}\n"))
+    assert "editor.name: \"rome\" is not allowed: must be 'mend', 'ft' or 'none'" in message
+
+
+def test_unknown_key_lists_the_keys_allowed_there(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "http: {prot: 80}\n"))
+    assert "http.prot: unknown key (value 80); the keys allowed here are: host, port, token" in message
+
+
+def test_unknown_top_level_key_is_refused(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "batchsize: 4\n"))
+    assert "batchsize: unknown key" in message and "batch_size" in message
+
+
+def test_bad_port_from_the_environment_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MENDD_HTTP__PORT", "70000")
+    message = config_error(home_with(tmp_path, ""))
+    assert 'http.port: "70000" is not allowed: must be less than or equal to 65535' in message
+    assert "environment variable MENDD_HTTP__PORT" in message
+
+
+def test_non_numeric_port_is_refused(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "http: {port: eighty}\n"))
+    assert 'http.port: "eighty" is not allowed: must be a valid integer' in message
+
+
+def test_every_bad_value_is_reported_at_once(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "batch_size: 0\nlog_level: loud\n"))
+    assert "batch_size: 0" in message and 'log_level: "loud"' in message
+
+
+def test_secret_token_is_not_echoed_in_errors(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "http: {token: [hunter2]}\n"))
+    assert "http.token: <hidden>" in message and "hunter2" not in message
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "model: tiny-llama\nhttp:\n  port: [8742\n"))
+    assert f"{tmp_path / 'mendd.yaml'}, line 4" in message
+    assert "not valid YAML" in message
+
+
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    message = config_error(home_with(tmp_path, "- batch_size\n"))
+    assert "must be a mapping of keys to values" in message
+
+
+def test_list_variable_that_is_not_a_json_list_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MENDD_EDITOR__EDIT_LAYERS", "not json")
+    message = config_error(home_with(tmp_path, ""))
+    assert 'editor.edit_layers: "not json" is not allowed: must be a valid list' in message
+    assert "environment variable MENDD_EDITOR__EDIT_LAYERS" in message
+
+
+def test_section_variable_that_is_not_json_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MENDD_HTTP", "{port: 1")
+    message = config_error(home_with(tmp_path, ""))
+    assert '"http"' in message and "MENDD_HTTP__PORT" in message
+
+
+def test_missing_config_says_how_to_create_it(tmp_path: Path) -> None:
+    message = config_error(Home(tmp_path))
+    assert "No configuration" in message and "init" in message
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=-1000, max_value=1000))
+def test_batch_size_is_accepted_exactly_within_1_to_256(size: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        home = home_with(Path(folder), f"batch_size: {size}\n")
+        if 1 <= size <= 256:
+            assert load_config(home).batch_size == size
+        else:
+            with pytest.raises(ConfigError, match=f"batch_size: {size} is not allowed"):
+                load_config(home)
