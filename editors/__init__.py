@@ -1,0 +1,1 @@
+"""How a correction becomes a weight change: MEND, a fine-tuning baseline, and no-op."""

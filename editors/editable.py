@@ -1,0 +1,56 @@
+"""A model made ready for editing: its tokenizer, its editable tensors, and the prefix-state cache."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from editors.anatomy import Anatomy, default_edit_modules
+from editors.batching import TokenBatch, make_batch
+
+
+class Editable:
+    """Runs the frozen prefix once per distinct sequence and the suffix as often as needed."""
+
+    def __init__(self, model: nn.Module, tokenizer, edit_names: list[str] | None = None,
+                 cache_size: int = 20_000):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.edit_names = list(edit_names or default_edit_modules(model))
+        self.anatomy = Anatomy(model, self.edit_names)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
+        self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    def batch(self, pairs: list[tuple[str, str]]) -> TokenBatch:
+        return make_batch(self.tokenizer, pairs)
+
+    def prefix_states(self, batch: TokenBatch) -> torch.Tensor:
+        """[batch, seq, hidden]; cached per unpadded sequence, so a prompt seen before costs nothing."""
+        keys = [tuple(row[:n].tolist()) for row, n in zip(batch.input_ids, batch.lengths)]
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            fresh = self.anatomy.prefix_states(batch.input_ids[missing])
+            for i, states in zip(missing, fresh):
+                self._remember(keys[i], states[: len(keys[i])].clone())
+        hidden = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
+        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], hidden)
+        for i, key in enumerate(keys):
+            self._cache.move_to_end(key)
+            out[i, : len(key)] = self._cache[key]
+        return out
+
+    def logits(self, batch: TokenBatch, weights: dict[str, torch.Tensor] | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at `positions` (default: the answer positions), with optional replacement weights."""
+        positions = batch.answer_positions if positions is None else positions
+        return self.anatomy.run(self.prefix_states(batch), positions, weights)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.anatomy.current_weights()
+
+    def _remember(self, key: tuple[int, ...], states: torch.Tensor) -> None:
+        self._cache[key] = states
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)

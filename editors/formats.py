@@ -1,0 +1,206 @@
+"""Read correction records in the formats of the field into Corrections.
+
+mendd JSONL is native (see README); CounterFact comes flat (EasyEdit) or as ROME's
+`requested_rewrite`; zsRE as MEND split it; MQuAKE cases carry several rewrites each. Every problem
+raises FormatError naming the record and the field, so a feed can quarantine that record and go on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from editors.types import Correction, LocalityPrompt
+
+FORMATS = ("mendd", "counterfact", "rome", "zsre", "mquake")
+
+
+class FormatError(ValueError):
+    def __init__(self, record: str, field: str, problem: str):
+        super().__init__(f"record {record}, field {field!r}: {problem}")
+        self.record, self.field, self.problem = record, field, problem
+
+
+def detect_format(record: Any) -> str:
+    if not isinstance(record, dict):
+        raise FormatError("?", "(record)", f"must be a JSON object, got {type(record).__name__}")
+    if isinstance(record.get("requested_rewrite"), list):
+        return "mquake"
+    if isinstance(record.get("requested_rewrite"), dict):
+        return "rome"
+    if "src" in record and "alt" in record:
+        return "zsre"
+    if "rephrase_prompt" in record or "ground_truth" in record or "case_id" in record:
+        return "counterfact"
+    return "mendd"
+
+
+def parse_record(record: Any, fmt: str = "auto", source: str = "manual", position: int | None = None) -> list[Correction]:
+    """One record -> its corrections (MQuAKE cases give several)."""
+    label = f"#{position}" if position is not None else "?"
+    if fmt == "auto":
+        fmt = detect_format(record)
+    if not isinstance(record, dict):
+        raise FormatError(label, "(record)", f"must be a JSON object, got {type(record).__name__}")
+    if fmt not in FORMATS:
+        raise FormatError(label, "(format)", f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    fields = _Fields(record, label)
+    parse = {"mendd": _mendd, "counterfact": _counterfact, "rome": _rome, "zsre": _zsre, "mquake": _mquake}[fmt]
+    return parse(fields, source)
+
+
+def read_file(path: Path, fmt: str = "auto", source: str | None = None) -> Iterator[Correction | FormatError]:
+    """Every correction in a JSON array or JSONL file, or the FormatError of a bad record, in order."""
+    source = source or str(path)
+    for position, record in _records(path):
+        if isinstance(record, FormatError):
+            yield record
+            continue
+        try:
+            yield from parse_record(record, fmt, source, position)
+        except FormatError as error:
+            yield error
+
+
+def load_corrections(path: Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[Correction], list[FormatError]]:
+    """For training and evaluation: the good corrections of a file (at most `limit`) and the errors."""
+    good: list[Correction] = []
+    bad: list[FormatError] = []
+    for item in read_file(path, fmt):
+        (bad if isinstance(item, FormatError) else good).append(item)
+        if limit is not None and len(good) >= limit:
+            break
+    return good, bad
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16).lstrip()
+    if head.startswith(b"["):
+        with open(path, encoding="utf-8") as handle:
+            yield from enumerate(json.load(handle))
+        return
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                yield number, FormatError(f"line {number}", "(json)", str(exc))
+
+
+class _Fields:
+    """Typed access to a record's fields with errors that name the record and the field."""
+
+    def __init__(self, record: dict, label: str):
+        self.record = record
+        self.label = str(record.get("id", record.get("case_id", label))) if isinstance(record.get("id", record.get("case_id")), (str, int)) else label
+
+    def text(self, key: str, data: dict | None = None, required: bool = True) -> str | None:
+        data = self.record if data is None else data
+        value = data.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            problem = "is missing" if value is None else f"must be a string, got {type(value).__name__}"
+            raise FormatError(self.label, key, problem)
+        if not value.strip():
+            raise FormatError(self.label, key, "is empty or whitespace")
+        return value
+
+    def texts(self, key: str, data: dict | None = None) -> tuple[str, ...]:
+        data = self.record if data is None else data
+        value = data.get(key, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise FormatError(self.label, key, "must be a string or a list of non-empty strings")
+        return tuple(value)
+
+    def obj(self, key: str, data: dict | None = None) -> dict:
+        data = self.record if data is None else data
+        value = data.get(key)
+        if not isinstance(value, dict):
+            raise FormatError(self.label, key, "must be an object")
+        return value
+
+
+def content_id(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _mendd(f: _Fields, source: str) -> list[Correction]:
+    prompt, target = f.text("prompt"), f.text("target_new")
+    locality = []
+    raw = f.record.get("locality_prompts", [])
+    if not isinstance(raw, list):
+        raise FormatError(f.label, "locality_prompts", "must be a list of {prompt, answer} objects")
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise FormatError(f.label, f"locality_prompts[{i}]", "must be an object with prompt and answer")
+        locality.append(LocalityPrompt(f.text("prompt", item), f.text("answer", item)))
+    rid = f.record.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise FormatError(f.label, "id", f"must be a string, got {type(rid).__name__}")
+    return [Correction(
+        id=rid or content_id(prompt, target), prompt=prompt, target_new=target,
+        subject=f.text("subject", required=False), target_old=f.text("target_old", required=False),
+        rephrases=f.texts("rephrases"), locality_prompts=tuple(locality), source=source,
+    )]
+
+
+def _counterfact(f: _Fields, source: str) -> list[Correction]:
+    prompt, target = f.text("prompt"), f.text("target_new")
+    locality = ()
+    if f.record.get("locality_prompt") is not None:
+        locality = (LocalityPrompt(f.text("locality_prompt"), f.text("locality_ground_truth")),)
+    return [Correction(
+        id=f"cf-{f.record['case_id']}" if "case_id" in f.record else content_id(prompt, target),
+        prompt=prompt, target_new=target, subject=f.text("subject", required=False),
+        target_old=f.text("ground_truth", required=False), rephrases=f.texts("rephrase_prompt"),
+        locality_prompts=locality, source=source,
+    )]
+
+
+def _rewrite(f: _Fields, rewrite: dict, source: str, rid: str) -> Correction:
+    subject = f.text("subject", rewrite)
+    template = f.text("prompt", rewrite)
+    if "{}" not in template:
+        raise FormatError(f.label, "requested_rewrite.prompt", "must contain {} where the subject goes")
+    return Correction(
+        id=rid, prompt=template.replace("{}", subject), target_new=f.text("str", f.obj("target_new", rewrite)),
+        subject=subject, target_old=f.text("str", f.obj("target_true", rewrite)), source=source,
+    )
+
+
+def _rome(f: _Fields, source: str) -> list[Correction]:
+    rewrite = f.obj("requested_rewrite")
+    base = _rewrite(f, rewrite, source, f"cf-{f.record.get('case_id', f.label)}")
+    old = base.target_old or ""
+    neighbours = tuple(LocalityPrompt(p, old) for p in f.texts("neighborhood_prompts"))
+    return [Correction(**{**base.__dict__, "rephrases": f.texts("paraphrase_prompts"), "locality_prompts": neighbours})]
+
+
+def _zsre(f: _Fields, source: str) -> list[Correction]:
+    prompt, target = f.text("src"), f.text("alt")
+    answers = f.record.get("answers") or []
+    locality = ()
+    if f.record.get("loc") is not None:
+        locality = (LocalityPrompt(f.text("loc"), f.text("loc_ans")),)
+    return [Correction(
+        id=f"zsre-{content_id(prompt, target)}", prompt=prompt, target_new=target,
+        subject=f.text("subject", required=False),
+        target_old=answers[0] if answers and isinstance(answers[0], str) else None,
+        rephrases=f.texts("rephrase"), locality_prompts=locality, source=source,
+    )]
+
+
+def _mquake(f: _Fields, source: str) -> list[Correction]:
+    rewrites = f.record["requested_rewrite"]
+    return [
+        _rewrite(f, rewrite if isinstance(rewrite, dict) else {}, source, f"mquake-{f.record.get('case_id', f.label)}-{i}")
+        for i, rewrite in enumerate(rewrites)
+    ]

@@ -1,0 +1,145 @@
+"""Meta-training the MEND editor network.
+
+Each step edits a few training corrections at once, then scores the edited model: the edit loss is
+the answer NLL on the edit prompt and its rephrasings (the edit must generalise), the locality loss
+is KL(pre-edit ‖ post-edit) over whole unrelated sequences: the correction's own neighbourhood
+prompt (same relation, same old answer: where edits spill over) and another correction's prompt.
+Only the editor's parameters learn; the model is fixed.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from editors import scoring
+from editors.editable import Editable
+from editors.mend import MendEditor
+from editors.types import Correction
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 3000
+    edits_per_step: int = 4
+    lr: float = 1e-4  # editor network
+    lr_lr: float = 1e-2  # per-layer log step sizes
+    c_edit: float = 1.0
+    c_loc: float = 1.0
+    rank: int = 256
+    edit_lr: float = 1e-4
+    val_every: int = 250
+    val_size: int = 50
+    checkpoint_every: int = 100
+    seed: int = 0
+    grad_clip: float = 100.0
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # one row per logged step
+    validations: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    total: float
+    edit: float
+    loc: float
+    edit_success: float  # accuracy on the edit prompts after the edit
+
+
+def edit_sequences(correction: Correction) -> list[tuple[str, str]]:
+    return [(p, correction.target_new) for p in (correction.prompt, *correction.rephrases)]
+
+
+def locality_sequences(correction: Correction, unrelated: Correction) -> list[tuple[str, str]]:
+    pairs = [(lp.prompt, lp.answer) for lp in correction.locality_prompts]
+    if unrelated.target_old:
+        pairs.append((unrelated.prompt, unrelated.target_old))
+    return pairs
+
+
+def meta_loss(editable: Editable, editor: MendEditor, batch: list[Correction], unrelated: list[Correction],
+              settings: TrainSettings) -> tuple[torch.Tensor, StepLosses]:
+    """The MEND objective for one batch of edits; differentiable in the editor's parameters."""
+    shares = editor.factors(editable, batch)
+    base = editable.weights()
+    edited = dict(base)
+    for share in shares:
+        for name, update in share.items():
+            edited[name] = edited[name] + update.dense()
+
+    outer = editable.batch([pair for c in batch for pair in edit_sequences(c)])
+    logits = editable.logits(outer, edited)
+    edit_nll = scoring.mean_nll(logits, outer.answer_labels, outer.row_of_answer, len(outer.lengths))
+    success = scoring.accuracy(logits.detach(), outer.answer_labels, outer.row_of_answer, len(outer.lengths))
+
+    loc = editable.batch([pair for c, u in zip(batch, unrelated) for pair in locality_sequences(c, u)])
+    with torch.no_grad():
+        before = editable.logits(loc, positions=loc.real_positions)
+    after = editable.logits(loc, edited, positions=loc.real_positions)
+    loc_kl = scoring.kl_divergence(before, after)
+
+    edit_loss = edit_nll.mean()
+    total = settings.c_edit * edit_loss + settings.c_loc * loc_kl
+    return total, StepLosses(total.item(), edit_loss.item(), loc_kl.item(), success.mean().item())
+
+
+def train(editable: Editable, editor: MendEditor, train_set: list[Correction], settings: TrainSettings,
+          checkpoint: Path, validate: Callable[[MendEditor], dict] | None = None,
+          on_step: Callable[[TrainState, StepLosses], None] | None = None) -> TrainState:
+    """Train (or resume from `checkpoint`) until settings.steps; returns the final state."""
+    network = editor.network
+    optimizer = torch.optim.Adam([
+        {"params": [p for n, p in network.named_parameters() if n != "log_edit_lrs"], "lr": settings.lr},
+        {"params": [network.log_edit_lrs], "lr": settings.lr_lr},
+    ])
+    state = TrainState()
+    state_path = checkpoint.with_suffix(".state.pt")
+    if checkpoint.exists() and state_path.exists():
+        resumed = torch.load(state_path, weights_only=True)
+        network.load_state_dict(resumed["network"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        state = TrainState(**json.loads(resumed["state"]))
+    rng = random.Random(settings.seed + state.step)
+    usable = [c for c in train_set if c.rephrases and c.locality_prompts]
+    started = time.monotonic() - state.seconds
+    while state.step < settings.steps:
+        network.train()
+        batch = rng.sample(usable, settings.edits_per_step)
+        unrelated = rng.sample(usable, settings.edits_per_step)
+        loss, losses = meta_loss(editable, editor, batch, unrelated, settings)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+        optimizer.step()
+        state.step += 1
+        state.seconds = time.monotonic() - started
+        state.history.append({"step": state.step, **asdict(losses), "seconds": round(state.seconds, 2)})
+        if on_step:
+            on_step(state, losses)
+        if validate and (state.step % settings.val_every == 0 or state.step == settings.steps):
+            network.eval()
+            state.validations.append({"step": state.step, **validate(editor)})
+        if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
+            save_checkpoint(editor, optimizer, state, checkpoint, settings)
+    network.eval()
+    return state
+
+
+def save_checkpoint(editor: MendEditor, optimizer, state: TrainState, checkpoint: Path, settings: TrainSettings) -> None:
+    """Editor weights as safetensors (what ships); optimizer and progress beside it for resuming."""
+    editor.network.save(checkpoint, extra={"train_settings": asdict(settings), "step": state.step})
+    state_path = checkpoint.with_suffix(".state.pt")
+    tmp = state_path.with_suffix(".tmp")
+    torch.save({"network": editor.network.state_dict(), "optimizer": optimizer.state_dict(),
+                "state": json.dumps(asdict(state))}, tmp)
+    tmp.replace(state_path)
