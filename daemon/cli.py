@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from daemon.config import ConfigError, MenddConfig, load_config
+from editors.settings import TrainSettings
 from daemon.home import Home, HomeError, init_home, resolve_home
 
 USAGE_ERROR = 2
@@ -27,7 +28,6 @@ err = Console(stderr=True, soft_wrap=True)
 
 # Commands are filled in by later issues; until then they say which one.
 _ISSUES: dict[int, str] = {
-    3: "MEND editor: apply, meta-train, ship a trained editor",
     4: "versioned model store and ledger",
     5: "the gate and MLflow review",
     6: "the service: feeds, the maintenance cycle, APScheduler, health and metrics",
@@ -228,17 +228,57 @@ def reject(ctx: typer.Context, run_id: RunId) -> None:
 
 
 @app.command("train-editor")
-def train_editor(ctx: typer.Context) -> None:
-    """Meta-train a MEND editor for the configured model."""
-    _config(ctx)
-    _not_yet(3)
+def train_editor(
+    ctx: typer.Context,
+    data: Annotated[list[Path], typer.Option("--data", help="Training corrections (CounterFact, zsRE, mendd JSONL); repeatable.")],
+    out: Annotated[Path, typer.Option(help="Editor file to write (safetensors); training resumes from it.")],
+    val: Annotated[Optional[Path], typer.Option(help="Validation corrections, measured every --val-every steps.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model spec; default: the home's configured model.")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = TrainSettings.steps,
+    edits_per_step: Annotated[int, typer.Option(min=1)] = TrainSettings.edits_per_step,
+    lr: Annotated[float, typer.Option(min=0.0)] = TrainSettings.lr,
+    c_edit: Annotated[float, typer.Option(min=0.0)] = TrainSettings.c_edit,
+    c_loc: Annotated[float, typer.Option(min=0.0)] = TrainSettings.c_loc,
+    rank: Annotated[int, typer.Option(min=1)] = TrainSettings.rank,
+    edit_lr: Annotated[float, typer.Option(min=0.0)] = TrainSettings.edit_lr,
+    val_every: Annotated[int, typer.Option(min=1)] = TrainSettings.val_every,
+    val_size: Annotated[int, typer.Option(min=1)] = TrainSettings.val_size,
+    seed: int = TrainSettings.seed,
+) -> None:
+    """Meta-train a MEND editor (resumable; logged to MLflow in the home)."""
+    from daemon.editor_jobs import run_training
+
+    config = _config(ctx)
+    home: Home = ctx.obj
+    settings = TrainSettings(steps=steps, edits_per_step=edits_per_step, lr=lr, c_edit=c_edit, c_loc=c_loc,
+                             rank=rank, edit_lr=edit_lr, val_every=val_every, val_size=val_size, seed=seed)
+    state = run_training(model or config.model, data, val, out, settings, config.mlflow.tracking_uri,
+                         home.mlflow_artifacts, err)
+    print(json.dumps({"steps": state.step, "seconds": round(state.seconds, 1), "editor": str(out),
+                      "validations": state.validations[-1:]}))
 
 
 @app.command("eval")
-def evaluate(ctx: typer.Context) -> None:
-    """Measure an editor on a dataset (reliability, generalization, locality)."""
-    _config(ctx)
-    _not_yet(3)
+def evaluate(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="Corrections to edit: CounterFact, zsRE or mendd JSONL.")],
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N records.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Edit B records at once.")] = 1,
+    editor: Annotated[str, typer.Option(help="mend, ft or none.")] = "mend",
+    editor_path: Annotated[Optional[Path], typer.Option(help="MEND editor file; default: the shipped one.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model spec; default: the home's configured model.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Edit each record on the model and measure reliability, generalization and locality."""
+    from daemon.editor_jobs import run_eval
+
+    config = _config(ctx)
+    report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        for key, value in report.as_dict().items():
+            print(f"{key:22} {value}")
 
 
 @app.command()

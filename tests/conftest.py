@@ -13,3 +13,41 @@ def clean_mendd_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.upper().startswith("MENDD_"):
             monkeypatch.delenv(name)
+
+
+# Read before the autouse fixture clears MENDD_* variables: where the shared editing data lives.
+_DATA_ENV = os.environ.get("MENDD_DATA")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    from pathlib import Path
+
+    if _DATA_ENV:
+        os.environ["MENDD_DATA"] = _DATA_ENV
+    try:
+        from policies.probes import data_dir
+
+        return data_dir()
+    finally:
+        os.environ.pop("MENDD_DATA", None)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny Llama, ready for editing (shared: editing never changes it in place)."""
+    from editors.editable import Editable
+    from store.models import load_model
+
+    loaded = load_model("tiny-llama")
+    return Editable(loaded.model, loaded.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model, loaded once for the few tests that prove quality."""
+    from editors.editable import Editable
+    from store.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    return Editable(loaded.model, loaded.tokenizer)

@@ -68,7 +68,6 @@ def test_second_init_fails_cleanly_and_suggests_force(home: Path) -> None:
         (["versions"], 4), (["rollback", "v0001"], 4), (["revert", "c1"], 4),
         (["review", "list"], 5), (["review", "approve", "r1"], 5), (["review", "reject", "r1"], 5), (["ui"], 5),
         (["run"], 6), (["cycle"], 6), (["submit", "f.jsonl"], 6), (["status"], 6),
-        (["train-editor"], 3), (["eval"], 3),
     ],
 )
 def test_unimplemented_command_names_its_issue_and_exits_2(home: Path, args: list[str], issue: int) -> None:

@@ -1,0 +1,38 @@
+"""Pick an editor by name: `mend` (the shipped pretrained network unless a path is given), `ft`, `none`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from editors.editable import Editable
+from editors.finetune import FineTuneEditor, NoEditor
+from editors.mend import PRETRAINED_DIR, MendEditor
+from editors.types import Correction, Delta
+
+EDITORS = ("mend", "ft", "none")
+
+
+class Editor(Protocol):
+    name: str
+
+    def propose(self, editable: Editable, corrections: list[Correction]) -> Delta: ...
+
+
+def pretrained_path(model_spec: str) -> Path:
+    return PRETRAINED_DIR / f"{model_spec}.safetensors"
+
+
+def make_editor(name: str, editable: Editable, model_spec: str, path: Path | None = None) -> Editor:
+    if name == "ft":
+        return FineTuneEditor()
+    if name == "none":
+        return NoEditor()
+    if name != "mend":
+        raise ValueError(f"unknown editor {name!r}: choose one of {', '.join(EDITORS)}")
+    path = path or pretrained_path(model_spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no MEND editor for model {model_spec!r} at {path}: train one with "
+            f"`mendd train-editor --out {path}` or choose --editor ft"
+        )
+    return MendEditor.load(path, editable)

@@ -1,0 +1,21 @@
+"""Meta-training settings; torch-free, so the CLI can show their defaults without importing torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 3000
+    edits_per_step: int = 4
+    lr: float = 1e-4  # editor network
+    lr_lr: float = 1e-2  # per-layer log step sizes
+    c_edit: float = 1.0
+    c_loc: float = 1.0
+    rank: int = 256
+    edit_lr: float = 1e-4
+    val_every: int = 250
+    val_size: int = 50
+    checkpoint_every: int = 100
+    seed: int = 0
+    grad_clip: float = 100.0
