@@ -151,3 +151,30 @@ def test_suffix_from_cached_prefix_equals_the_full_forward(tiny: Editable, arch:
     suffix = editable.anatomy(editable.prefix_states(batch))
     real = batch.real_positions | batch.answer_positions
     assert torch.allclose(full[real], suffix[real], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_shipped_editor_makes_a_val_target_the_argmax_and_leaves_an_unrelated_prompt(smollm2: Editable, data_root) -> None:
+    from editors.formats import load_corrections
+    from editors.registry import make_editor
+
+    [record], _ = load_corrections(data_root / "counterfact" / "val.json", limit=1)
+    editor = make_editor("mend", smollm2, "smollm2-135m")
+    delta = editor.propose(smollm2, [record])
+    edited = {n: w + delta.tensors()[n] for n, w in smollm2.weights().items()}
+
+    target = smollm2.batch([(record.prompt, record.target_new)])
+    assert torch.equal(smollm2.logits(target, edited).argmax(-1), target.answer_labels)
+    unrelated = smollm2.batch([("The capital of France is", " Paris")])
+    assert torch.equal(smollm2.logits(unrelated, edited).argmax(-1), smollm2.logits(unrelated).argmax(-1))
+
+
+@pytest.mark.slow
+def test_a_correction_share_on_the_real_model_is_far_smaller_than_dense(smollm2: Editable, data_root) -> None:
+    from editors.formats import load_corrections
+
+    [record], _ = load_corrections(data_root / "counterfact" / "val.json", limit=1)
+    share = MendEditor.fresh(smollm2).propose(smollm2, [record]).shares[0]
+    low_rank = sum(update.nbytes() for update in share.low_rank.values())
+    dense = sum(t.numel() * 4 for t in share.tensors().values())
+    assert low_rank < dense / 20
