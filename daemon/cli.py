@@ -43,7 +43,10 @@ def _is_operator_error(error: Exception) -> bool:
     # store.models imports torch, so it is not imported here just to name its error class; if the
     # error is a ModelSpecError, that module has necessarily been loaded already.
     models = sys.modules.get("store.models")
-    return models is not None and isinstance(error, models.ModelSpecError)
+    registry = sys.modules.get("editors.registry")
+    return (models is not None and isinstance(error, models.ModelSpecError)) or (
+        registry is not None and isinstance(error, registry.EditorNotFound)
+    )
 
 
 class _MenddApp(typer.Typer):
@@ -253,7 +256,7 @@ def train_editor(
     settings = TrainSettings(steps=steps, edits_per_step=edits_per_step, lr=lr, c_edit=c_edit, c_loc=c_loc,
                              rank=rank, edit_lr=edit_lr, val_every=val_every, val_size=val_size, seed=seed)
     state = run_training(model or config.model, data, val, out, settings, config.mlflow.tracking_uri,
-                         home.mlflow_artifacts, err)
+                         home.mlflow_artifacts, err, config.editor.edit_layers)
     print(json.dumps({"steps": state.step, "seconds": round(state.seconds, 1), "editor": str(out),
                       "validations": state.validations[-1:]}))
 
@@ -273,7 +276,8 @@ def evaluate(
     from daemon.editor_jobs import run_eval
 
     config = _config(ctx)
-    report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err)
+    report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err,
+                      config.editor.edit_layers)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:

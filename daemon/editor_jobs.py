@@ -41,9 +41,9 @@ def make_probes(editable: Editable) -> Probes:
 
 
 def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | None, limit: int | None,
-             batch_size: int, console) -> EditReport:
+             batch_size: int, console, edit_names: list[str] | None = None) -> EditReport:
     loaded = load_model(model_spec)
-    editable = Editable(loaded.model, loaded.tokenizer)
+    editable = Editable(loaded.model, loaded.tokenizer, edit_names)
     editor = make_editor(editor_name, editable, model_spec, editor_path)
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
@@ -56,11 +56,11 @@ def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | 
 
 
 def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path, settings: TrainSettings,
-                 tracking_uri: str, artifact_root: Path, console) -> TrainState:
+                 tracking_uri: str, artifact_root: Path, console, edit_names: list[str] | None = None) -> TrainState:
     """Train (resuming from `out` if a checkpoint is there), logging the run to MLflow."""
     torch.manual_seed(settings.seed)
     loaded = load_model(model_spec)
-    editable = Editable(loaded.model, loaded.tokenizer)
+    editable = Editable(loaded.model, loaded.tokenizer, edit_names)
     train_set = read_sets(data)
     val_set = read_sets([val], limit=settings.val_size) if val else []
     editor = MendEditor.fresh(editable, rank=settings.rank, edit_lr=settings.edit_lr, model_spec=model_spec)

@@ -162,8 +162,9 @@ def _shapes_from_state(state: dict[str, torch.Tensor], settings: MendSettings) -
 class MendEditor:
     name = "mend"
 
-    def __init__(self, network: MendNetwork):
+    def __init__(self, network: MendNetwork, step_scale: float = 1.0):
         self.network = network
+        self.step_scale = step_scale  # multiplies every learned α_l: trades reliability for locality
 
     @classmethod
     def fresh(cls, editable: Editable, rank: int = 256, edit_lr: float = 1e-4, model_spec: str = "") -> "MendEditor":
@@ -172,7 +173,7 @@ class MendEditor:
         return cls(MendNetwork(shapes, settings).eval())
 
     @classmethod
-    def load(cls, path: Path, editable: Editable) -> "MendEditor":
+    def load(cls, path: Path, editable: Editable, step_scale: float = 1.0) -> "MendEditor":
         shapes = [(e.in_features, e.out_features) for e in editable.anatomy.editable]
         network = MendNetwork.load(path, shapes)
         if list(network.settings.edit_names) != editable.edit_names:
@@ -180,7 +181,7 @@ class MendEditor:
                 f"editor {path} was trained for tensors {list(network.settings.edit_names)}, "
                 f"but the model's editable tensors are {editable.edit_names}"
             )
-        return cls(network.eval())
+        return cls(network.eval(), step_scale)
 
     def propose(self, editable: Editable, corrections: list[Correction]) -> Delta:
         delta = Delta(editor=self.name)
@@ -200,7 +201,7 @@ class MendEditor:
         for index, tensor in enumerate(editable.anatomy.editable):
             u, delta, owner = rows[tensor.name]
             u_t, delta_t = self.network.transform(index, u, delta)
-            lr = self.network.edit_lr(index)
+            lr = self.network.edit_lr(index) * self.step_scale
             for b in range(len(corrections)):
                 mine = owner == b
                 out[b][tensor.name] = LowRankUpdate(

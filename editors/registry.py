@@ -12,6 +12,10 @@ from editors.types import Correction, Delta
 EDITORS = ("mend", "ft", "none")
 
 
+class EditorNotFound(FileNotFoundError):
+    """No trained editor where one was asked for; the message says how to get one."""
+
+
 class Editor(Protocol):
     name: str
 
@@ -31,7 +35,7 @@ def make_editor(name: str, editable: Editable, model_spec: str, path: Path | Non
         raise ValueError(f"unknown editor {name!r}: choose one of {', '.join(EDITORS)}")
     path = path or pretrained_path(model_spec)
     if not path.exists():
-        raise FileNotFoundError(
+        raise EditorNotFound(
             f"no MEND editor for model {model_spec!r} at {path}: train one with "
             f"`mendd train-editor --out {path}` or choose --editor ft"
         )
