@@ -1,0 +1,30 @@
+"""Injected crash points, so tests can kill a real process at each step of a commit.
+
+A crash test runs a child process with ``MENDD_CRASH_AT=<point>``; when the code reaches that point
+the process sends itself SIGKILL, which no handler can catch, exactly like a power cut or the OOM
+killer. In production the variable is unset and each point is one dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+CRASH_ENV = "MENDD_CRASH_AT"
+
+# The steps of a commit, in the order they happen (store/versions.py and daemon/versioning.py).
+TENSORS_WRITTEN = "tensors-written"
+DVC_ADDED = "dvc-added"
+GIT_COMMITTED = "git-committed"
+TAGGED = "tagged"
+BEFORE_LEDGER = "before-ledger"
+# A rollback, between restoring the old model.dvc and committing it.
+ROLLBACK_CHECKED_OUT = "rollback-checked-out"
+
+COMMIT_POINTS = (TENSORS_WRITTEN, DVC_ADDED, GIT_COMMITTED, TAGGED, BEFORE_LEDGER)
+
+
+def crash_point(name: str) -> None:
+    """Kill this process with SIGKILL if ``MENDD_CRASH_AT`` names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

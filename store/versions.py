@@ -1,0 +1,434 @@
+"""The version store: a git repository with DVC whose tracked folder ``model/`` is the served model.
+
+Every version is a git commit tagged ``vNNNN`` whose ``model.dvc`` names the model's files in the
+DVC cache. ``factors/`` (a second tracked folder, append-only) keeps each correction's low-rank
+factors beside the version that applied it, so one correction can later be subtracted exactly.
+The commit message carries the version's metadata as one JSON line, so ``git log`` alone lists
+every version, and a commit that crashed before its tag can still be finished.
+
+A commit runs: journal -> write files -> ``dvc add`` -> ``git commit`` -> ``git tag`` -> push ->
+clear journal. :meth:`VersionStore.recover` turns a crash anywhere in that into the old or the new
+version (store/recovery rules are in :meth:`recover`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from store import dvcrepo, journal
+from store.checkpoint import (
+    dtype_code,
+    tensor_layout,
+    read_metadata,
+    read_tensor_file,
+    read_tensors,
+    remove_partials,
+    save_model,
+    tensor_file,
+    tensor_names,
+    write_tensor_file,
+    write_tensors,
+)
+from store.crash import DVC_ADDED, GIT_COMMITTED, ROLLBACK_CHECKED_OUT, TAGGED, TENSORS_WRITTEN, crash_point
+from store.errors import DirtyStoreError, MissingObjectsError, StoreError, UnknownVersionError
+from store.git import changed_paths, git, git_ok
+
+MODEL = "model"
+FACTORS = "factors"
+MODEL_DVC = f"{MODEL}.dvc"
+FACTORS_DVC = f"{FACTORS}.dvc"
+META_PREFIX = "mendd-version: "
+BRANCH = "main"
+
+VersionKind = Literal["base", "edit", "rollback", "revert"]
+WorkspaceState = Literal["clean", "checked-out", "dirty"]
+
+
+@dataclass(frozen=True)
+class Version:
+    tag: str
+    sha: str
+    parent: str | None  # the previous version's tag
+    kind: VersionKind
+    created_at: datetime
+    corrections: tuple[str, ...]  # applied (edit) or removed (revert) by this version
+    run_id: str | None
+    restores: str | None  # for a rollback: the version whose model this one serves again
+    reason: str
+    figures: dict[str, float]
+    model_md5: str  # DVC's hash of model/: equal hashes, equal models
+
+    @property
+    def number(self) -> int:
+        return tag_number(self.tag)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["corrections"] = list(self.corrections)
+        return data
+
+
+@dataclass(frozen=True)
+class StoredShare:
+    """One correction's weight change (or a batch's, when an editor cannot separate them), as
+    plain tensors: the daemon decides what the tensors mean."""
+
+    correction_ids: tuple[str, ...]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a new edit or revert version holds: the new values of the tensors it changes."""
+
+    kind: Literal["edit", "revert"]
+    tensors: dict[str, torch.Tensor]
+    shares: tuple[StoredShare, ...] = ()
+    corrections: tuple[str, ...] = ()
+    run_id: str | None = None
+    reason: str = ""
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What ``model/`` holds now. ``checked-out``: an operator's ``git checkout vNNNN -- model.dvc
+    && dvc checkout`` left it equal to ``version``, not to the last commit."""
+
+    state: WorkspaceState
+    version: Version | None
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What recovery did at start: ``none``, ``undone`` (back to the old version) or ``completed``
+    (the interrupted commit was already in git, so it was finished)."""
+
+    action: Literal["none", "undone", "completed"]
+    tag: str | None = None
+    removed: tuple[str, ...] = ()
+
+
+def tag_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def tag_number(tag: str) -> int:
+    if len(tag) < 2 or tag[0] != "v" or not tag[1:].isdigit():
+        raise UnknownVersionError(f"{tag!r} is not a version tag; tags look like v0003 (see `mendd versions`)")
+    return int(tag[1:])
+
+
+class VersionStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.model_dir = self.root / MODEL
+        self.factors_dir = self.root / FACTORS
+
+    # -- creating -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, model: torch.nn.Module, tokenizer, spec: str) -> VersionStore:
+        """Build the repository beside ``root`` and rename it into place, so a crash during
+        creation leaves no half-made store; commit the base model as v0000."""
+        root = Path(root)
+        if (root / ".git").exists():
+            raise StoreError(f"{root} is already a version store")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        try:
+            store = cls(building)
+            store._init_repository()
+            save_model(store.model_dir, model, tokenizer)
+            store.factors_dir.mkdir()
+            (store.factors_dir / "README").write_text(
+                "Low-rank factors of each correction, one folder per version: "
+                "mendd revert subtracts them exactly.\n", encoding="utf-8")
+            store._seal(tag_name(0), {"kind": "base", "reason": f"base model {spec}"})
+            if root.exists():
+                root.rmdir()  # the empty folder `mendd init` made; a non-empty one fails here
+            building.rename(root)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        return cls(root)
+
+    def _init_repository(self) -> None:
+        git(self.root, "init", "-q", "-b", BRANCH)
+        for key, value in (("user.name", "mendd"), ("user.email", "mendd@localhost"),
+                           ("commit.gpgsign", "false"), ("tag.gpgsign", "false")):
+            git(self.root, "config", key, value)
+        dvcrepo.init(self.root)
+        (self.root / ".gitignore").write_text(f"/{journal.JOURNAL}\n/{journal.JOURNAL}.partial\n", encoding="utf-8")
+
+    def exists(self) -> bool:
+        return (self.root / ".git").is_dir() and git_ok(self.root, "rev-parse", "--verify", "-q", f"refs/tags/{tag_name(0)}")
+
+    def set_remote(self, url: str | None) -> None:
+        if dvcrepo.remote_url(self.root) != url:
+            dvcrepo.set_remote(self.root, url)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def versions(self) -> list[Version]:
+        """Every version on the branch, oldest first, from one ``git log``."""
+        log = git(self.root, "log", "--first-parent", "--format=%H%x1f%cI%x1f%B%x1e", "HEAD")
+        found: list[Version] = []
+        for record in reversed(log.split("\x1e")):
+            if not record.strip():
+                continue
+            sha, date, message = record.strip("\n").split("\x1f")
+            meta = _metadata(message)
+            if meta is not None:
+                parent = found[-1].tag if found else None
+                found.append(_version(sha, date, parent, meta))
+        return found
+
+    def head(self) -> Version:
+        versions = self.versions()
+        if not versions:
+            raise StoreError(f"{self.root} has no versions; create it with `mendd init`")
+        return versions[-1]
+
+    def version(self, tag: str) -> Version:
+        tag_number(tag)
+        for version in self.versions():
+            if version.tag == tag:
+                return version
+        raise UnknownVersionError(f"no version {tag} in {self.root}; `mendd versions` lists them")
+
+    def tensor_names(self) -> list[str]:
+        return tensor_names(self.model_dir)
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors of the model in the workspace (the head version when the store is clean)."""
+        return read_tensors(self.model_dir, names)
+
+    def shares(self, tag: str) -> list[StoredShare]:
+        """The factors kept with version ``tag`` (empty for versions that applied none)."""
+        folder = self.factors_dir / tag
+        if not folder.is_dir():
+            return []
+        return [
+            StoredShare(tuple(json.loads(read_metadata(path)["corrections"])), read_tensor_file(path))
+            for path in sorted(folder.glob("*.safetensors"))
+        ]
+
+    # -- the workspace ------------------------------------------------------------------------
+
+    def workspace(self) -> Workspace:
+        head = self.head()
+        dirty_git = [path for path in changed_paths(self.root) if path != MODEL_DVC]
+        dvc_changes = dvcrepo.changes(self.root)
+        details = tuple(f"git: {path}" for path in dirty_git) + tuple(f"dvc: {name} {change}" for name, change in dvc_changes.items())
+        if details:
+            return Workspace("dirty", None, details)
+        md5 = dvcrepo.out_md5((self.root / MODEL_DVC).read_text(encoding="utf-8"))
+        if md5 == head.model_md5:
+            return Workspace("clean", head)
+        matching = [v for v in self.versions() if v.model_md5 == md5]
+        if matching:
+            return Workspace("checked-out", matching[-1])
+        return Workspace("dirty", None, (f"git: {MODEL_DVC} names a model that is no version",))
+
+    def workspace_matches(self, served: Version) -> bool:
+        """Whether ``model/`` still holds the model of ``served`` (the service's version)."""
+        current = self.workspace()
+        return current.version is not None and current.version.model_md5 == served.model_md5
+
+    def require_clean(self) -> Version:
+        """The head version, if the workspace is exactly it; else why not, and the fix."""
+        if journal.pending(self.root) is not None:
+            raise StoreError(f"{self.root} has an interrupted commit; run recovery first (any `mendd` command that changes the store does)")
+        current = self.workspace()
+        if current.state == "clean":
+            return current.version
+        if current.state == "checked-out":
+            raise DirtyStoreError(
+                f"{self.root}: model/ was checked out to {current.version.tag} by hand; mendd adopts that at "
+                "start (or `mendd rollback` it), and changes nothing until then")
+        raise DirtyStoreError(
+            f"{self.root} has changes mendd did not make ({'; '.join(current.details)}). Undo them with "
+            f"`git -C {self.root} checkout -- . && dvc checkout` (run in the store), then retry. Nothing was changed.")
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def commit(self, change: Change) -> Version:
+        """A new version: the head plus ``change``."""
+        head = self.require_clean()
+        self._check_tensors(change.tensors)
+        tag = tag_name(head.number + 1)
+        journal.begin(self.root, journal.Intent(tag, head.sha, change.kind))
+        write_tensors(self.model_dir, change.tensors)
+        self._write_shares(tag, change.shares)
+        crash_point(TENSORS_WRITTEN)
+        return self._seal(tag, {"kind": change.kind, "corrections": list(change.corrections), "run_id": change.run_id,
+                                "reason": change.reason, "figures": change.figures})
+
+    def rollback(self, tag: str, reason: str) -> Version:
+        """A new version whose model equals ``tag``'s, exactly what an operator's
+        ``git checkout tag -- model.dvc && dvc checkout`` does, then committed on top."""
+        head = self.require_clean()
+        target = self.version(tag)
+        if target.tag == head.tag:
+            raise StoreError(f"{tag} is already the current version; nothing to roll back")
+        self._ensure_objects(target)
+        tag = tag_name(head.number + 1)
+        journal.begin(self.root, journal.Intent(tag, head.sha, "rollback"))
+        git(self.root, "checkout", target.sha, "--", MODEL_DVC)
+        crash_point(ROLLBACK_CHECKED_OUT)
+        dvcrepo.checkout(self.root, [MODEL])
+        return self._seal(tag, {"kind": "rollback", "restores": target.tag, "reason": reason})
+
+    def adopt_checkout(self, reason: str) -> Version:
+        """Commit an operator's own checkout of an earlier version as a rollback to it."""
+        current = self.workspace()
+        if current.state != "checked-out":
+            raise StoreError(f"{self.root}: model/ is {current.state}, not a checkout of an earlier version")
+        head = self.head()
+        tag = tag_name(head.number + 1)
+        journal.begin(self.root, journal.Intent(tag, head.sha, "rollback"))
+        return self._seal(tag, {"kind": "rollback", "restores": current.version.tag, "reason": reason})
+
+    def push(self) -> None:
+        """Send the head's files to the DVC remote, if one is configured."""
+        if dvcrepo.remote_url(self.root) is not None:
+            dvcrepo.push(self.root)
+
+    def _seal(self, tag: str, meta: dict[str, Any]) -> Version:
+        """dvc add, git commit (metadata in the message), tag, push, clear the journal."""
+        dvcrepo.add(self.root, [MODEL, FACTORS])
+        crash_point(DVC_ADDED)
+        meta = {"tag": tag, **meta, "model_md5": dvcrepo.out_md5((self.root / MODEL_DVC).read_text(encoding="utf-8"))}
+        git(self.root, "add", "-A")
+        git(self.root, "commit", "-q", "--allow-empty", "-m", _message(meta))
+        crash_point(GIT_COMMITTED)
+        git(self.root, "tag", tag)
+        crash_point(TAGGED)
+        self.push()
+        journal.finish(self.root)
+        return self.version(tag)
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        known = set(self.tensor_names())
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise StoreError(f"the model has no tensors named {', '.join(unknown)}; nothing was changed")
+        for name, tensor in tensors.items():
+            shape, dtype = tensor_layout(self.model_dir, name)
+            if (tuple(tensor.shape), dtype_code(tensor)) != (shape, dtype):
+                raise StoreError(
+                    f"tensor {name}: new value is {tuple(tensor.shape)} {dtype_code(tensor)}, the model's is "
+                    f"{shape} {dtype}; nothing was changed")
+
+    def _write_shares(self, tag: str, shares: tuple[StoredShare, ...]) -> None:
+        if not shares:
+            return
+        folder = self.factors_dir / tag
+        folder.mkdir(exist_ok=True)
+        for share in shares:
+            key = hashlib.sha256("\0".join(share.correction_ids).encode()).hexdigest()[:16]
+            write_tensor_file(folder / f"{key}.safetensors", share.tensors,
+                              metadata={"corrections": json.dumps(list(share.correction_ids))})
+
+    def _ensure_objects(self, target: Version) -> None:
+        """Fail before touching anything if ``target``'s files are in neither cache nor remote:
+        DVC deletes the whole folder when a checkout lacks an object."""
+        missing = dvcrepo.missing_objects(self.root, target.model_md5)
+        if missing and dvcrepo.remote_url(self.root) is not None:
+            dvcrepo.fetch(self.root, target.sha, MODEL_DVC)
+            missing = dvcrepo.missing_objects(self.root, target.model_md5)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise MissingObjectsError(
+                f"{target.tag} cannot be restored: the DVC cache of {self.root} lacks {shown}, and no "
+                "configured remote has them. Restore .dvc/cache from a backup or set store.remote. Nothing was changed.")
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        """Finish or undo a commit that a crash interrupted, so the store is exactly one version.
+
+        If git already holds the commit, the version exists: tag it if needed and push. Otherwise
+        nothing of it is in git: restore the .dvc files from HEAD and the workspace from them.
+        """
+        intent = journal.pending(self.root)
+        if intent is None:
+            return Recovery("none")
+        removed = [str(p.relative_to(self.root)) for p in _remove_stale_git_locks(self.root)]
+        head_meta = _metadata(git(self.root, "log", "-1", "--format=%B", "HEAD"))
+        if head_meta is not None and head_meta["tag"] == intent.tag:
+            if not git_ok(self.root, "rev-parse", "--verify", "-q", f"refs/tags/{intent.tag}"):
+                git(self.root, "tag", intent.tag)
+            action = "completed"
+        elif git(self.root, "rev-parse", "HEAD").strip() == intent.parent_sha:
+            git(self.root, "reset", "-q", "HEAD")  # unstage whatever the interrupted commit staged
+            git(self.root, "checkout", "HEAD", "--", MODEL_DVC, FACTORS_DVC)
+            removed += [str(p.relative_to(self.root)) for p in remove_partials(self.root / MODEL)]
+            removed += [str(p.relative_to(self.root)) for p in remove_partials(self.root / FACTORS)]
+            dvcrepo.checkout(self.root, [MODEL, FACTORS])
+            action = "undone"
+        else:
+            raise StoreError(
+                f"{self.root}: an interrupted commit of {intent.tag} on {intent.parent_sha[:12]} does not match "
+                f"HEAD {git(self.root, 'rev-parse', 'HEAD').strip()[:12]}; inspect the store by hand")
+        self.push()
+        journal.finish(self.root)
+        self.require_clean()
+        return Recovery(action, intent.tag, tuple(removed))
+
+
+def _message(meta: dict[str, Any]) -> str:
+    """A commit message a person can read, ending in the JSON line mendd reads back."""
+    tag, kind = meta["tag"], meta["kind"]
+    corrections = meta.get("corrections") or []
+    run = f" (MLflow run {meta['run_id']})" if meta.get("run_id") else ""
+    subject = {
+        "base": f"{tag}: {meta['reason']}",
+        "edit": f"{tag}: apply {len(corrections)} correction{'s' if len(corrections) != 1 else ''}{run}",
+        "rollback": f"{tag}: roll back to {meta.get('restores')}",
+        "revert": f"{tag}: revert {', '.join(corrections)}{run}",
+    }[kind]
+    body = []
+    if corrections:
+        body.append("Corrections: " + ", ".join(corrections))
+    if meta.get("run_id"):
+        body.append(f"MLflow run: {meta['run_id']}")
+    if meta.get("reason") and kind != "base":
+        body.append(f"Reason: {meta['reason']}")
+    return "\n\n".join([subject, "\n".join(body), META_PREFIX + json.dumps(meta, sort_keys=True)]).replace("\n\n\n", "\n\n")
+
+
+def _metadata(message: str) -> dict[str, Any] | None:
+    for line in message.splitlines():
+        if line.startswith(META_PREFIX):
+            return json.loads(line[len(META_PREFIX):])
+    return None
+
+
+def _version(sha: str, date: str, parent: str | None, meta: dict[str, Any]) -> Version:
+    return Version(
+        tag=meta["tag"], sha=sha, parent=parent, kind=meta["kind"], created_at=datetime.fromisoformat(date),
+        corrections=tuple(meta.get("corrections") or ()), run_id=meta.get("run_id"),
+        restores=meta.get("restores"), reason=meta.get("reason", ""), figures=dict(meta.get("figures") or {}),
+        model_md5=meta["model_md5"],
+    )
+
+
+def _remove_stale_git_locks(root: Path) -> list[Path]:
+    """Lock files a killed git left behind; safe to delete only because mendd holds the home lock
+    and the journal says its own git command was interrupted."""
+    found = [path for path in (root / ".git").glob("*.lock")] + list((root / ".git" / "refs").rglob("*.lock"))
+    for path in found:
+        path.unlink()
+    return found
