@@ -1,0 +1,288 @@
+"""The ledger: what mendd received, decided and committed, in a SQL database.
+
+SQLite (WAL mode, so the service and a CLI command can read while the other writes) by default;
+any SQLAlchemy URL, such as ``postgresql+psycopg://...``, works unchanged. The schema is created
+and upgraded by the Alembic migrations in store/migrations/ whenever a ledger is opened.
+
+The version store is the truth about weights; the ledger agrees with it: ``record_version`` is
+idempotent and recovery replays it for every version the ledger has not seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from store.errors import UnknownCorrectionError
+from store.ledger_schema import CorrectionRow, CorrectionStatus, CycleRow, EventRow, FeedRow, VersionRow
+from store.versions import Version
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+@dataclass(frozen=True)
+class LedgerCorrection:
+    key: int
+    feed: str
+    external_id: str
+    payload: dict[str, Any]
+    status: CorrectionStatus
+    version: str | None
+    run_id: str | None
+    reason: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Cycle:
+    id: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None
+    version: str | None
+    run_ids: list[str]
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    at: datetime
+    kind: str
+    version: str | None
+    detail: str
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def content_hash(payload: dict[str, Any]) -> str:
+    """The same content always hashes the same: keys sorted, no whitespace."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest schema (creating it if empty)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class Ledger:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        migrate(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def receive(self, feed: str, external_id: str, payload: dict[str, Any],
+                received_at: datetime | None = None) -> tuple[LedgerCorrection, bool]:
+        """Store a correction as pending, unless it is already here: by (feed, id), or by content.
+
+        ``payload`` is the correction's content without its id or arrival time, so the same fact
+        sent twice hashes the same. Returns the stored row and whether it is new.
+        """
+        digest = content_hash(payload)
+        try:
+            with self._transaction() as session:
+                existing = _existing(session, feed, external_id, digest)
+                if existing is not None:
+                    return _correction(existing), False
+                row = CorrectionRow(
+                    feed_id=_feed(session, feed).id, external_id=external_id, content_hash=digest, payload=payload,
+                    status=CorrectionStatus.pending, received_at=received_at or now(), updated_at=now())
+                session.add(row)
+                session.flush()
+                return _correction(row), True
+        except IntegrityError:
+            # Another process stored the same correction between our look-up and insert.
+            with self._transaction() as session:
+                return _correction(_existing(session, feed, external_id, digest)), False
+
+    def correction(self, external_id: str) -> LedgerCorrection:
+        """The correction with this id; the applied one if several feeds used the same id."""
+        with self._transaction() as session:
+            rows = session.scalars(select(CorrectionRow).where(CorrectionRow.external_id == external_id)).all()
+            if not rows:
+                raise UnknownCorrectionError(f"no correction {external_id!r} in the ledger; nothing was changed")
+            applied = [row for row in rows if row.status == CorrectionStatus.applied]
+            return _correction(applied[0] if applied else rows[0])
+
+    def corrections(self, status: CorrectionStatus | None = None) -> list[LedgerCorrection]:
+        """Oldest first."""
+        with self._transaction() as session:
+            query = select(CorrectionRow).order_by(CorrectionRow.received_at, CorrectionRow.id)
+            if status is not None:
+                query = query.where(CorrectionRow.status == status)
+            return [_correction(row) for row in session.scalars(query)]
+
+    def pending(self, limit: int) -> list[LedgerCorrection]:
+        with self._transaction() as session:
+            query = (select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.pending)
+                     .order_by(CorrectionRow.received_at, CorrectionRow.id).limit(limit))
+            return [_correction(row) for row in session.scalars(query)]
+
+    def mark(self, keys: list[int], status: CorrectionStatus, *, run_id: str | None = None,
+             reason: str | None = None) -> None:
+        """A decision about corrections that did not change the weights (rejected, held...)."""
+        with self._transaction() as session:
+            for row in session.scalars(select(CorrectionRow).where(CorrectionRow.id.in_(keys))):
+                _set(row, status, version=row.version, run_id=run_id, reason=reason)
+
+    # -- feeds --------------------------------------------------------------------------------
+
+    def cursor(self, feed: str) -> str | None:
+        with self._transaction() as session:
+            return _feed(session, feed).cursor
+
+    def set_cursor(self, feed: str, cursor: str) -> None:
+        with self._transaction() as session:
+            row = _feed(session, feed)
+            row.cursor, row.updated_at = cursor, now()
+
+    # -- cycles -------------------------------------------------------------------------------
+
+    def start_cycle(self) -> int:
+        with self._transaction() as session:
+            row = CycleRow(started_at=now(), run_ids=[])
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def finish_cycle(self, cycle_id: int, outcome: str, *, version: str | None = None,
+                     run_ids: list[str] | None = None, detail: str | None = None) -> None:
+        with self._transaction() as session:
+            row = session.get_one(CycleRow, cycle_id)
+            row.finished_at, row.outcome, row.version = now(), outcome, version
+            row.run_ids, row.detail = list(run_ids or []), detail
+
+    def cycles(self) -> list[Cycle]:
+        with self._transaction() as session:
+            return [Cycle(r.id, r.started_at, r.finished_at, r.outcome, r.version, list(r.run_ids), r.detail)
+                    for r in session.scalars(select(CycleRow).order_by(CycleRow.id))]
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def recorded_tags(self) -> list[str]:
+        with self._transaction() as session:
+            return list(session.scalars(select(VersionRow.tag).order_by(VersionRow.tag)))
+
+    def record_version(self, version: Version, carried: dict[str, str]) -> None:
+        """Record a committed version and make every correction's status agree with its weights:
+        those it carries are applied (at the version that applied them), and those applied before
+        but no longer carried are rolled back. Doing it twice changes nothing."""
+        with self._transaction() as session:
+            if session.get(VersionRow, version.tag) is not None:
+                return
+            session.add(VersionRow(
+                tag=version.tag, sha=version.sha, parent=version.parent, kind=version.kind,
+                created_at=version.created_at, corrections=list(version.corrections), run_id=version.run_id,
+                restores=version.restores, reason=version.reason, figures=version.figures, model_md5=version.model_md5))
+            for row in _rows_with_ids(session, list(carried)):
+                applied_at = carried[row.external_id]
+                if row.status != CorrectionStatus.applied or row.version != applied_at:
+                    run_id = version.run_id if applied_at == version.tag else row.run_id
+                    _set(row, CorrectionStatus.applied, version=applied_at, run_id=run_id,
+                         reason=None if applied_at == version.tag else f"restored by {version.tag}")
+            applied = session.scalars(select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.applied))
+            for row in applied:
+                if row.external_id not in carried:
+                    _set(row, CorrectionStatus.rolled_back, version=row.version, run_id=row.run_id,
+                         reason=_removal_reason(version))
+
+    # -- events -------------------------------------------------------------------------------
+
+    def record_event(self, kind: str, detail: str, version: str | None = None) -> None:
+        with self._transaction() as session:
+            session.add(EventRow(at=now(), kind=kind, version=version, detail=detail))
+
+    def events(self) -> list[Event]:
+        with self._transaction() as session:
+            return [Event(r.at, r.kind, r.version, r.detail) for r in session.scalars(select(EventRow).order_by(EventRow.id))]
+
+
+def _feed(session: Session, name: str) -> FeedRow:
+    row = session.scalars(select(FeedRow).where(FeedRow.name == name)).one_or_none()
+    if row is None:
+        row = FeedRow(name=name, updated_at=now())
+        session.add(row)
+        session.flush()
+    return row
+
+
+def _existing(session: Session, feed: str, external_id: str, digest: str) -> CorrectionRow | None:
+    same_id = (select(CorrectionRow).join(FeedRow)
+               .where(FeedRow.name == feed, CorrectionRow.external_id == external_id))
+    found = session.scalars(same_id).one_or_none()
+    if found is not None:
+        return found
+    return session.scalars(select(CorrectionRow).where(CorrectionRow.content_hash == digest)).one_or_none()
+
+
+def _rows_with_ids(session: Session, external_ids: list[str]) -> list[CorrectionRow]:
+    rows: list[CorrectionRow] = []
+    # In chunks: databases limit how many parameters one statement may bind.
+    for start in range(0, len(external_ids), 500):
+        chunk = external_ids[start:start + 500]
+        rows += session.scalars(select(CorrectionRow).where(CorrectionRow.external_id.in_(chunk))).all()
+    return rows
+
+
+def _set(row: CorrectionRow, status: CorrectionStatus, *, version: str | None, run_id: str | None,
+         reason: str | None) -> None:
+    row.status, row.version, row.run_id, row.reason, row.updated_at = status, version, run_id, reason, now()
+
+
+def _removal_reason(version: Version) -> str:
+    if version.kind == "rollback":
+        return f"rolled back by {version.tag} (to {version.restores})"
+    return f"reverted by {version.tag}"
+
+
+def _correction(row: CorrectionRow) -> LedgerCorrection:
+    return LedgerCorrection(
+        key=row.id, feed=row.feed.name, external_id=row.external_id, payload=dict(row.payload),
+        status=row.status, version=row.version, run_id=row.run_id, reason=row.reason, received_at=row.received_at)
+

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger; run by store.ledger when a ledger is opened."""
