@@ -18,7 +18,8 @@ from rich.markup import escape
 
 from daemon.config import ConfigError, MenddConfig, load_config
 from editors.settings import TrainSettings
-from daemon.home import Home, HomeError, init_home, resolve_home
+from daemon.home import Home, HomeError, check_new_home, init_home, resolve_home
+from store.errors import StoreError
 
 USAGE_ERROR = 2
 
@@ -28,7 +29,6 @@ err = Console(stderr=True, soft_wrap=True)
 
 # Commands are filled in by later issues; until then they say which one.
 _ISSUES: dict[int, str] = {
-    4: "versioned model store and ledger",
     5: "the gate and MLflow review",
     6: "the service: feeds, the maintenance cycle, APScheduler, health and metrics",
 }
@@ -38,7 +38,7 @@ DEMO_PROMPT = "The capital of France is"
 
 
 def _is_operator_error(error: Exception) -> bool:
-    if isinstance(error, (ConfigError, HomeError)):
+    if isinstance(error, (ConfigError, HomeError, StoreError)):
         return True
     # store.models imports torch, so it is not imported here just to name its error class; if the
     # error is a ModelSpecError, that module has necessarily been loaded already.
@@ -113,11 +113,24 @@ def init(
     ] = DEFAULT_MODEL,
     force: Annotated[bool, typer.Option(help="Overwrite an existing mendd.yaml with the defaults.")] = False,
 ) -> None:
-    """Create the home folder and a commented default config."""
+    """Create the home, its commented default config, and the version store with the base model as v0000."""
+    from daemon.versioning import create_versions
+    from store.models import load_model
+    from store.versions import VersionStore
+
     home: Home = ctx.obj
+    check_new_home(home, force)
+    # The model is loaded before anything is written, so a bad spec leaves no half-made home.
+    store_exists = VersionStore(home.store_dir).exists()
+    loaded = None if store_exists else load_model(model)
     init_home(home, model, force=force)
     print(f"mendd home:  {home.root}")
     print(f"config:      {home.config_path}")
+    if store_exists:
+        print(f"store:       {home.store_dir} (kept: it already holds versions)")
+        return
+    base = create_versions(home, loaded.model, loaded.tokenizer, model)
+    print(f"store:       {home.store_dir} ({base.tag}: base model {model})")
 
 
 @app.command()
@@ -184,9 +197,32 @@ def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 @app.command()
 def versions(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the committed model versions."""
-    _config(ctx)
-    _not_yet(4, as_json)
+    """List the committed model versions, oldest first."""
+    from daemon.versioning import open_versions
+
+    opened = open_versions(ctx.obj, _config(ctx))
+    try:
+        listed = opened.store.versions()
+    finally:
+        opened.close()
+    if as_json:
+        print(json.dumps({"head": listed[-1].tag, "versions": [v.as_dict() for v in listed]}))
+        return
+    for version in listed:
+        print(_describe_version(version))
+
+
+def _describe_version(version: Any) -> str:
+    """One line: tag, date, what it did, parent, corrections, MLflow run, decision figures."""
+    what = {"base": version.reason, "edit": f"applied {', '.join(version.corrections)}",
+            "rollback": f"restored {version.restores}", "revert": f"reverted {', '.join(version.corrections)}"}
+    parts = [version.tag, version.created_at.strftime("%Y-%m-%d %H:%M:%S"), version.kind,
+             f"parent {version.parent or '-'}", what[version.kind]]
+    if version.run_id:
+        parts.append(f"run {version.run_id}")
+    if version.figures:
+        parts.append(" ".join(f"{key}={value:g}" for key, value in sorted(version.figures.items())))
+    return "  ".join(parts)
 
 
 @app.command()
@@ -194,9 +230,15 @@ def rollback(
     ctx: typer.Context,
     version: Annotated[str, typer.Argument(help="Version tag, e.g. v0003.")],
 ) -> None:
-    """Make the served model equal to an earlier version (as a new commit)."""
-    _config(ctx)
-    _not_yet(4)
+    """Make the served model equal to an earlier version (as a new commit; history is kept)."""
+    from daemon.versioning import changing, rollback as roll_back
+
+    with changing(ctx.obj, _config(ctx)) as (opened, recovery):
+        _report_recovery(recovery)
+        before = opened.ledger.corrections()
+        made = roll_back(opened, version, reason="mendd rollback")
+        print(f"{made.tag}: serving the model of {made.restores} again")
+        _report_status_changes(before, opened.ledger.corrections())
 
 
 @app.command()
@@ -204,9 +246,27 @@ def revert(
     ctx: typer.Context,
     correction_id: Annotated[str, typer.Argument(help="Id of an applied correction.")],
 ) -> None:
-    """Commit a new version without one correction's weight change."""
-    _config(ctx)
-    _not_yet(4)
+    """Commit a new version without one correction's weight change; later corrections stay."""
+    from daemon.versioning import changing, revert as revert_one
+
+    with changing(ctx.obj, _config(ctx)) as (opened, recovery):
+        _report_recovery(recovery)
+        before = opened.ledger.corrections()
+        made = revert_one(opened, correction_id, reason=f"mendd revert {correction_id}")
+        print(f"{made.tag}: reverted {', '.join(made.corrections)}")
+        _report_status_changes(before, opened.ledger.corrections())
+
+
+def _report_recovery(recovery: Any) -> None:
+    if recovery.action != "none":
+        err.print(f"recovered: an interrupted commit of {recovery.tag} was {recovery.action}", markup=False)
+
+
+def _report_status_changes(before: list[Any], after: list[Any]) -> None:
+    old = {row.key: row.status for row in before}
+    for row in after:
+        if old.get(row.key) != row.status:
+            print(f"  {row.external_id}: {old.get(row.key).value if row.key in old else 'new'} -> {row.status.value}")
 
 
 @review_app.command("list")
@@ -247,6 +307,7 @@ def train_editor(
     val_every: Annotated[int, typer.Option(min=1)] = TrainSettings.val_every,
     val_size: Annotated[int, typer.Option(min=1)] = TrainSettings.val_size,
     seed: int = TrainSettings.seed,
+    general_locality: Annotated[bool, typer.Option(help="Also keep unrelated questions and running text unchanged (the training half of zsRE NQ and WikiText-2).")] = True,
 ) -> None:
     """Meta-train a MEND editor (resumable; logged to MLflow in the home)."""
     from daemon.editor_jobs import run_training
@@ -256,7 +317,7 @@ def train_editor(
     settings = TrainSettings(steps=steps, edits_per_step=edits_per_step, lr=lr, c_edit=c_edit, c_loc=c_loc,
                              rank=rank, edit_lr=edit_lr, val_every=val_every, val_size=val_size, seed=seed)
     state = run_training(model or config.model, data, val, out, settings, config.mlflow.tracking_uri,
-                         home.mlflow_artifacts, err, config.editor.edit_layers)
+                         home.mlflow_artifacts, err, config.editor.edit_layers, general_locality)
     print(json.dumps({"steps": state.step, "seconds": round(state.seconds, 1), "editor": str(out),
                       "validations": state.validations[-1:]}))
 

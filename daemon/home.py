@@ -69,16 +69,21 @@ def resolve_home(cli_value: Path | None) -> Home:
     return Home(Path(chosen))
 
 
-def init_home(home: Home, model_spec: str, force: bool = False) -> Home:
-    """Create the home's folders and a commented default ``mendd.yaml`` for ``model_spec``.
-
-    An existing config is an operator's work, so it is only replaced with ``force``.
-    """
+def check_new_home(home: Home, force: bool) -> None:
+    """Refuse to overwrite an existing home's config unless ``force``; checked before slow work."""
     if home.config_path.exists() and not force:
         raise HomeError(
             f"{home.config_path} already exists, so {home.root} is already a mendd home. "
             "Use another --home, or pass --force to overwrite its config with the defaults."
         )
+
+
+def init_home(home: Home, model_spec: str, force: bool = False) -> Home:
+    """Create the home's folders and a commented default ``mendd.yaml`` for ``model_spec``.
+
+    An existing config is an operator's work, so it is only replaced with ``force``.
+    """
+    check_new_home(home, force)
     for folder in (home.root, home.state_dir, home.store_dir, home.mlflow_dir, home.mlflow_artifacts):
         folder.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so a crash never leaves a half-written config.

@@ -45,7 +45,7 @@ def init(root: Path) -> None:
     _quiet()
     Repo.init(str(root)).close()
     with _opened(root) as repo, repo.config.edit("repo") as config:
-        config["core"]["analytics"] = False
+        config["core"]["analytics"] = "false"
         # Copy, never link: a hard- or symlinked workspace file would let a write reach the cache.
         config["cache"]["type"] = "copy"
 

@@ -241,11 +241,6 @@ class VersionStore:
             return Workspace("checked-out", matching[-1])
         return Workspace("dirty", None, (f"git: {MODEL_DVC} names a model that is no version",))
 
-    def workspace_matches(self, served: Version) -> bool:
-        """Whether ``model/`` still holds the model of ``served`` (the service's version)."""
-        current = self.workspace()
-        return current.version is not None and current.version.model_md5 == served.model_md5
-
     def require_clean(self) -> Version:
         """The head version, if the workspace is exactly it; else why not, and the fix."""
         if journal.pending(self.root) is not None:

@@ -1,0 +1,235 @@
+"""Versions seen from the daemon: each change to the store together with its ledger record.
+
+The store (store/versions.py) takes plain tensors and knows nothing of editors; this module turns
+an editor's Delta into new tensor values plus per-correction factors, and back again for a revert.
+Every function that changes the store then brings the ledger into agreement with it, and
+:func:`recover` does the same after a crash, so the ledger can always be rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from daemon.config import MenddConfig
+from daemon.home import Home
+from editors.types import Delta, LowRankUpdate, Share
+from store.crash import BEFORE_LEDGER, crash_point
+from store.errors import StoreError, UnknownCorrectionError
+from store.ledger import Ledger
+from store.lineage import in_effect
+from store.versions import Change, Recovery, StoredShare, Version, VersionStore
+
+LOCK_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Versions:
+    """A home's version store and ledger, opened together."""
+
+    store: VersionStore
+    ledger: Ledger
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def create_versions(home: Home, model: torch.nn.Module, tokenizer, spec: str) -> Version:
+    """Commit the base model as v0000 and record it in a new ledger (``mendd init``)."""
+    store = VersionStore.create(home.store_dir, model, tokenizer, spec)
+    ledger = Ledger(home.ledger_url)
+    try:
+        sync_ledger(Versions(store, ledger))
+    finally:
+        ledger.close()
+    return store.head()
+
+
+def open_versions(home: Home, config: MenddConfig) -> Versions:
+    store = VersionStore(home.store_dir)
+    if not store.exists():
+        raise StoreError(
+            f"no version store at {home.store_dir}: this home predates versioning or its init was "
+            f"interrupted; run `mendd --home {home.root} init --force` (it keeps the config's other values only "
+            "if you re-apply them)")
+    store.set_remote(_remote_url(home, config.store.remote))
+    return Versions(store, Ledger(home.ledger_url))
+
+
+@contextmanager
+def changing(home: Home, config: MenddConfig) -> Iterator[tuple[Versions, Recovery]]:
+    """Hold the home lock, open the versions, and recover from any crash before changing them."""
+    try:
+        lock = FileLock(str(home.lock_path), timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise StoreError(
+            f"another mendd process has held {home.lock_path} for {LOCK_TIMEOUT_S:.0f} s; "
+            "wait for it (or stop the service) and retry. Nothing was changed.") from None
+    try:
+        versions = open_versions(home, config)
+        try:
+            yield versions, recover(versions)
+        finally:
+            versions.close()
+    finally:
+        lock.release()
+
+
+def recover(versions: Versions) -> Recovery:
+    """Run at start: undo or finish an interrupted commit, adopt an operator's checkout made while
+    mendd was stopped, and record every store version the ledger is missing."""
+    recovery = versions.store.recover()
+    if recovery.action != "none":
+        versions.ledger.record_event(
+            "recovery", f"an interrupted commit of {recovery.tag} was {recovery.action}; removed: "
+            f"{', '.join(recovery.removed) or 'nothing'}", versions.store.head().tag)
+    adopt_checkout(versions)
+    sync_ledger(versions)
+    return recovery
+
+
+def sync_ledger(versions: Versions) -> list[str]:
+    """Record, oldest first, each store version the ledger lacks; returns their tags."""
+    recorded = set(versions.ledger.recorded_tags())
+    history = versions.store.versions()
+    missing = [version for version in history if version.tag not in recorded]
+    for version in missing:
+        versions.ledger.record_version(version, in_effect(history, version.tag))
+    return [version.tag for version in missing]
+
+
+def commit_delta(versions: Versions, delta: Delta, *, run_id: str | None, figures: dict[str, float]) -> Version:
+    """A new version: the head's weights plus ``delta``, with each share's factors kept."""
+    changes = delta.tensors()
+    current = versions.store.read_tensors(list(changes))
+    change = Change(
+        kind="edit",
+        tensors={name: current[name] + update.to(current[name].dtype) for name, update in changes.items()},
+        shares=tuple(share_to_stored(share) for share in delta.shares),
+        corrections=tuple(delta.correction_ids), run_id=run_id, figures=figures)
+    return _recorded(versions, versions.store.commit(change))
+
+
+def rollback(versions: Versions, tag: str, reason: str) -> Version:
+    return _recorded(versions, versions.store.rollback(tag, reason))
+
+
+def revert(versions: Versions, correction_id: str, reason: str) -> Version:
+    """A new version: the head's weights minus the share that carried ``correction_id``.
+
+    Corrections applied after it keep their change, because deltas add. A share of several
+    corrections (fine-tuning edits a batch as one) is removed whole, and the version names them all.
+    """
+    head = versions.store.require_clean()
+    carried = in_effect(versions.store.versions(), head.tag)
+    if correction_id not in carried:
+        status = _ledger_status(versions.ledger, correction_id)
+        raise UnknownCorrectionError(
+            f"correction {correction_id!r} is not in the weights of the current version {head.tag} ({status}); "
+            "nothing was changed")
+    share = next(share for share in versions.store.shares(carried[correction_id]) if correction_id in share.correction_ids)
+    removal = share_from_stored(share).tensors()
+    current = versions.store.read_tensors(list(removal))
+    change = Change(
+        kind="revert",
+        tensors={name: current[name] - update.to(current[name].dtype) for name, update in removal.items()},
+        corrections=share.correction_ids, reason=reason)
+    return _recorded(versions, versions.store.commit(change))
+
+
+def adopt_checkout(versions: Versions) -> Version | None:
+    """If an operator checked out an earlier version in the store (``git checkout vNNNN --
+    model.dvc && dvc checkout``), commit that as a rollback and record it; else None."""
+    workspace = versions.store.workspace()
+    if workspace.state != "checked-out":
+        return None
+    restored = workspace.version.tag
+    version = _recorded(versions, versions.store.adopt_checkout(f"operator checked out {restored} in the store"))
+    versions.ledger.record_event(
+        "operator-checkout", f"model/ was checked out to {restored} by hand; committed as {version.tag}", version.tag)
+    return version
+
+
+def served_version(versions: Versions, served: Version) -> Version | None:
+    """The service's check, between cycles: the version it should serve now, if not ``served``.
+
+    An operator's checkout is adopted first; a store still half-way through one (``dvc checkout``
+    not run yet) is left alone until it settles. The caller holds the home lock and reloads the
+    model from the store's ``model/`` folder when this returns a version.
+    """
+    adopted = adopt_checkout(versions)
+    if adopted is None and versions.store.workspace().state != "clean":
+        return None  # half-way through a checkout, or changes mendd did not make: wait for them
+    current = adopted or versions.store.head()
+    if current.model_md5 == served.model_md5:
+        return None
+    versions.ledger.record_event("reload", f"serving {current.tag} instead of {served.tag}", current.tag)
+    return current
+
+
+def share_to_stored(share: Share) -> StoredShare:
+    """A share as plain tensors: ``<tensor>/inputs``, ``/outputs``, ``/scale``, ``/transposed``;
+    or ``<tensor>/dense`` for a dense share."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, update in share.low_rank.items():
+        tensors[f"{name}/inputs"] = update.inputs
+        tensors[f"{name}/outputs"] = update.outputs
+        tensors[f"{name}/scale"] = _scale_tensor(update.scale)
+        tensors[f"{name}/transposed"] = torch.tensor(update.transposed)
+    for name, dense in share.dense.items():
+        tensors[f"{name}/dense"] = dense
+    return StoredShare(tuple(share.correction_ids), tensors)
+
+
+def share_from_stored(stored: StoredShare) -> Share:
+    low_rank: dict[str, LowRankUpdate] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for key, tensor in stored.tensors.items():
+        name, part = key.rsplit("/", 1)
+        if part == "dense":
+            dense[name] = tensor
+        elif part == "inputs":
+            low_rank[name] = LowRankUpdate(
+                inputs=tensor, outputs=stored.tensors[f"{name}/outputs"],
+                scale=_scale_value(stored.tensors[f"{name}/scale"]), transposed=bool(stored.tensors[f"{name}/transposed"].item()))
+    return Share(stored.correction_ids, low_rank=low_rank, dense=dense)
+
+
+def _scale_tensor(scale: float | torch.Tensor) -> torch.Tensor:
+    """The scale in its own type (an editor's tensor, or a float as float64), so the rebuilt
+    update multiplies exactly as the original did, bit for bit."""
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().clone()
+    return torch.tensor(scale, dtype=torch.float64)
+
+
+def _scale_value(stored: torch.Tensor) -> float | torch.Tensor:
+    return stored.item() if stored.dtype == torch.float64 else stored
+
+
+def _recorded(versions: Versions, version: Version) -> Version:
+    crash_point(BEFORE_LEDGER)
+    sync_ledger(versions)
+    return version
+
+
+def _ledger_status(ledger: Ledger, correction_id: str) -> str:
+    try:
+        found = ledger.correction(correction_id)
+    except UnknownCorrectionError:
+        return "the ledger has no correction with this id"
+    where = f" at {found.version}" if found.version else ""
+    return f"its status is {found.status.value}{where}" + (f": {found.reason}" if found.reason else "")
+
+
+def _remote_url(home: Home, remote: str | None) -> str | None:
+    """A remote without a scheme is a folder; a relative one is taken from the home."""
+    if remote is None or "://" in remote:
+        return remote
+    return str((home.root / Path(remote).expanduser()).resolve())
