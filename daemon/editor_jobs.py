@@ -56,7 +56,8 @@ def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | 
 
 
 def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path, settings: TrainSettings,
-                 tracking_uri: str, artifact_root: Path, console, edit_names: list[str] | None = None) -> TrainState:
+                 tracking_uri: str, artifact_root: Path, console, edit_names: list[str] | None = None,
+                 general_locality: bool = True) -> TrainState:
     """Train (resuming from `out` if a checkpoint is there), logging the run to MLflow."""
     torch.manual_seed(settings.seed)
     loaded = load_model(model_spec)
@@ -65,6 +66,8 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
     val_set = read_sets([val], limit=settings.val_size) if val else []
     editor = MendEditor.fresh(editable, rank=settings.rank, edit_lr=settings.edit_lr, model_spec=model_spec)
     probes = make_probes(editable) if val_set else None
+    # the training half of the unrelated sources; the measuring half is never trained on
+    general = unrelated_prompts(data_dir(), 10_000, 10_000, half=1) if general_locality else None
 
     client = tracking.client(tracking_uri)
     experiment = tracking.experiment_id(client, tracking.TRAINING_EXPERIMENT, artifact_root)
@@ -75,7 +78,8 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
         out.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(run_id)
         for key, value in {**asdict(settings), "model": model_spec, "data": ",".join(map(str, data)),
-                           "val": str(val), "edit_tensors": ",".join(editable.edit_names)}.items():
+                           "val": str(val), "edit_tensors": ",".join(editable.edit_names),
+                           "general_locality": general_locality}.items():
             client.log_param(run_id, key, value)
 
     def validate(ed: MendEditor) -> dict:
@@ -94,16 +98,18 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
 
         def on_step(state: TrainState, losses: StepLosses) -> None:
             state_step[0] = state.step
-            bar.update(task, completed=state.step,
-                       status=f"edit {losses.edit:.2f} loc {losses.loc:.3f} success {losses.edit_success:.2f}")
+            status = f"edit {losses.edit:.2f} loc {losses.loc:.3f} success {losses.edit_success:.2f}"
+            bar.update(task, completed=state.step, status=status)
+            if not console.is_terminal and state.step % 50 == 0:  # a log file gets a line now and then
+                console.print(f"step {state.step}/{settings.steps} {state.seconds:.0f}s {status}")
             now = int(time.time() * 1000)
             pending.extend(Metric(k, getattr(losses, k), now, state.step) for k in ("total", "edit", "loc", "edit_success"))
             if len(pending) >= 200 or state.step == settings.steps:
                 client.log_batch(run_id, metrics=pending)
                 pending.clear()
 
-        state = train(editable, editor, train_set, settings, out,
-                      validate=validate if val_set else None, on_step=on_step)
+        state = train(editable, editor, train_set, settings, out, validate=validate if val_set else None,
+                      on_step=on_step, general=general)
     client.log_metric(run_id, "train_seconds", state.seconds)
     client.log_artifact(run_id, str(out))
     client.set_terminated(run_id)

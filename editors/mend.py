@@ -131,8 +131,9 @@ class MendNetwork(nn.Module):
         return self.log_edit_lrs[index].exp()
 
     def save(self, path: Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
-        tensors = {k: v.detach().to(dtype if v.is_floating_point() and "norm" not in k else torch.float32).contiguous()
-                   for k, v in self.state_dict().items()}
+        # statistics and step sizes stay float32: small, and the edit's scale depends on them exactly
+        keep = lambda k: "norm" in k or k == "log_edit_lrs"  # noqa: E731
+        tensors = {k: v.detach().to(torch.float32 if keep(k) else dtype).contiguous() for k, v in self.state_dict().items()}
         meta = {"settings": json.dumps(asdict(self.settings)), "extra": json.dumps(extra or {})}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -140,7 +141,7 @@ class MendNetwork(nn.Module):
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, shapes: list[tuple[int, int]] | None = None) -> "MendNetwork":
+    def load(cls, path: Path, shapes: list[tuple[int, int]]) -> "MendNetwork":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as handle:
@@ -148,15 +149,9 @@ class MendNetwork(nn.Module):
         raw = json.loads(meta["settings"])
         settings = MendSettings(**{**raw, "edit_names": tuple(raw["edit_names"])})
         state = {k: v.float() for k, v in load_file(str(path)).items()}
-        if shapes is None:
-            shapes = _shapes_from_state(state, settings)
         network = cls(shapes, settings)
         network.load_state_dict(state)
         return network
-
-
-def _shapes_from_state(state: dict[str, torch.Tensor], settings: MendSettings) -> list[tuple[int, int]]:
-    raise ValueError("pass the editable tensors' shapes to MendNetwork.load")
 
 
 class MendEditor:

@@ -4,7 +4,8 @@ Each step edits a few training corrections at once, then scores the edited model
 the answer NLL on the edit prompt and its rephrasings (the edit must generalise), the locality loss
 is KL(pre-edit ‖ post-edit) at the answer positions of unrelated sequences (the head over every
 position would cost four times as much on CPU, for positions no metric reads): the correction's own neighbourhood
-prompt (same relation, same old answer: where edits spill over) and another correction's prompt.
+prompt (same relation, same old answer: where edits spill over), another correction's prompt, and a
+general unrelated prompt (a question or running text) when given.
 Only the editor's parameters learn; the model is fixed.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from editors import scoring
 from editors.editable import Editable
 from editors.mend import MendEditor
 from editors.settings import TrainSettings
-from editors.types import Correction
+from editors.types import Correction, LocalityPrompt
 
 
 @dataclass
@@ -45,15 +46,17 @@ def edit_sequences(correction: Correction) -> list[tuple[str, str]]:
     return [(p, correction.target_new) for p in (correction.prompt, *correction.rephrases)]
 
 
-def locality_sequences(correction: Correction, unrelated: Correction) -> list[tuple[str, str]]:
+def locality_sequences(correction: Correction, unrelated: Correction, general: LocalityPrompt | None) -> list[tuple[str, str]]:
     pairs = [(lp.prompt, lp.answer) for lp in correction.locality_prompts]
     if unrelated.target_old:
         pairs.append((unrelated.prompt, unrelated.target_old))
+    if general is not None:
+        pairs.append((general.prompt, general.answer))
     return pairs
 
 
 def meta_loss(editable: Editable, editor: MendEditor, batch: list[Correction], unrelated: list[Correction],
-              settings: TrainSettings) -> tuple[torch.Tensor, StepLosses]:
+              settings: TrainSettings, general: list[LocalityPrompt] | None = None) -> tuple[torch.Tensor, StepLosses]:
     """The MEND objective for one batch of edits; differentiable in the editor's parameters."""
     shares = editor.factors(editable, batch)
     base = editable.weights()
@@ -67,7 +70,8 @@ def meta_loss(editable: Editable, editor: MendEditor, batch: list[Correction], u
     edit_nll = scoring.mean_nll(logits, outer.answer_labels, outer.row_of_answer, len(outer.lengths))
     success = scoring.accuracy(logits.detach(), outer.answer_labels, outer.row_of_answer, len(outer.lengths))
 
-    loc = editable.batch([pair for c, u in zip(batch, unrelated) for pair in locality_sequences(c, u)])
+    general = general or [None] * len(batch)
+    loc = editable.batch([pair for c, u, g in zip(batch, unrelated, general) for pair in locality_sequences(c, u, g)])
     with torch.no_grad():
         before = editable.logits(loc)
     after = editable.logits(loc, edited)
@@ -80,8 +84,13 @@ def meta_loss(editable: Editable, editor: MendEditor, batch: list[Correction], u
 
 def train(editable: Editable, editor: MendEditor, train_set: list[Correction], settings: TrainSettings,
           checkpoint: Path, validate: Callable[[MendEditor], dict] | None = None,
-          on_step: Callable[[TrainState, StepLosses], None] | None = None) -> TrainState:
-    """Train (or resume from `checkpoint`) until settings.steps; returns the final state."""
+          on_step: Callable[[TrainState, StepLosses], None] | None = None,
+          general: list[LocalityPrompt] | None = None) -> TrainState:
+    """Train (or resume from `checkpoint`) until settings.steps; returns the final state.
+
+    `general` are unrelated prompts of other kinds (questions, running text) that the edits must
+    also leave alone; one joins each edit's locality batch.
+    """
     network = editor.network
     optimizer = torch.optim.Adam([
         {"params": [p for n, p in network.named_parameters() if n != "log_edit_lrs"], "lr": settings.lr},
@@ -101,7 +110,8 @@ def train(editable: Editable, editor: MendEditor, train_set: list[Correction], s
         network.train()
         batch = rng.sample(usable, settings.edits_per_step)
         unrelated = rng.sample(usable, settings.edits_per_step)
-        loss, losses = meta_loss(editable, editor, batch, unrelated, settings)
+        others = rng.sample(general, settings.edits_per_step) if general else None
+        loss, losses = meta_loss(editable, editor, batch, unrelated, settings, others)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)

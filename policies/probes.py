@@ -24,14 +24,19 @@ def data_dir() -> Path:
     raise DataNotFound(f"editing data not found (looked in {', '.join(map(str, candidates))}); set MENDD_DATA")
 
 
-def unrelated_prompts(root: Path, n_questions: int = 150, n_sentences: int = 100, seed: int = 0) -> list[LocalityPrompt]:
-    """zsRE's Natural Questions probes with their answers, and WikiText-2 sentences split in two."""
+def unrelated_prompts(root: Path, n_questions: int = 150, n_sentences: int = 100, seed: int = 0,
+                      half: int = 0) -> list[LocalityPrompt]:
+    """zsRE's Natural Questions probes with their answers, and WikiText-2 sentences split in two.
+
+    Each source is halved by position: half 0 is the measuring set, half 1 is for training an
+    editor's locality, so an editor never trains on the prompts it is measured on.
+    """
     zsre = json.loads((root / "zsre" / "zsre_mend-1k.json").read_text())
-    questions = [LocalityPrompt(r["loc"], r["loc_ans"]) for r in zsre if r.get("loc") and r.get("loc_ans")]
+    questions = [LocalityPrompt(r["loc"], r["loc_ans"]) for r in zsre[half::2] if r.get("loc") and r.get("loc_ans")]
     rng = random.Random(seed)
     probes = rng.sample(questions, min(n_questions, len(questions)))
     # ten words of context, the next four as the answer: short, since every token costs a suffix pass
-    sentences = [line.split() for line in wikitext_lines(root) if len(line.split()) >= 14]
+    sentences = [line.split() for line in wikitext_lines(root)[half::2] if len(line.split()) >= 14]
     for words in rng.sample(sentences, min(n_sentences, len(sentences))):
         probes.append(LocalityPrompt(" ".join(words[:10]), " ".join(words[10:14])))
     return probes
