@@ -36,18 +36,19 @@ class Versions:
     ledger: Ledger
 
     def close(self) -> None:
+        self.store.close()
         self.ledger.close()
 
 
 def create_versions(home: Home, model: torch.nn.Module, tokenizer, spec: str) -> Version:
     """Commit the base model as v0000 and record it in a new ledger (``mendd init``)."""
     store = VersionStore.create(home.store_dir, model, tokenizer, spec)
-    ledger = Ledger(home.ledger_url)
+    versions = Versions(store, Ledger(home.ledger_url))
     try:
-        sync_ledger(Versions(store, ledger))
+        sync_ledger(versions)
+        return store.head()
     finally:
-        ledger.close()
-    return store.head()
+        versions.close()
 
 
 def open_versions(home: Home, config: MenddConfig) -> Versions:

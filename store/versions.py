@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from store import dvcrepo, journal
+from store.dvcrepo import DvcRepo
 from store.checkpoint import (
     dtype_code,
     tensor_layout,
@@ -135,6 +136,10 @@ class VersionStore:
         self.root = Path(root)
         self.model_dir = self.root / MODEL
         self.factors_dir = self.root / FACTORS
+        self.dvc = DvcRepo(self.root)
+
+    def close(self) -> None:
+        self.dvc.close()
 
     # -- creating -----------------------------------------------------------------------------
 
@@ -155,13 +160,18 @@ class VersionStore:
             (store.factors_dir / "README").write_text(
                 "Low-rank factors of each correction, one folder per version: "
                 "mendd revert subtracts them exactly.\n", encoding="utf-8")
-            store._seal(tag_name(0), {"kind": "base", "reason": f"base model {spec}"})
+            store._seal(tag_name(0), None, {"kind": "base", "reason": f"base model {spec}"})
+            store.close()
             if root.exists():
                 root.rmdir()  # the empty folder `mendd init` made; a non-empty one fails here
             building.rename(root)
         finally:
             shutil.rmtree(building, ignore_errors=True)
-        return cls(root)
+        created = cls(root)
+        # DVC remembers file hashes by path; after the rename it hashes every file once, here at
+        # init rather than in the first commit, and this proves the moved store is clean.
+        created.require_clean()
+        return created
 
     def _init_repository(self) -> None:
         git(self.root, "init", "-q", "-b", BRANCH)
@@ -175,37 +185,40 @@ class VersionStore:
         return (self.root / ".git").is_dir() and git_ok(self.root, "rev-parse", "--verify", "-q", f"refs/tags/{tag_name(0)}")
 
     def set_remote(self, url: str | None) -> None:
-        if dvcrepo.remote_url(self.root) != url:
-            dvcrepo.set_remote(self.root, url)
+        if self.dvc.remote_url() != url:
+            self.dvc.set_remote(url)
 
     # -- reading ------------------------------------------------------------------------------
 
     def versions(self) -> list[Version]:
         """Every version on the branch, oldest first, from one ``git log``."""
-        log = git(self.root, "log", "--first-parent", "--format=%H%x1f%cI%x1f%B%x1e", "HEAD")
+        return list(reversed(self._log("HEAD")))
+
+    def head(self) -> Version:
+        found = self._log("-1", "HEAD")
+        if not found:
+            raise StoreError(f"{self.root} has no versions; create it with `mendd init`")
+        return found[0]
+
+    def version(self, tag: str) -> Version:
+        tag_number(tag)
+        found = self._log("-1", f"refs/tags/{tag}") if git_ok(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}") else []
+        if not found or found[0].tag != tag:
+            raise UnknownVersionError(f"no version {tag} in {self.root}; `mendd versions` lists them")
+        return found[0]
+
+    def _log(self, *revisions: str) -> list[Version]:
+        """Versions among the first-parent commits of ``revisions``, newest first."""
+        log = git(self.root, "log", "--first-parent", "--format=%H%x1f%cI%x1f%B%x1e", *revisions)
         found: list[Version] = []
-        for record in reversed(log.split("\x1e")):
+        for record in log.split("\x1e"):
             if not record.strip():
                 continue
             sha, date, message = record.strip("\n").split("\x1f")
             meta = _metadata(message)
             if meta is not None:
-                parent = found[-1].tag if found else None
-                found.append(_version(sha, date, parent, meta))
+                found.append(_version(sha, date, meta))
         return found
-
-    def head(self) -> Version:
-        versions = self.versions()
-        if not versions:
-            raise StoreError(f"{self.root} has no versions; create it with `mendd init`")
-        return versions[-1]
-
-    def version(self, tag: str) -> Version:
-        tag_number(tag)
-        for version in self.versions():
-            if version.tag == tag:
-                return version
-        raise UnknownVersionError(f"no version {tag} in {self.root}; `mendd versions` lists them")
 
     def tensor_names(self) -> list[str]:
         return tensor_names(self.model_dir)
@@ -229,7 +242,7 @@ class VersionStore:
     def workspace(self) -> Workspace:
         head = self.head()
         dirty_git = [path for path in changed_paths(self.root) if path != MODEL_DVC]
-        dvc_changes = dvcrepo.changes(self.root)
+        dvc_changes = self.dvc.changes()
         details = tuple(f"git: {path}" for path in dirty_git) + tuple(f"dvc: {name} {change}" for name, change in dvc_changes.items())
         if details:
             return Workspace("dirty", None, details)
@@ -267,7 +280,7 @@ class VersionStore:
         write_tensors(self.model_dir, change.tensors)
         self._write_shares(tag, change.shares)
         crash_point(TENSORS_WRITTEN)
-        return self._seal(tag, {"kind": change.kind, "corrections": list(change.corrections), "run_id": change.run_id,
+        return self._seal(tag, head.tag, {"kind": change.kind, "corrections": list(change.corrections), "run_id": change.run_id,
                                 "reason": change.reason, "figures": change.figures})
 
     def rollback(self, tag: str, reason: str) -> Version:
@@ -282,8 +295,8 @@ class VersionStore:
         journal.begin(self.root, journal.Intent(tag, head.sha, "rollback"))
         git(self.root, "checkout", target.sha, "--", MODEL_DVC)
         crash_point(ROLLBACK_CHECKED_OUT)
-        dvcrepo.checkout(self.root, [MODEL])
-        return self._seal(tag, {"kind": "rollback", "restores": target.tag, "reason": reason})
+        self.dvc.checkout([MODEL])
+        return self._seal(tag, head.tag, {"kind": "rollback", "restores": target.tag, "reason": reason})
 
     def adopt_checkout(self, reason: str) -> Version:
         """Commit an operator's own checkout of an earlier version as a rollback to it."""
@@ -293,18 +306,18 @@ class VersionStore:
         head = self.head()
         tag = tag_name(head.number + 1)
         journal.begin(self.root, journal.Intent(tag, head.sha, "rollback"))
-        return self._seal(tag, {"kind": "rollback", "restores": current.version.tag, "reason": reason})
+        return self._seal(tag, head.tag, {"kind": "rollback", "restores": current.version.tag, "reason": reason})
 
     def push(self) -> None:
         """Send the head's files to the DVC remote, if one is configured."""
-        if dvcrepo.remote_url(self.root) is not None:
-            dvcrepo.push(self.root)
+        if self.dvc.remote_url() is not None:
+            self.dvc.push()
 
-    def _seal(self, tag: str, meta: dict[str, Any]) -> Version:
+    def _seal(self, tag: str, parent: str | None, meta: dict[str, Any]) -> Version:
         """dvc add, git commit (metadata in the message), tag, push, clear the journal."""
-        dvcrepo.add(self.root, [MODEL, FACTORS])
+        self.dvc.add([MODEL, FACTORS])
         crash_point(DVC_ADDED)
-        meta = {"tag": tag, **meta, "model_md5": dvcrepo.out_md5((self.root / MODEL_DVC).read_text(encoding="utf-8"))}
+        meta = {"tag": tag, "parent": parent, **meta, "model_md5": dvcrepo.out_md5((self.root / MODEL_DVC).read_text(encoding="utf-8"))}
         git(self.root, "add", "-A")
         git(self.root, "commit", "-q", "--allow-empty", "-m", _message(meta))
         crash_point(GIT_COMMITTED)
@@ -339,10 +352,10 @@ class VersionStore:
     def _ensure_objects(self, target: Version) -> None:
         """Fail before touching anything if ``target``'s files are in neither cache nor remote:
         DVC deletes the whole folder when a checkout lacks an object."""
-        missing = dvcrepo.missing_objects(self.root, target.model_md5)
-        if missing and dvcrepo.remote_url(self.root) is not None:
-            dvcrepo.fetch(self.root, target.sha, MODEL_DVC)
-            missing = dvcrepo.missing_objects(self.root, target.model_md5)
+        missing = self.dvc.missing_objects(target.model_md5)
+        if missing and self.dvc.remote_url() is not None:
+            self.dvc.fetch(target.sha, MODEL_DVC)
+            missing = self.dvc.missing_objects(target.model_md5)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise MissingObjectsError(
@@ -371,7 +384,7 @@ class VersionStore:
             git(self.root, "checkout", "HEAD", "--", MODEL_DVC, FACTORS_DVC)
             removed += [str(p.relative_to(self.root)) for p in remove_partials(self.root / MODEL)]
             removed += [str(p.relative_to(self.root)) for p in remove_partials(self.root / FACTORS)]
-            dvcrepo.checkout(self.root, [MODEL, FACTORS])
+            self.dvc.checkout([MODEL, FACTORS])
             action = "undone"
         else:
             raise StoreError(
@@ -411,9 +424,9 @@ def _metadata(message: str) -> dict[str, Any] | None:
     return None
 
 
-def _version(sha: str, date: str, parent: str | None, meta: dict[str, Any]) -> Version:
+def _version(sha: str, date: str, meta: dict[str, Any]) -> Version:
     return Version(
-        tag=meta["tag"], sha=sha, parent=parent, kind=meta["kind"], created_at=datetime.fromisoformat(date),
+        tag=meta["tag"], sha=sha, parent=meta.get("parent"), kind=meta["kind"], created_at=datetime.fromisoformat(date),
         corrections=tuple(meta.get("corrections") or ()), run_id=meta.get("run_id"),
         restores=meta.get("restores"), reason=meta.get("reason", ""), figures=dict(meta.get("figures") or {}),
         model_md5=meta["model_md5"],
