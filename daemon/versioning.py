@@ -107,13 +107,22 @@ def sync_ledger(versions: Versions) -> list[str]:
 
 def commit_delta(versions: Versions, delta: Delta, *, run_id: str | None, figures: dict[str, float]) -> Version:
     """A new version: the head's weights plus ``delta``, with each share's factors kept."""
+    return commit_change(versions, edit_change(versions, delta, run_id=run_id, figures=figures))
+
+
+def edit_change(versions: Versions, delta: Delta, *, run_id: str | None, figures: dict[str, float]) -> Change:
+    """The new values of the tensors ``delta`` touches (head + ΔW), and its factors as plain tensors."""
     changes = delta.tensors()
     current = versions.store.read_tensors(list(changes))
-    change = Change(
+    return Change(
         kind="edit",
         tensors={name: current[name] + update.to(current[name].dtype) for name, update in changes.items()},
         shares=tuple(share_to_stored(share) for share in delta.shares),
         corrections=tuple(delta.correction_ids), run_id=run_id, figures=figures)
+
+
+def commit_change(versions: Versions, change: Change) -> Version:
+    """Commit ``change`` to the store, then bring the ledger into agreement."""
     return _recorded(versions, versions.store.commit(change))
 
 
@@ -141,7 +150,7 @@ def revert(versions: Versions, correction_id: str, reason: str) -> Version:
         kind="revert",
         tensors={name: current[name] - update.to(current[name].dtype) for name, update in removal.items()},
         corrections=share.correction_ids, reason=reason)
-    return _recorded(versions, versions.store.commit(change))
+    return commit_change(versions, change)
 
 
 def adopt_checkout(versions: Versions) -> Version | None:
