@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,10 @@ from daemon.config import ConfigError, MenddConfig, load_config
 from editors.settings import TrainSettings
 from daemon.home import Home, HomeError, check_new_home, init_home, resolve_home
 from store.errors import StoreError
+
+if TYPE_CHECKING:  # torch-heavy modules, imported by the commands that need them
+    from store.ledger import LedgerCorrection
+    from store.versions import Recovery, Version
 
 USAGE_ERROR = 2
 
@@ -212,7 +216,7 @@ def versions(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         print(_describe_version(version))
 
 
-def _describe_version(version: Any) -> str:
+def _describe_version(version: Version) -> str:
     """One line: tag, date, what it did, parent, corrections, MLflow run, decision figures."""
     what = {"base": version.reason, "edit": f"applied {', '.join(version.corrections)}",
             "rollback": f"restored {version.restores}", "revert": f"reverted {', '.join(version.corrections)}"}
@@ -257,12 +261,12 @@ def revert(
         _report_status_changes(before, opened.ledger.corrections())
 
 
-def _report_recovery(recovery: Any) -> None:
+def _report_recovery(recovery: Recovery) -> None:
     if recovery.action != "none":
         err.print(f"recovered: an interrupted commit of {recovery.tag} was {recovery.action}", markup=False)
 
 
-def _report_status_changes(before: list[Any], after: list[Any]) -> None:
+def _report_status_changes(before: list[LedgerCorrection], after: list[LedgerCorrection]) -> None:
     old = {row.key: row.status for row in before}
     for row in after:
         if old.get(row.key) != row.status:

@@ -34,7 +34,6 @@ from store.checkpoint import (
     read_tensors,
     remove_partials,
     save_model,
-    tensor_file,
     tensor_names,
     write_tensor_file,
     write_tensors,
@@ -266,8 +265,8 @@ class VersionStore:
                 f"{self.root}: model/ was checked out to {current.version.tag} by hand; mendd adopts that at "
                 "start (or `mendd rollback` it), and changes nothing until then")
         raise DirtyStoreError(
-            f"{self.root} has changes mendd did not make ({'; '.join(current.details)}). Undo them with "
-            f"`git -C {self.root} checkout -- . && dvc checkout` (run in the store), then retry. Nothing was changed.")
+            f"{self.root} has changes mendd did not make ({'; '.join(current.details)}). Undo them in "
+            f"{self.root} with `git checkout -- . && dvc checkout`, then retry. Nothing was changed.")
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -436,7 +435,7 @@ def _version(sha: str, date: str, meta: dict[str, Any]) -> Version:
 def _remove_stale_git_locks(root: Path) -> list[Path]:
     """Lock files a killed git left behind; safe to delete only because mendd holds the home lock
     and the journal says its own git command was interrupted."""
-    found = [path for path in (root / ".git").glob("*.lock")] + list((root / ".git" / "refs").rglob("*.lock"))
+    found = list((root / ".git").glob("*.lock")) + list((root / ".git" / "refs").rglob("*.lock"))
     for path in found:
         path.unlink()
     return found
