@@ -92,6 +92,7 @@ def recover(versions: Versions) -> Recovery:
             f"{', '.join(recovery.removed) or 'nothing'}", versions.store.head().tag)
     adopt_checkout(versions)
     sync_ledger(versions)
+    push(versions)
     return recovery
 
 
@@ -223,9 +224,22 @@ def _scale_value(stored: torch.Tensor) -> float | torch.Tensor:
     return stored.item() if stored.dtype == torch.float64 else stored
 
 
+def push(versions: Versions) -> bool:
+    """Push the head's files to the DVC remote, if one is set. A failure is recorded, not raised:
+    the version is committed locally either way, and the next push (at the next commit, or at
+    start) sends the head again; `dvc push --all-tags` in the store sends every version."""
+    try:
+        versions.store.push()
+    except StoreError as error:
+        versions.ledger.record_event("push-failed", str(error), versions.store.head().tag)
+        return False
+    return True
+
+
 def _recorded(versions: Versions, version: Version) -> Version:
     crash_point(BEFORE_LEDGER)
     sync_ledger(versions)
+    push(versions)
     return version
 
 

@@ -59,7 +59,8 @@ class DvcRepo:
 
     @contextmanager
     def _reporting(self) -> Iterator[Any]:
-        """The open repository; DVC's own errors become StoreErrors naming the store."""
+        """The open repository; DVC's errors, and the OSErrors of its file systems (a remote that
+        cannot be reached, a full disk), become StoreErrors naming the store."""
         from dvc.exceptions import DvcException
         from dvc.repo import Repo
 
@@ -68,7 +69,7 @@ class DvcRepo:
             if self._repo is None:
                 self._repo = Repo(str(self.root))
             yield self._repo
-        except DvcException as exc:
+        except (DvcException, OSError) as exc:
             raise StoreError(f"DVC failed in {self.root}: {exc}") from exc
 
     def set_remote(self, url: str | None) -> None:

@@ -6,8 +6,9 @@ factors beside the version that applied it, so one correction can later be subtr
 The commit message carries the version's metadata as one JSON line, so ``git log`` alone lists
 every version, and a commit that crashed before its tag can still be finished.
 
-A commit runs: journal -> write files -> ``dvc add`` -> ``git commit`` -> ``git tag`` -> push ->
-clear journal. :meth:`VersionStore.recover` turns a crash anywhere in that into the old or the new
+A commit runs: journal -> write files -> ``dvc add`` -> ``git commit`` -> ``git tag`` -> clear
+journal. Pushing to the remote is a separate step (:meth:`VersionStore.push`), so an unreachable
+remote never leaves a commit half-done. :meth:`VersionStore.recover` turns a crash anywhere in that into the old or the new
 version (store/recovery rules are in :meth:`recover`).
 """
 
@@ -313,7 +314,7 @@ class VersionStore:
             self.dvc.push()
 
     def _seal(self, tag: str, parent: str | None, meta: dict[str, Any]) -> Version:
-        """dvc add, git commit (metadata in the message), tag, push, clear the journal."""
+        """dvc add, git commit (metadata in the message), tag, clear the journal."""
         self.dvc.add([MODEL, FACTORS])
         crash_point(DVC_ADDED)
         meta = {"tag": tag, "parent": parent, **meta, "model_md5": dvcrepo.out_md5((self.root / MODEL_DVC).read_text(encoding="utf-8"))}
@@ -322,7 +323,6 @@ class VersionStore:
         crash_point(GIT_COMMITTED)
         git(self.root, "tag", tag)
         crash_point(TAGGED)
-        self.push()
         journal.finish(self.root)
         return self.version(tag)
 
@@ -366,7 +366,7 @@ class VersionStore:
     def recover(self) -> Recovery:
         """Finish or undo a commit that a crash interrupted, so the store is exactly one version.
 
-        If git already holds the commit, the version exists: tag it if needed and push. Otherwise
+        If git already holds the commit, the version exists: tag it if needed. Otherwise
         nothing of it is in git: restore the .dvc files from HEAD and the workspace from them.
         """
         intent = journal.pending(self.root)
@@ -389,7 +389,6 @@ class VersionStore:
             raise StoreError(
                 f"{self.root}: an interrupted commit of {intent.tag} on {intent.parent_sha[:12]} does not match "
                 f"HEAD {git(self.root, 'rev-parse', 'HEAD').strip()[:12]}; inspect the store by hand")
-        self.push()
         journal.finish(self.root)
         self.require_clean()
         return Recovery(action, intent.tag, tuple(removed))

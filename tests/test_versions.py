@@ -258,3 +258,15 @@ def test_a_tensor_of_the_wrong_shape_is_refused_before_anything_is_written(home:
 
 def _cache_path(home: Home, md5: str) -> Path:
     return home.store_dir / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def test_an_unreachable_remote_is_recorded_and_the_version_still_commits(tmp_path: Path, deltas) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote's folder should be")
+    home = make_home(tmp_path / "home", remote=str(blocker / "remote"))
+    versions = open_home(home)
+    made = commit_delta(versions, deltas["c1"], run_id="r1", figures={})
+    events = versions.ledger.events()
+    versions.close()
+    assert made.tag == "v0001" and store_is_clean(home.store_dir)
+    assert [(e.kind, e.version) for e in events] == [("push-failed", "v0001")]
