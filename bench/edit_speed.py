@@ -49,7 +49,8 @@ def main() -> None:
 
     # reference: full passes with every parameter trainable, as plain fine-tuning would run them
     loaded.model.requires_grad_(True)
-    full_forward_backward(loaded.model, loaded.tokenizer, singles[0].prompt, singles[0].target_new)  # warm-up
+    for _ in range(2):  # warm-up
+        full_forward_backward(loaded.model, loaded.tokenizer, singles[0].prompt, singles[0].target_new)
     reference = [full_forward_backward(loaded.model, loaded.tokenizer, c.prompt, c.target_new) for c in singles]
     loaded.model.requires_grad_(False)
 
@@ -58,7 +59,7 @@ def main() -> None:
     editor.propose(editable, singles[:1])  # warm-up
     edit_times = []
     for correction in singles:
-        editable._cache.clear()  # a fresh correction: its prefix has never been computed
+        editable.clear_cache()  # a fresh correction: its prefix has never been computed
         started = time.perf_counter()
         editor.propose(editable, [correction])
         edit_times.append(time.perf_counter() - started)
@@ -66,7 +67,7 @@ def main() -> None:
     batch_times = []
     for i in range(0, len(batch_records), 16):
         chunk = batch_records[i : i + 16]
-        editable._cache.clear()
+        editable.clear_cache()
         started = time.perf_counter()
         editor.propose(editable, chunk)
         batch_times.append((time.perf_counter() - started, len(chunk)))

@@ -19,7 +19,9 @@ class Editable:
         self.tokenizer = tokenizer
         self.edit_names = list(edit_names or default_edit_modules(model))
         self.anatomy = Anatomy(model, self.edit_names)
-        self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
+        config = model.config
+        self.max_positions = getattr(config, "max_position_embeddings", None) or config.n_positions
+        self.hidden_size = getattr(config, "hidden_size", None) or config.n_embd
         self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
 
@@ -34,8 +36,7 @@ class Editable:
             fresh = self.anatomy.prefix_states(batch.input_ids[missing])
             for i, states in zip(missing, fresh):
                 self._remember(keys[i], states[: len(keys[i])].clone())
-        hidden = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
-        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], hidden)
+        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], self.hidden_size)
         for i, key in enumerate(keys):
             self._cache.move_to_end(key)
             out[i, : len(key)] = self._cache[key]
@@ -49,6 +50,9 @@ class Editable:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.anatomy.current_weights()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     def _remember(self, key: tuple[int, ...], states: torch.Tensor) -> None:
         self._cache[key] = states

