@@ -23,6 +23,7 @@ from store.crash import BEFORE_LEDGER, crash_point
 from store.errors import StoreError, UnknownCorrectionError
 from store.ledger import Ledger
 from store.lineage import in_effect
+from store.models import LoadedModel, load_model
 from store.versions import Change, Recovery, StoredShare, Version, VersionStore
 
 LOCK_TIMEOUT_S = 60.0
@@ -171,8 +172,8 @@ def served_version(versions: Versions, served: Version) -> Version | None:
     """The service's check, between cycles: the version it should serve now, if not ``served``.
 
     An operator's checkout is adopted first; a store still half-way through one (``dvc checkout``
-    not run yet) is left alone until it settles. The caller holds the home lock and reloads the
-    model from the store's ``model/`` folder when this returns a version.
+    not run yet) is left alone until it settles. The caller holds the home lock and, when this
+    returns a version, reloads with :func:`load_served_model`.
     """
     adopted = adopt_checkout(versions)
     if adopted is None and versions.store.workspace().state != "clean":
@@ -182,6 +183,11 @@ def served_version(versions: Versions, served: Version) -> Version | None:
         return None
     versions.ledger.record_event("reload", f"serving {current.tag} instead of {served.tag}", current.tag)
     return current
+
+
+def load_served_model(versions: Versions) -> LoadedModel:
+    """The model in the store's ``model/`` folder (the head, once the store is clean)."""
+    return load_model(f"hf:{versions.store.model_dir}")
 
 
 def share_to_stored(share: Share) -> StoredShare:

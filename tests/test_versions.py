@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from daemon.home import Home
-from daemon.versioning import commit_delta, revert, rollback, served_version
+from daemon.versioning import commit_delta, load_served_model, revert, rollback, served_version
 from store.checkpoint import INDEX, read_tensors
 from store.errors import DirtyStoreError, MissingObjectsError, StoreError, UnknownCorrectionError, UnknownVersionError
 from store.ledger_schema import CorrectionStatus
@@ -123,13 +123,29 @@ def test_operator_git_and_dvc_checkout_restores_v0001_exactly_and_the_service_ad
     assert checkout.returncode == 0, checkout.stderr
     assert digests(home.store_dir / "model") == at_v0001
     current = served_version(versions, served)
+    reloaded = load_served_model(versions).model.state_dict()
     versions.close()
     assert current is not None and (current.tag, current.kind, current.restores) == ("v0003", "rollback", "v0001")
+    base = load_model("tiny-llama").model.state_dict()
+    for name, update in deltas["c1"].tensors().items():
+        assert torch.equal(reloaded[name], base[name] + update)
     assert status_of(home, "c2")[0] == CorrectionStatus.rolled_back
     assert status_of(home, "c1") == (CorrectionStatus.applied, "v0001")
     assert store_is_clean(home.store_dir) and digests(home.store_dir / "model") == at_v0001
     events = open_home(home).ledger.events()
     assert [e.kind for e in events] == ["operator-checkout", "reload"] and "v0001" in events[0].detail
+
+
+def test_service_reloads_after_another_process_rolled_back(home: Home, deltas) -> None:
+    service = open_home(home)
+    served = commit_delta(service, deltas["c1"], run_id="r1", figures={})
+    assert served_version(service, served) is None
+    operator = open_home(home)
+    rollback(operator, "v0000", reason="by the CLI")
+    operator.close()
+    current = served_version(service, served)
+    service.close()
+    assert (current.tag, current.restores) == ("v0002", "v0000")
 
 
 def test_service_waits_while_an_operator_checkout_is_half_done(home: Home, deltas) -> None:
