@@ -59,7 +59,7 @@ def open_versions(home: Home, config: MenddConfig) -> Versions:
             f"no version store at {home.store_dir}: this home predates versioning or its init was "
             f"interrupted; run `mendd --home {home.root} init --force` (it keeps the config's other values only "
             "if you re-apply them)")
-    store.set_remote(_remote_url(home, config.store.remote))
+    store.configure(_remote_url(home, config.store.remote))
     return Versions(store, Ledger(home.ledger_url))
 
 

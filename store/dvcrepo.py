@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from store.errors import StoreError
 
 REMOTE = "origin"
+SITE_ENV = "DVC_SITE_CACHE_DIR"
 
 
 def _quiet() -> None:
@@ -29,16 +31,30 @@ def _quiet() -> None:
 
 def init(root: Path) -> None:
     """Make ``root`` (a git repository) a DVC repository: no analytics, cache in copy mode."""
+    from dvc.config import Config
     from dvc.repo import Repo
 
     _quiet()
-    Repo.init(str(root)).close()
-    dvc = DvcRepo(root)
-    with dvc._reporting() as repo, repo.config.edit("repo") as config:
+    # Repo.init opens the new repository once, before any config can say where DVC's state goes;
+    # DVC's environment variable, set only around this call, keeps even that inside the store.
+    before = os.environ.get(SITE_ENV)
+    os.environ[SITE_ENV] = str(state_dir(root))
+    try:
+        Repo.init(str(root)).close()
+    finally:
+        if before is None:
+            os.environ.pop(SITE_ENV)
+        else:
+            os.environ[SITE_ENV] = before
+    with Config(dvc_dir=str(root / ".dvc")).edit("repo") as config:
         config["core"]["analytics"] = "false"
         # Copy, never link: a hard- or symlinked workspace file would let a write reach the cache.
         config["cache"]["type"] = "copy"
-    dvc.close()
+
+
+def state_dir(root: Path) -> Path:
+    """Where DVC keeps its state for this store (git-ignored, like all of .dvc/tmp)."""
+    return root / ".dvc" / "tmp" / "site"
 
 
 def out_md5(dvc_file_text: str) -> str:
@@ -72,16 +88,30 @@ class DvcRepo:
         except (DvcException, OSError) as exc:
             raise StoreError(f"DVC failed in {self.root}: {exc}") from exc
 
-    def set_remote(self, url: str | None) -> None:
-        """Point the default remote at ``url`` in the git-ignored local config (it belongs to this
-        host's mendd.yaml, not to the store's history)."""
-        with self._reporting() as repo, repo.config.edit("local") as config:
-            if url is None:
-                config.get("remote", {}).pop(REMOTE, None)
-                config.get("core", {}).pop("remote", None)
+    def configure(self, remote: str | None) -> None:
+        """This host's settings, in the git-ignored local config (they belong to mendd.yaml and the
+        home's place on disk, not to the store's history): the default remote, and DVC's state
+        (its cache of file hashes) inside the store rather than in /var/tmp/dvc, so the home holds
+        all of its state and can be moved or deleted as a unit."""
+        from dvc.config import Config
+
+        wanted = {"site_cache_dir": str(state_dir(self.root)), "remote": remote}
+        # Through the config alone: opening the repository would already create its state.
+        config = Config(dvc_dir=str(self.root / ".dvc"))
+        local = config.load_one("local")
+        found = {"site_cache_dir": local.get("core", {}).get("site_cache_dir"),
+                 "remote": local.get("remote", {}).get(REMOTE, {}).get("url")}
+        if found == wanted:
+            return
+        with config.edit("local") as values:
+            values.setdefault("core", {})["site_cache_dir"] = wanted["site_cache_dir"]
+            if remote is None:
+                values.get("remote", {}).pop(REMOTE, None)
+                values["core"].pop("remote", None)
             else:
-                config.setdefault("remote", {})[REMOTE] = {"url": url}
-                config.setdefault("core", {})["remote"] = REMOTE
+                values.setdefault("remote", {})[REMOTE] = {"url": remote}
+                values["core"]["remote"] = REMOTE
+        self.close()  # an open repository read the old settings; the next call reopens it
 
     def remote_url(self) -> str | None:
         with self._reporting() as repo:

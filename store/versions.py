@@ -168,6 +168,7 @@ class VersionStore:
         finally:
             shutil.rmtree(building, ignore_errors=True)
         created = cls(root)
+        created.configure(None)
         # DVC remembers file hashes by path; after the rename it hashes every file once, here at
         # init rather than in the first commit, and this proves the moved store is clean.
         created.require_clean()
@@ -179,14 +180,15 @@ class VersionStore:
                            ("commit.gpgsign", "false"), ("tag.gpgsign", "false")):
             git(self.root, "config", key, value)
         dvcrepo.init(self.root)
+        self.configure(None)
         (self.root / ".gitignore").write_text(f"/{journal.JOURNAL}\n/{journal.JOURNAL}.partial\n", encoding="utf-8")
 
     def exists(self) -> bool:
         return (self.root / ".git").is_dir() and git_ok(self.root, "rev-parse", "--verify", "-q", f"refs/tags/{tag_name(0)}")
 
-    def set_remote(self, url: str | None) -> None:
-        if self.dvc.remote_url() != url:
-            self.dvc.set_remote(url)
+    def configure(self, remote: str | None) -> None:
+        """Point pushes at ``remote`` (None: no remote) and keep DVC's state inside the store."""
+        self.dvc.configure(remote)
 
     # -- reading ------------------------------------------------------------------------------
 

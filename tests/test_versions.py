@@ -55,6 +55,14 @@ def test_init_commits_the_base_model_as_v0000_one_file_per_tensor(home: Home) ->
     assert "analytics = false" in config and "type = copy" in config
 
 
+def test_the_home_holds_all_dvc_state_so_it_can_be_moved_or_deleted_as_a_unit(tmp_path: Path) -> None:
+    outside = Path("/var/tmp/dvc/repo")
+    before = set(outside.iterdir()) if outside.is_dir() else set()
+    home = make_home(tmp_path / "home")
+    assert (home.store_dir / ".dvc" / "tmp" / "site").is_dir()
+    assert (set(outside.iterdir()) if outside.is_dir() else set()) == before
+
+
 def test_every_version_loads_with_transformers_as_a_sharded_checkpoint(home: Home) -> None:
     loaded = load_model(f"hf:{home.store_dir / 'model'}")
     reference = load_model("tiny-llama").model.state_dict()
