@@ -150,6 +150,8 @@ class VersionStore:
         root = Path(root)
         if (root / ".git").exists():
             raise StoreError(f"{root} is already a version store")
+        if root.exists() and any(root.iterdir()):
+            raise StoreError(f"{root} is not empty and not a version store; move its contents away and retry")
         root.parent.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
         try:

@@ -294,3 +294,13 @@ def test_an_unreachable_remote_is_recorded_and_the_version_still_commits(tmp_pat
     versions.close()
     assert made.tag == "v0001" and store_is_clean(home.store_dir)
     assert [(e.kind, e.version) for e in events] == [("push-failed", "v0001")]
+
+
+def test_a_store_folder_with_foreign_files_is_not_overwritten(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    loaded = load_model("tiny-llama")
+    with pytest.raises(StoreError, match="not empty"):
+        VersionStore.create(root, loaded.model, loaded.tokenizer, "tiny-llama")
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
