@@ -30,6 +30,7 @@ from store.ledger_schema import CorrectionRow, CorrectionStatus, CycleRow, Event
 from store.versions import Version
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+RESUBMITTABLE = (CorrectionStatus.rolled_back, CorrectionStatus.rejected)
 
 
 @dataclass(frozen=True)
@@ -118,17 +119,22 @@ class Ledger:
     # -- corrections --------------------------------------------------------------------------
 
     def receive(self, feed: str, external_id: str, payload: dict[str, Any],
-                received_at: datetime | None = None) -> tuple[LedgerCorrection, bool]:
+                received_at: datetime | None = None, *, resubmit: bool = False) -> tuple[LedgerCorrection, bool]:
         """Store a correction as pending, unless it is already here: by (feed, id), or by content.
 
         ``payload`` is the correction's content without its id or arrival time, so the same fact
-        sent twice hashes the same. Returns the stored row and whether it is new.
+        sent twice hashes the same. Returns the stored row and whether it is new. A feed read
+        again never revives a correction; an operator's ``resubmit`` makes a rolled-back or
+        rejected one pending again (still one row).
         """
         digest = content_hash(payload)
         try:
             with self._transaction() as session:
                 existing = _existing(session, feed, external_id, digest)
                 if existing is not None:
+                    if resubmit and existing.status in RESUBMITTABLE:
+                        _set(existing, CorrectionStatus.pending, version=None, run_id=None,
+                             reason=f"resubmitted after {existing.status.value}")
                     return _correction(existing), False
                 row = CorrectionRow(
                     feed_id=_feed(session, feed).id, external_id=external_id, content_hash=digest, payload=payload,

@@ -75,6 +75,17 @@ def test_the_same_correction_received_twice_is_stored_once(ledger: Ledger) -> No
     assert len(ledger.corrections()) == 1
 
 
+def test_only_a_resubmission_makes_a_rolled_back_correction_pending_again(ledger: Ledger) -> None:
+    ledger.receive("feed", "c1", fact("c1"))
+    ledger.record_version(version("v0001", "edit", "v0000", ("c1",)), {"c1": "v0001"})
+    ledger.record_version(version("v0002", "rollback", "v0001", restores="v0000"), {})
+    ledger.receive("feed", "c1", fact("c1"))  # the feed read again
+    assert ledger.correction("c1").status == CorrectionStatus.rolled_back
+    again, created = ledger.receive("feed", "c1", fact("c1"), resubmit=True)
+    assert not created and again.status == CorrectionStatus.pending and len(ledger.corrections()) == 1
+    assert again.reason == "resubmitted after rolled_back"
+
+
 def test_concurrent_receivers_store_one_row(ledger: Ledger) -> None:
     results: list[bool] = []
 
