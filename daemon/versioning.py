@@ -57,8 +57,8 @@ def open_versions(home: Home, config: MenddConfig) -> Versions:
     if not store.exists():
         raise StoreError(
             f"no version store at {home.store_dir}: this home predates versioning or its init was "
-            f"interrupted; run `mendd --home {home.root} init --force` (it keeps the config's other values only "
-            "if you re-apply them)")
+            f"interrupted; run `mendd --home {home.root} init --force --model SPEC` (it rewrites mendd.yaml with "
+            "the defaults, so keep a copy of your settings)")
     store.configure(_remote_url(home, config.store.remote))
     return Versions(store, Ledger(home.ledger_url))
 
@@ -97,14 +97,13 @@ def recover(versions: Versions) -> Recovery:
     return recovery
 
 
-def sync_ledger(versions: Versions) -> list[str]:
-    """Record, oldest first, each store version the ledger lacks; returns their tags."""
+def sync_ledger(versions: Versions) -> None:
+    """Record, oldest first, each store version the ledger lacks."""
     recorded = set(versions.ledger.recorded_tags())
     history = versions.store.versions()
-    missing = [version for version in history if version.tag not in recorded]
-    for version in missing:
-        versions.ledger.record_version(version, in_effect(history, version.tag))
-    return [version.tag for version in missing]
+    for version in history:
+        if version.tag not in recorded:
+            versions.ledger.record_version(version, in_effect(history, version.tag))
 
 
 def commit_delta(versions: Versions, delta: Delta, *, run_id: str | None, figures: dict[str, float]) -> Version:
