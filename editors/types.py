@@ -70,11 +70,18 @@ class LowRankUpdate:
     transposed: bool = False
 
     def dense(self) -> torch.Tensor:
-        update = self.scale * (self.outputs.T @ self.inputs)
-        return update.T if self.transposed else update
+        return stacked_dense([self])
 
     def nbytes(self) -> int:
         return self.inputs.numel() * self.inputs.element_size() + self.outputs.numel() * self.outputs.element_size()
+
+
+def stacked_dense(updates: list[LowRankUpdate]) -> torch.Tensor:
+    """Σ of several low-rank updates of one tensor as a single matrix product of stacked factors."""
+    outputs = torch.cat([u.outputs * u.scale for u in updates])
+    inputs = torch.cat([u.inputs for u in updates])
+    update = outputs.T @ inputs
+    return update.T if updates[0].transposed else update
 
 
 @dataclass(frozen=True)
@@ -114,10 +121,17 @@ class Delta:
         return [cid for share in self.shares for cid in share.correction_ids]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Name -> ΔW; the low-rank shares of each tensor are stacked into one product (fast for big batches)."""
+        low_rank: dict[str, list[LowRankUpdate]] = {}
         total: dict[str, torch.Tensor] = {}
         for share in self.shares:
-            for name, tensor in share.tensors().items():
+            for name, update in share.low_rank.items():
+                low_rank.setdefault(name, []).append(update)
+            for name, tensor in share.dense.items():
                 total[name] = total[name] + tensor if name in total else tensor
+        for name, updates in low_rank.items():
+            dense = stacked_dense(updates)
+            total[name] = total[name] + dense if name in total else dense
         return total
 
     def without(self, correction_id: str) -> "Delta":
