@@ -326,6 +326,26 @@ def train_editor(
                       "validations": state.validations[-1:]}))
 
 
+@app.command("export-editor")
+def export_editor(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Argument(help="A train-editor checkpoint (safetensors).")],
+    out: Annotated[Path, typer.Argument(help="The editor file to ship, e.g. editors/pretrained/<model>.safetensors.")],
+    step_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every learned step size (the trade-off chosen on val).")] = 1.0,
+    model: Annotated[Optional[str], typer.Option(help="Model spec; default: the home's configured model.")] = None,
+) -> None:
+    """Write a trained editor in its shipping form (float16, step scale folded in)."""
+    from editors.editable import Editable
+    from editors.mend import MendEditor
+    from store.models import load_model
+
+    config = _config(ctx)
+    loaded = load_model(model or config.model)
+    editor = MendEditor.load(checkpoint, Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers), step_scale)
+    editor.export(out, note=f"exported from {checkpoint.name}")
+    print(json.dumps({"editor": str(out), "bytes": out.stat().st_size, "step_scale": step_scale}))
+
+
 @app.command("eval")
 def evaluate(
     ctx: typer.Context,

@@ -179,6 +179,17 @@ class MendEditor:
             )
         return cls(network.eval(), step_scale)
 
+    def export(self, path: Path, note: str = "") -> None:
+        """The shipping form: the step scale folded into the learned steps, weights in float16."""
+        network = self.network
+        with torch.no_grad():
+            network.log_edit_lrs += math.log(self.step_scale)
+        try:
+            network.save(path, extra={"step_scale_folded": self.step_scale, "note": note}, dtype=torch.float16)
+        finally:
+            with torch.no_grad():
+                network.log_edit_lrs -= math.log(self.step_scale)
+
     def propose(self, editable: Editable, corrections: list[Correction]) -> Delta:
         delta = Delta(editor=self.name)
         ready = admissible(editable, corrections, delta)

@@ -178,3 +178,14 @@ def test_a_correction_share_on_the_real_model_is_far_smaller_than_dense(smollm2:
     low_rank = sum(update.nbytes() for update in share.low_rank.values())
     dense = sum(t.numel() * 4 for t in share.tensors().values())
     assert low_rank < dense / 20
+
+
+def test_export_folds_the_step_scale_into_a_float16_editor(tiny: Editable, tmp_path) -> None:
+    editor = MendEditor.fresh(tiny, rank=8, edit_lr=1e-2)
+    scaled = MendEditor(editor.network, step_scale=1.5)
+    scaled.export(tmp_path / "shipped.safetensors")
+    shipped = MendEditor.load(tmp_path / "shipped.safetensors", tiny)
+    a, b = scaled.propose(tiny, FACTS).tensors(), shipped.propose(tiny, FACTS).tensors()
+    assert all(torch.allclose(a[n], b[n], rtol=1e-2, atol=1e-6) for n in a)  # float16 weights, float32 steps
+    editor.network.save(tmp_path / "full.safetensors")
+    assert (tmp_path / "shipped.safetensors").stat().st_size < 0.6 * (tmp_path / "full.safetensors").stat().st_size
