@@ -97,7 +97,8 @@ class _Fields:
 
     def __init__(self, record: dict, label: str):
         self.record = record
-        self.label = str(record.get("id", record.get("case_id", label))) if isinstance(record.get("id", record.get("case_id")), (str, int)) else label
+        ident = record.get("id", record.get("case_id"))
+        self.label = str(ident) if isinstance(ident, (str, int)) else label
 
     def text(self, key: str, data: dict | None = None, required: bool = True) -> str | None:
         data = self.record if data is None else data
