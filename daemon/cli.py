@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
@@ -33,7 +34,6 @@ err = Console(stderr=True, soft_wrap=True)
 
 # Commands are filled in by later issues; until then they say which one.
 _ISSUES: dict[int, str] = {
-    5: "the gate and MLflow review",
     6: "the service: feeds, the maintenance cycle, APScheduler, health and metrics",
 }
 
@@ -41,16 +41,20 @@ DEFAULT_MODEL: str = MenddConfig.model_fields["model"].default
 DEMO_PROMPT = "The capital of France is"
 
 
+# Operator errors from modules that import torch: named here, checked only once their module is loaded
+# (if the error is one of them, that module has necessarily been loaded already).
+_LAZY_OPERATOR_ERRORS = (("store.models", "ModelSpecError"), ("editors.registry", "EditorNotFound"),
+                         ("daemon.suite_files", "SuitesError"), ("policies.policy", "PolicyError"))
+
+
 def _is_operator_error(error: Exception) -> bool:
     if isinstance(error, (ConfigError, HomeError, StoreError)):
         return True
-    # store.models imports torch, so it is not imported here just to name its error class; if the
-    # error is a ModelSpecError, that module has necessarily been loaded already.
-    models = sys.modules.get("store.models")
-    registry = sys.modules.get("editors.registry")
-    return (models is not None and isinstance(error, models.ModelSpecError)) or (
-        registry is not None and isinstance(error, registry.EditorNotFound)
-    )
+    for module_name, class_name in _LAZY_OPERATOR_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, getattr(module, class_name)):
+            return True
+    return False
 
 
 class _MenddApp(typer.Typer):
@@ -73,6 +77,8 @@ app = _MenddApp(
 )
 review_app = typer.Typer(help="Decisions held for a human: list, approve, reject.", no_args_is_help=True)
 app.add_typer(review_app, name="review")
+suites_app = typer.Typer(help="The regression suites the gate runs: show, pin, extend.", no_args_is_help=True)
+app.add_typer(suites_app, name="suites")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
 RunId = Annotated[str, typer.Argument(help="MLflow run id of the held decision.")]
@@ -135,6 +141,31 @@ def init(
         return
     base = create_versions(home, loaded.model, loaded.tokenizer, model)
     print(f"store:       {home.store_dir} ({base.tag}: base model {model})")
+    _pin(home, _config(ctx), loaded, base.tag, None)
+
+
+def _pin(home: Home, config: MenddConfig, loaded, version: str, data: Path | None) -> None:
+    """Pin the regression suites from `loaded`; without the data they can be pinned later."""
+    from daemon.suite_files import SuitesError, pin_suites
+    from editors.editable import Editable
+
+    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    try:
+        with err.status("Pinning the regression suites from the base model..."):
+            suites = pin_suites(home, editable, config.model, version, data)
+    except SuitesError as error:
+        err.print(f"[yellow]warning:[/] {escape(str(error))}\nPin them later: mendd suites pin --data DIR")
+        return
+    print(f"suites:      {home.suites_path} ({_describe_suites(suites)})")
+
+
+def _describe_suites(suites) -> str:
+    kinds: dict[str, int] = {}
+    for probe in suites.locality:
+        kinds[probe.kind] = kinds.get(probe.kind, 0) + 1
+    parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    return (f"{len(suites.locality)} locality prompts ({parts}); perplexity sample of "
+            f"{sum(len(c) for c in suites.perplexity.chunks)} tokens; pinned from {suites.pinned_from}")
 
 
 @app.command()
@@ -275,23 +306,55 @@ def _report_status_changes(before: list[LedgerCorrection], after: list[LedgerCor
 
 @review_app.command("list")
 def review_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Decisions waiting for review."""
-    _config(ctx)
-    _not_yet(5, as_json)
+    """Decisions waiting for review, oldest first."""
+    from daemon.review import held
+    from daemon.runtime import Records
+
+    records = Records.open(ctx.obj, _config(ctx))
+    try:
+        waiting = held(records)
+    finally:
+        records.close()
+    if as_json:
+        print(json.dumps([d.as_dict() for d in waiting]))
+        return
+    if not waiting:
+        print("nothing waits for review")
+    for d in waiting:
+        tagged = f"  (tagged {d.review!r})" if d.review else ""
+        print(f"{d.run_id}  {d.started:%Y-%m-%d %H:%M:%S}  on {d.base_version}  {d.corrections}{tagged}\n    {d.reasons}")
 
 
 @review_app.command()
 def approve(ctx: typer.Context, run_id: RunId) -> None:
-    """Accept a held decision and commit it."""
-    _config(ctx)
-    _not_yet(5)
+    """Accept a held decision and commit it on top of the current version."""
+    from daemon.review import approve as approve_held
+
+    with _changing_records(ctx) as records:
+        version = approve_held(records, run_id, who="mendd review approve")
+    print(f"{version.tag}: committed the held decision {run_id} ({', '.join(version.corrections)})")
 
 
 @review_app.command()
 def reject(ctx: typer.Context, run_id: RunId) -> None:
-    """Reject a held decision."""
-    _config(ctx)
-    _not_yet(5)
+    """Reject a held decision; its corrections become rejected."""
+    from daemon.review import reject as reject_held
+
+    with _changing_records(ctx) as records:
+        ids = reject_held(records, run_id, who="mendd review reject")
+    print(f"rejected {run_id}: {', '.join(ids) or 'no corrections'}")
+
+
+@contextmanager
+def _changing_records(ctx: typer.Context):
+    """The home lock held, the store recovered, and the MLflow experiment open."""
+    from daemon.runtime import Records
+    from daemon.versioning import changing
+
+    config = _config(ctx)
+    with changing(ctx.obj, config) as (opened, recovery):
+        _report_recovery(recovery)
+        yield Records.around(ctx.obj, config, opened)
 
 
 @app.command("train-editor")
@@ -371,7 +434,78 @@ def evaluate(
 
 
 @app.command()
-def ui(ctx: typer.Context) -> None:
-    """Open the MLflow review UI for this home on 127.0.0.1."""
+def ui(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface; keep 127.0.0.1 unless a proxy handles access.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow review UI for this home (one worker, jobs and telemetry off) and print its address."""
+    import os
+
+    from daemon.mlflow_ui import ui_command, ui_environment
+
+    config = _config(ctx)
+    command = ui_command(ctx.obj, config, host, port)
+    print(f"MLflow review UI: http://{host}:{port}  (held decisions: tag mendd.decision = held; "
+          "set the tag mendd.review to approve or reject)", flush=True)
+    os.execvpe(command[0], command, ui_environment())
+
+
+@suites_app.command("show")
+def suites_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """What the gate's suites hold."""
+    from daemon.suite_files import load_suites
+
     _config(ctx)
-    _not_yet(5)
+    suites = load_suites(ctx.obj)
+    if as_json:
+        kinds: dict[str, int] = {}
+        for probe in suites.locality:
+            kinds[probe.kind] = kinds.get(probe.kind, 0) + 1
+        print(json.dumps({"model": suites.model, "pinned_from": suites.pinned_from, "locality": kinds,
+                          "perplexity_tokens": sum(len(c) for c in suites.perplexity.chunks),
+                          "perplexity_base_nll": suites.perplexity.base_nll}))
+        return
+    print(_describe_suites(suites))
+
+
+@suites_app.command("pin")
+def suites_pin(
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Option(help="The editing data folder; default: $MENDD_DATA or ../shared/data.")] = None,
+) -> None:
+    """(Re)pin the suites from the base version v0000 (replaces the default suites; operator additions are dropped)."""
+    from daemon.suite_files import SuitesError
+    from daemon.versioning import load_served_model, open_versions
+
+    config = _config(ctx)
+    opened = open_versions(ctx.obj, config)
+    try:
+        head = opened.store.head()
+        if head.model_md5 != opened.store.versions()[0].model_md5:
+            raise SuitesError(f"the store serves {head.tag}, not the base model; pin the suites right after init, "
+                              "or roll back to v0000 first")
+        loaded = load_served_model(opened)
+    finally:
+        opened.close()
+    _pin(ctx.obj, config, loaded, "v0000", data)
+
+
+@suites_app.command("add")
+def suites_add(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help='JSONL lines {"prompt": ..., "answer": ...}.')],
+) -> None:
+    """Add locality prompts an edit must leave alone; the served model's answers become their reference."""
+    from daemon.suite_files import extend_suites
+    from daemon.versioning import load_served_model, open_versions
+    from editors.editable import Editable
+
+    config = _config(ctx)
+    opened = open_versions(ctx.obj, config)
+    try:
+        loaded, tag = load_served_model(opened), opened.store.head().tag
+    finally:
+        opened.close()
+    suites, added = extend_suites(ctx.obj, Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers), file)
+    print(f"added {added} locality prompts (reference: {tag}); {_describe_suites(suites)}")

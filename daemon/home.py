@@ -58,6 +58,16 @@ class Home:
         return f"sqlite:///{self.state_dir / 'ledger.db'}"
 
     @property
+    def suites_path(self) -> Path:
+        """The regression suites pinned from the base model (policies/suites.py)."""
+        return self.root / "suites" / "suites.json"
+
+    @property
+    def held_dir(self) -> Path:
+        """Candidate deltas of held decisions, waiting for a person: <run id>.safetensors."""
+        return self.state_dir / "held"
+
+    @property
     def lock_path(self) -> Path:
         """Held by the one process allowed to change this home at a time."""
         return self.state_dir / "mendd.lock"

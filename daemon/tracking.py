@@ -1,9 +1,18 @@
 """MLflow at the edge: a sqlite backend inside the home, an explicit artifact location per experiment."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from editors.formats import to_record
+from editors.types import Correction, EditInputError
+from policies.gate import Decision
+from policies.policy import Policy
+from store.versions import Version
 
 TRAINING_EXPERIMENT = "mendd-editor-training"
 
@@ -28,3 +37,105 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
     location = (artifact_root / name).resolve()
     location.mkdir(parents=True, exist_ok=True)
     return mlflow_client.create_experiment(name, artifact_location=location.as_uri())
+
+
+def experiment_name(base: str, model: str) -> str:
+    """One experiment per model: decisions about different models never mix in one table."""
+    return f"{base}/{model}"
+
+
+# -- decisions --------------------------------------------------------------------------------
+# One run per decision. Tags carry what a reviewer filters on; the per-example table is logged
+# with log_table so the MLflow UI shows it in the run's artifacts (and in the evaluation view).
+
+DECISION_TAG = "mendd.decision"
+REVIEW_TAG = "mendd.review"  # set by a person in the UI: approve | reject
+SETTLED_TAG = "mendd.settled"  # set by mendd once a held decision is settled: approved | rejected
+VERSION_TAG = "mendd.version"
+GIT_SHA_TAG = "mendd.git_sha"
+MAX_TAG = 4000  # MLflow caps tag values; long lists are cut and the artifact has them whole
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """Everything a decision's run records."""
+
+    decision: Decision
+    corrections: list[Correction]
+    base: Version  # the version the candidate was judged against
+    editor: str
+    policy: Policy
+    holding: list[str]  # corrections the model already answered as asked
+    invalid: list[EditInputError]
+    batch_size: int
+    timings: dict[str, float]  # seconds per stage: edit, gate
+
+
+def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) -> str:
+    """Create the decision's run with all it knows before any commit; returns its id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    decision = record.decision
+    ids = [c.id for c in record.corrections]
+    tags = {
+        DECISION_TAG: decision.outcome,
+        "mendd.base_version": record.base.tag,
+        GIT_SHA_TAG: record.base.sha,
+        "mendd.editor": record.editor,
+        "mendd.corrections": _cut(", ".join(ids)),
+        "mendd.reasons": _cut(" | ".join(decision.reasons) or "every check passes"),
+        "mlflow.note.content": _note(record),
+    }
+    run = mlflow_client.create_run(experiment, run_name=f"{decision.outcome}: {_cut(', '.join(ids), 80)}", tags=tags)
+    run_id = run.info.run_id
+    stamp = int(time.time() * 1000)
+    params = {"base_version": record.base.tag, "editor": record.editor, "batch_size": record.batch_size,
+              "n_corrections": len(ids), "policy": record.policy.source, **record.policy.as_params()}
+    metrics = {**decision.metrics, **{f"{stage}_seconds": s for stage, s in record.timings.items()},
+               "holding": len(record.holding), "invalid": len(record.invalid)}
+    mlflow_client.log_batch(
+        run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()], tags=[])
+    lines = [json.dumps({"id": c.id, **to_record(c)}) for c in record.corrections]
+    mlflow_client.log_text(run_id, "\n".join(lines) + "\n", "corrections.jsonl")
+    mlflow_client.log_text(run_id, _note(record), "decision.txt")
+    mlflow_client.log_table(run_id, _table(decision), "examples.json")
+    return run_id
+
+
+def close_decision_run(mlflow_client, run_id: str, version: Version | None, failed: str | None = None) -> None:
+    """Record the version a decision made (if any) and end the run."""
+    if version is not None:
+        mlflow_client.set_tag(run_id, VERSION_TAG, version.tag)
+        mlflow_client.set_tag(run_id, GIT_SHA_TAG, version.sha)
+    if failed:
+        mlflow_client.set_tag(run_id, "mendd.error", _cut(failed))
+    mlflow_client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def held_runs(mlflow_client, experiment: str) -> list:
+    """Held decisions not yet settled, oldest first."""
+    runs = mlflow_client.search_runs(
+        [experiment], filter_string=f"tags.`{DECISION_TAG}` = 'held'", order_by=["attributes.start_time ASC"],
+        max_results=1000)
+    return [run for run in runs if SETTLED_TAG not in run.data.tags]
+
+
+def _table(decision: Decision) -> dict[str, list]:
+    columns = ("kind", "correction_id", "prompt", "target", "before", "after", "passed")
+    return {name: [getattr(e, name) for e in decision.examples] for name in columns}
+
+
+def _note(record: DecisionRecord) -> str:
+    lines = [f"Decision: {record.decision.summary()}", "",
+             f"Judged against {record.base.tag} with editor {record.editor} and policy {record.policy.source}.", ""]
+    lines += [f"- {c.words()}" for c in record.decision.checks]
+    if record.holding:
+        lines += ["", f"Already answered as asked (no edit needed): {', '.join(record.holding)}"]
+    if record.invalid:
+        lines += ["", "Could not be edited:"] + [f"- {error}" for error in record.invalid]
+    return "\n".join(lines)
+
+
+def _cut(text: str, limit: int = MAX_TAG) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -64,8 +64,8 @@ def open_versions(home: Home, config: MenddConfig) -> Versions:
 
 
 @contextmanager
-def changing(home: Home, config: MenddConfig) -> Iterator[tuple[Versions, Recovery]]:
-    """Hold the home lock, open the versions, and recover from any crash before changing them."""
+def home_lock(home: Home) -> Iterator[None]:
+    """The one lock a process holds while it changes a home's store or ledger."""
     try:
         lock = FileLock(str(home.lock_path), timeout=LOCK_TIMEOUT_S)
         lock.acquire()
@@ -74,13 +74,20 @@ def changing(home: Home, config: MenddConfig) -> Iterator[tuple[Versions, Recove
             f"another mendd process has held {home.lock_path} for {LOCK_TIMEOUT_S:.0f} s; "
             "wait for it (or stop the service) and retry. Nothing was changed.") from None
     try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def changing(home: Home, config: MenddConfig) -> Iterator[tuple[Versions, Recovery]]:
+    """Hold the home lock, open the versions, and recover from any crash before changing them."""
+    with home_lock(home):
         versions = open_versions(home, config)
         try:
             yield versions, recover(versions)
         finally:
             versions.close()
-    finally:
-        lock.release()
 
 
 def recover(versions: Versions) -> Recovery:

@@ -129,6 +129,25 @@ class _Fields:
         return value
 
 
+def to_record(correction: Correction) -> dict[str, Any]:
+    """A correction in native mendd form, without its id or arrival time: what the ledger keeps
+    (so the same fact sent twice hashes the same) and what `parse_record(..., "mendd")` reads back."""
+    record: dict[str, Any] = {"prompt": correction.prompt, "target_new": correction.target_new}
+    for name in ("subject", "target_old"):
+        if getattr(correction, name) is not None:
+            record[name] = getattr(correction, name)
+    if correction.rephrases:
+        record["rephrases"] = list(correction.rephrases)
+    if correction.locality_prompts:
+        record["locality_prompts"] = [{"prompt": lp.prompt, "answer": lp.answer} for lp in correction.locality_prompts]
+    return record
+
+
+def from_record(correction_id: str, record: dict[str, Any], source: str) -> Correction:
+    """The inverse of :func:`to_record`, with the id put back."""
+    return parse_record({**record, "id": correction_id}, "mendd", source)[0]
+
+
 def content_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 

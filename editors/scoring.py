@@ -6,6 +6,8 @@ sequence, averaged over its answer tokens (EasyEdit's convention).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +42,8 @@ def kl_divergence(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(before.float(), -1)
     log_q = F.log_softmax(after.float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def perplexity_change(nll: float, base_nll: float) -> float:
+    """Relative perplexity change; perplexity is exp(mean NLL), so it is exp(ΔNLL) - 1."""
+    return math.exp(nll - base_nll) - 1

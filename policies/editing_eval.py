@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from editors import scoring
-from editors.batching import TokenBatch, batch_from_ids
+from editors.batching import TokenBatch
 from editors.editable import Editable
 from editors.registry import Editor
 from editors.types import Correction, LocalityPrompt
+from policies.suites import text_batch
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,7 @@ class Probes:
         # batches of similar length waste little on padding
         pairs = sorted(((p.prompt, p.answer) for p in unrelated), key=lambda pair: len(pair[0]) + len(pair[1]))
         self.unrelated = [editable.batch(chunk) for chunk in _chunks(pairs, 32)]
-        # perplexity text: the first token is the prompt, every later token an answer
-        self.text = batch_from_ids([(chunk[:1], chunk[1:]) for chunk in ppl_chunks], pad_id=0)
+        self.text = text_batch(tuple(map(tuple, ppl_chunks)))
         with torch.no_grad():
             self.unrelated_before = [editable.logits(b) for b in self.unrelated]
             self.nll_before = self.text_nll(None)
@@ -64,8 +64,7 @@ class Probes:
         return torch.cat(rows).mean().item()
 
     def ppl_drawdown(self, weights: dict[str, torch.Tensor]) -> float:
-        # perplexity is exp(mean NLL), so the relative change is exp(ΔNLL) - 1
-        return float(torch.tensor(self.text_nll(weights) - self.nll_before).exp() - 1)
+        return scoring.perplexity_change(self.text_nll(weights), self.nll_before)
 
 
 def evaluate_editor(editable: Editable, editor: Editor, records: list[Correction], probes: Probes,

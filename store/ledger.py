@@ -234,7 +234,8 @@ class Ledger:
                          reason=None if applied_at == version.tag else f"restored by {version.tag}")
             applied = session.scalars(select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.applied))
             for row in applied:
-                if row.external_id not in carried:
+                # version None: the model already answered it as asked, so no weights carry it
+                if row.external_id not in carried and row.version is not None:
                     _set(row, CorrectionStatus.rolled_back, version=row.version, run_id=row.run_id,
                          reason=_removal_reason(version))
 

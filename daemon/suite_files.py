@@ -1,0 +1,69 @@
+"""The home's regression suites on disk: pinned at init, extended by the operator, read by the gate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daemon.home import Home
+from editors.editable import Editable
+from policies.probes import DataNotFound, data_dir
+from policies.suites import Suites, pin, references
+
+
+class SuitesError(Exception):
+    """The suites cannot be read or extended; the message says why and what to do."""
+
+
+def pin_suites(home: Home, editable: Editable, model: str, version: str, root: Path | None = None) -> Suites:
+    """Pin the default suites from the model as it is now (the base) and write them to the home."""
+    try:
+        root = root or data_dir()
+    except DataNotFound as error:
+        raise SuitesError(f"cannot pin the regression suites: {error}. They are built from ROME's known "
+                          "facts, zsRE's questions and WikiText-2 (see ../shared/data/README).") from None
+    suites = pin(editable, model, version, root)
+    write_suites(home, suites)
+    return suites
+
+
+def write_suites(home: Home, suites: Suites) -> None:
+    home.suites_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = home.suites_path.with_suffix(".tmp")
+    partial.write_text(suites.to_json(), encoding="utf-8")
+    partial.replace(home.suites_path)
+
+
+def load_suites(home: Home) -> Suites:
+    if not home.suites_path.exists():
+        raise SuitesError(f"no regression suites at {home.suites_path}: pin them with `mendd --home {home.root} suites pin`")
+    return Suites.from_json(home.suites_path.read_text(encoding="utf-8"))
+
+
+def read_locality_file(path: Path) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from JSONL lines {"prompt": ..., "answer": ...}; errors name the line and field."""
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SuitesError(f"cannot read {path}: {error}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SuitesError(f"{path} line {number}: not JSON ({error.msg}); nothing was added") from None
+        for field in ("prompt", "answer"):
+            value = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise SuitesError(f"{path} line {number}, field {field!r}: must be a non-empty string; nothing was added")
+        pairs.append((record["prompt"], record["answer"]))
+    return pairs
+
+
+def extend_suites(home: Home, editable: Editable, path: Path) -> tuple[Suites, int]:
+    """Add an operator's locality prompts; their reference is the model passed in (the served one)."""
+    suites = load_suites(home)
+    grown = suites.extended(references(editable, read_locality_file(path), "operator"))
+    write_suites(home, grown)
+    return grown, len(grown.locality) - len(suites.locality)

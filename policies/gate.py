@@ -1,0 +1,196 @@
+"""The gate: may this candidate change be committed?
+
+It compares the current weights with the candidate weights (both for the editable tensors only)
+on four questions: do the new corrections hold (reliability, generalization), do the earlier ones
+still hold (retention), are unrelated answers unchanged from the base model (locality), and did
+perplexity move (ppl_drawdown). Each measure is checked against the policy: all accept thresholds
+met -> accepted; all hold thresholds met -> held for a person; otherwise rejected, with the failing
+checks spelt out.
+
+Everything runs through the Editable, so the suites' prefix states are computed once and each gate
+runs only the edited layers and the head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from editors import scoring
+from editors.batching import TokenBatch
+from editors.editable import Editable
+from editors.types import Correction
+from policies.policy import Policy, Threshold
+from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes, text_batch
+
+Outcome = Literal["accepted", "held", "rejected"]
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float | None  # None: nothing to measure (e.g. no rephrasings in the batch)
+    n: int  # how many prompts (or tokens, for perplexity) the value rests on
+    threshold: Threshold
+    outcome: Literal["pass", "hold", "fail", "skipped"]
+
+    def words(self) -> str:
+        t = self.threshold
+        if self.outcome == "skipped":
+            return f"{self.name}: not measured (nothing to measure)"
+        bound = "at least" if t.higher_is_better else "at most"
+        verdict = {"pass": "passes", "hold": "misses the accept threshold but is within the hold band",
+                   "fail": "fails"}[self.outcome]
+        return (f"{self.name} {self.value:.4f} {verdict} (accept {bound} {t.accept}, hold {bound} {t.hold}; "
+                f"n={self.n})")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of the per-example table a reviewer reads."""
+
+    kind: str  # edit | rephrase | retention | locality
+    correction_id: str
+    prompt: str
+    target: str
+    before: str  # the argmax answer before the change (teacher-forced, token by token)
+    after: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    checks: tuple[Check, ...]
+    examples: tuple[Example, ...]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {c.name: c.value for c in self.checks if c.value is not None}
+
+    @property
+    def reasons(self) -> list[str]:
+        """The checks that stopped an accept, in words; empty when accepted."""
+        return [c.words() for c in self.checks if c.outcome in ("hold", "fail")]
+
+    def summary(self) -> str:
+        if self.outcome == "accepted":
+            return "accepted: every check passes"
+        return f"{self.outcome}: " + "; ".join(self.reasons)
+
+
+def decide(checks: list[Check]) -> Outcome:
+    outcomes = {c.outcome for c in checks}
+    if "fail" in outcomes:
+        return "rejected"
+    return "held" if "hold" in outcomes else "accepted"
+
+
+def check(name: str, value: float | None, n: int, threshold: Threshold) -> Check:
+    if value is None:
+        return Check(name, None, n, threshold, "skipped")
+    meets = (lambda bound: value >= bound) if threshold.higher_is_better else (lambda bound: value <= bound)
+    outcome = "pass" if meets(threshold.accept) else "hold" if meets(threshold.hold) else "fail"
+    return Check(name, value, n, threshold, outcome)
+
+
+class Gate:
+    """The pinned suites made ready to run: tokenized once, sorted by length, references as tensors."""
+
+    def __init__(self, editable: Editable, suites: Suites, policy: Policy):
+        self.editable = editable
+        self.suites = suites
+        self.policy = policy
+        ordered = sorted(suites.locality, key=lambda p: len(p.prompt) + len(p.answer))
+        self.locality: list[tuple[list[Probe], TokenBatch, torch.Tensor]] = []
+        for start in range(0, len(ordered), BATCH):
+            probes = ordered[start : start + BATCH]
+            batch = editable.batch([(p.prompt, p.answer) for p in probes])
+            reference = torch.tensor([token for p in probes for token in p.reference])
+            self.locality.append((probes, batch, reference))
+        self.text = text_batch(suites.perplexity.chunks)
+
+    def judge(self, current: Weights, candidate: Weights, corrections: list[Correction],
+              retained: list[Correction] = ()) -> Decision:
+        """Decide on `candidate` (the current weights plus the corrections' delta)."""
+        with torch.no_grad():
+            edits, edit_rows = self._new_edits(current, candidate, corrections)
+            retention, retention_rows = self._retention(current, candidate, retention_probes(list(retained)))
+            locality, locality_rows = self._locality(candidate)
+            ppl = self._ppl_drawdown(candidate)
+        p = self.policy.threshold
+        checks = [
+            check("reliability", edits["reliability"], len(corrections), p("reliability")),
+            check("generalization", edits["generalization"], edits["n_rephrases"], p("generalization")),
+            check("locality", locality, len(self.suites.locality), p("locality")),
+            check("retention", retention[0], retention[1], p("retention")),
+            check("ppl_drawdown", ppl, int(self.text.answer_labels.numel()), p("ppl_drawdown")),
+        ]
+        return Decision(decide(checks), tuple(checks), tuple(edit_rows + retention_rows + locality_rows))
+
+    # -- measures -----------------------------------------------------------------------------
+
+    def _new_edits(self, current: Weights, candidate: Weights, corrections: list[Correction]):
+        rows: list[Example] = []
+        scores: dict[str, float | None] = {}
+        for kind, pairs in (("edit", [(c, c.prompt) for c in corrections]),
+                            ("rephrase", [(c, r) for c in corrections for r in c.rephrases])):
+            if not pairs:
+                scores[kind] = None
+                continue
+            _, accuracy, examples = self._targets(current, candidate, [(c.id, prompt, c.target_new) for c, prompt in pairs], kind)
+            scores[kind] = accuracy.mean().item()
+            rows.extend(examples)
+        n_rephrases = sum(len(c.rephrases) for c in corrections)
+        return {"reliability": scores["edit"], "generalization": scores["rephrase"], "n_rephrases": n_rephrases}, rows
+
+    def _retention(self, current: Weights, candidate: Weights, probes: list[RetentionProbe]):
+        """Of the earlier corrections' prompts that hold now, the share that still hold."""
+        if not probes:
+            return (None, 0), []
+        before, after, examples = self._targets(current, candidate, [(p.correction_id, p.prompt, p.target) for p in probes], "retention")
+        held_before = before >= 1.0
+        if not held_before.any():
+            return (None, 0), []
+        kept = (after[held_before] >= 1.0).float().mean().item()
+        lost = [e for e, was in zip(examples, held_before.tolist()) if was and not e.passed]
+        return (kept, int(held_before.sum())), lost
+
+    def _targets(self, current: Weights, candidate: Weights, triples: list[tuple[str, str, str]], kind: str):
+        """Accuracy of each (id, prompt, target) before and after, and a table row for each."""
+        batch = self.editable.batch([(prompt, target) for _, prompt, target in triples])
+        rows, n = batch.row_of_answer, len(triples)
+        before_logits = self.editable.logits(batch, current)
+        after_logits = self.editable.logits(batch, candidate)
+        before = scoring.accuracy(before_logits, batch.answer_labels, rows, n)
+        after = scoring.accuracy(after_logits, batch.answer_labels, rows, n)
+        guess_before, guess_after = before_logits.argmax(-1), after_logits.argmax(-1)
+        examples = [Example(kind, cid, prompt, target, self._decode(guess_before[rows == i]),
+                            self._decode(guess_after[rows == i]), bool(after[i] >= 1.0))
+                    for i, (cid, prompt, target) in enumerate(triples)]
+        return before, after, examples
+
+    def _locality(self, candidate: Weights):
+        """Mean per-probe agreement with the base model's argmax; the changed probes as table rows."""
+        agreements: list[torch.Tensor] = []
+        rows: list[Example] = []
+        for probes, batch, reference in self.locality:
+            after = self.editable.logits(batch, candidate).argmax(-1)
+            same = scoring.per_row_mean((after == reference).float(), batch.row_of_answer, len(probes))
+            agreements.append(same)
+            for i in (same < 1.0).nonzero()[:, 0].tolist():
+                mine = batch.row_of_answer == i
+                probe = probes[i]
+                rows.append(Example("locality", "", probe.prompt, probe.answer, self._decode(reference[mine]),
+                                    self._decode(after[mine]), False))
+        return torch.cat(agreements).mean().item(), rows
+
+    def _ppl_drawdown(self, candidate: Weights) -> float:
+        logits = self.editable.logits(self.text, candidate)
+        nll = scoring.token_nll(logits, self.text.answer_labels).mean().item()
+        return scoring.perplexity_change(nll, self.suites.perplexity.base_nll)
+
+    def _decode(self, tokens: torch.Tensor) -> str:
+        return self.editable.tokenizer.decode(tokens.tolist())
