@@ -1,0 +1,126 @@
+"""The gate judges a candidate against pinned suites: new edits hold, old ones still hold, unrelated
+answers and perplexity stay as the base model had them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors.editable import Editable
+from editors.finetune import FineTuneEditor
+from editors.formats import load_corrections
+from editors.registry import make_editor
+from editors.types import Correction
+from policies.gate import Gate
+from policies.policy import load_policy
+from policies.suites import Suites, pin, references
+
+FACT = Correction("c1", "The capital of France is", "Rome", rephrases=("France's capital city is",))
+
+
+@pytest.fixture(scope="session")
+def tiny_suites(tiny, data_root) -> Suites:
+    return pin(tiny, "tiny-llama", "v0000", data_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_gate(tiny, tiny_suites) -> Gate:
+    return Gate(tiny, tiny_suites, load_policy())
+
+
+def noisy(weights: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {n: w + scale * w.std() * torch.randn(w.shape, generator=generator) for n, w in weights.items()}
+
+
+def test_suites_hold_at_least_500_locality_prompts_and_a_perplexity_sample(tiny_suites) -> None:
+    assert len(tiny_suites.locality) >= 500
+    assert sum(len(c) for c in tiny_suites.perplexity.chunks) >= 1000
+
+
+def test_pinned_facts_are_only_those_the_model_answers_right(smollm2, data_root) -> None:
+    facts = [p for p in references(smollm2, [("The capital of France is", "Paris"), ("The capital of France is", "Berlin")], "fact")]
+    right = [p for p in facts if list(p.reference) == smollm2.tokenizer(" " + p.answer, add_special_tokens=False).input_ids]
+    assert [p.answer for p in right] == ["Paris"]
+
+
+def test_suites_survive_a_json_round_trip_and_extending_skips_repeats(tiny_suites) -> None:
+    again = Suites.from_json(tiny_suites.to_json())
+    assert again == tiny_suites
+    grown = again.extended([again.locality[0]])
+    assert len(grown.locality) == len(again.locality)
+
+
+def test_an_unchanged_model_passes_locality_and_perplexity(tiny, tiny_gate) -> None:
+    current = tiny.weights()
+    decision = tiny_gate.judge(current, dict(current), [FACT])
+    assert decision.metrics["locality"] == 1.0
+    assert abs(decision.metrics["ppl_drawdown"]) < 1e-6
+
+
+def test_noise_on_the_edited_tensors_is_rejected_naming_locality(tiny, tiny_gate) -> None:
+    current = tiny.weights()
+    decision = tiny_gate.judge(current, noisy(current, 3.0), [FACT])
+    assert decision.outcome == "rejected"
+    failing = {c.name for c in decision.checks if c.outcome == "fail"}
+    assert "locality" in failing
+    assert any(reason.startswith("locality") for reason in decision.reasons)
+    assert any(e.kind == "locality" and not e.passed for e in decision.examples)
+
+
+def test_every_edit_and_rephrase_gets_a_row_in_the_example_table(tiny, tiny_gate) -> None:
+    current = tiny.weights()
+    decision = tiny_gate.judge(current, dict(current), [FACT])
+    rows = [(e.kind, e.correction_id, e.prompt) for e in decision.examples if e.kind in ("edit", "rephrase")]
+    assert rows == [("edit", "c1", FACT.prompt), ("rephrase", "c1", FACT.rephrases[0])]
+
+
+def test_retention_counts_earlier_corrections_that_held_and_still_hold(tiny, tiny_gate) -> None:
+    base = tiny.weights()
+    delta = FineTuneEditor(steps=30, lr=3e-3).propose(tiny, [FACT])
+    learned = {n: base[n] + t for n, t in delta.tensors().items()}
+    other = Correction("c2", "The sky is", "green")
+    kept = tiny_gate.judge(learned, dict(learned), [other], retained=[FACT])
+    lost = tiny_gate.judge(learned, dict(base), [other], retained=[FACT])
+    retention = {c.name: c for c in kept.checks}["retention"]
+    assert retention.value == 1.0 and retention.n >= 1
+    assert {c.name: c for c in lost.checks}["retention"].value == 0.0
+    assert any(e.kind == "retention" and not e.passed for e in lost.examples)
+
+
+def test_retention_is_skipped_when_no_earlier_correction_held(tiny, tiny_gate) -> None:
+    current = tiny.weights()
+    never_held = Correction("c3", "The moon is made of", "cheese")
+    decision = tiny_gate.judge(current, dict(current), [FACT], retained=[never_held])
+    assert {c.name: c for c in decision.checks}["retention"].outcome == "skipped"
+
+
+def test_cached_and_uncached_gates_decide_identically(tiny, tiny_suites) -> None:
+    uncached = Editable(tiny.model, tiny.tokenizer, cache_size=0)
+    current = tiny.weights()
+    candidate = noisy(current, 0.05)
+    cached = Gate(tiny, tiny_suites, load_policy()).judge(current, candidate, [FACT])
+    plain = Gate(uncached, tiny_suites, load_policy()).judge(current, candidate, [FACT])
+    assert cached.outcome == plain.outcome
+    for name, value in cached.metrics.items():
+        assert plain.metrics[name] == pytest.approx(value, abs=1e-5)
+
+
+@pytest.fixture(scope="session")
+def real_gate(smollm2, data_root) -> Gate:
+    return Gate(smollm2, pin(smollm2, "smollm2-135m", "v0000", data_root), load_policy())
+
+
+@pytest.mark.slow
+def test_good_mend_edits_of_the_default_model_are_accepted_and_overscaled_ones_rejected(smollm2, real_gate, data_root) -> None:
+    records, _ = load_corrections(data_root / "counterfact" / "val.json", limit=4)
+    editor = make_editor("mend", smollm2, "smollm2-135m")
+    current = smollm2.weights()
+    outcomes = []
+    for record in records:
+        delta = editor.propose(smollm2, [record])
+        good = {n: current[n] + t for n, t in delta.tensors().items()}
+        outcomes.append(real_gate.judge(current, good, [record]).outcome)
+        harmful = real_gate.judge(current, {n: current[n] + 8 * t for n, t in delta.tensors().items()}, [record])
+        assert harmful.outcome == "rejected"
+        assert {c.name for c in harmful.checks if c.outcome == "fail"} & {"locality", "ppl_drawdown"}
+    assert outcomes.count("accepted") >= 3, outcomes

@@ -1,0 +1,128 @@
+"""Decisions end to end on tiny-llama: each has an MLflow run; accepted ones are committed, held ones
+wait for a person (CLI or the run's tag in the UI), rejected ones change nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon import review, tracking
+from daemon.cycle import decide, enqueue
+from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, REJECT_ALL, make_decision_home, open_runtime
+from store.ledger_schema import CorrectionStatus
+from test_cli import mendd
+
+
+def decide_facts(home, facts=FACTS):
+    rt = open_runtime(home)
+    try:
+        enqueue(rt.records.versions.ledger, facts, "test")
+        return decide(rt, rt.records.versions.ledger.pending(10)), rt.served
+    finally:
+        rt.close()
+
+
+def statuses(home) -> dict[str, tuple[str, str | None]]:
+    rt = open_runtime(home)
+    try:
+        return {c.external_id: (c.status.value, c.version) for c in rt.records.versions.ledger.corrections()}
+    finally:
+        rt.close()
+
+
+def test_an_accepted_decision_is_committed_with_its_run(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    result, served = decide_facts(home)
+    assert result.decision.outcome == "accepted"
+    assert served.tag == "v0001" and served.run_id == result.run_id
+    rt = open_runtime(home)
+    try:
+        run = rt.records.mlflow.get_run(result.run_id)
+        artifacts = {a.path for a in rt.records.mlflow.list_artifacts(result.run_id)}
+    finally:
+        rt.close()
+    assert run.data.tags[tracking.DECISION_TAG] == "accepted"
+    assert run.data.tags[tracking.VERSION_TAG] == "v0001"
+    assert run.data.tags[tracking.GIT_SHA_TAG] == served.sha
+    assert {"locality", "ppl_drawdown", "reliability", "edit_seconds", "gate_seconds"} <= set(run.data.metrics)
+    assert {"corrections.jsonl", "examples.json", "decision.txt"} <= artifacts
+    assert statuses(home) == {"c1": ("applied", "v0001"), "c2": ("applied", "v0001")}
+
+
+def test_a_rejected_decision_changes_no_weights_and_says_why(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", REJECT_ALL, data_root)
+    result, served = decide_facts(home)
+    assert result.decision.outcome == "rejected" and result.version is None
+    assert served.tag == "v0000"
+    rows = statuses(home)
+    assert rows == {"c1": ("rejected", None), "c2": ("rejected", None)}
+    rt = open_runtime(home)
+    try:
+        reason = rt.records.versions.ledger.correction("c1").reason
+    finally:
+        rt.close()
+    assert reason.startswith("rejected: reliability")
+
+
+def test_a_held_decision_is_approved_through_its_mlflow_tag_and_committed(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    result, _ = decide_facts(home)
+    assert result.decision.outcome == "held"
+    assert statuses(home)["c1"] == ("held", None)
+    rt = open_runtime(home)
+    try:
+        assert [d.run_id for d in review.held(rt.records)] == [result.run_id]
+        rt.records.mlflow.set_tag(result.run_id, tracking.REVIEW_TAG, "approve")  # what a reviewer does in the UI
+        settled = review.settle_tagged(rt.records)
+        assert review.held(rt.records) == []
+        tags = rt.records.mlflow.get_run(result.run_id).data.tags
+    finally:
+        rt.close()
+    [(run_id, action, version)] = settled
+    assert (run_id, action, version.tag) == (result.run_id, "approved", "v0001")
+    assert tags[tracking.SETTLED_TAG] == "approved" and tags[tracking.VERSION_TAG] == "v0001"
+    assert statuses(home) == {"c1": ("applied", "v0001"), "c2": ("applied", "v0001")}
+    assert not (home.held_dir / f"{result.run_id}.safetensors").exists()
+
+
+def test_review_list_approve_and_reject_from_the_command_line(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    first, _ = decide_facts(home, FACTS[:1])
+    second, _ = decide_facts(home, FACTS[1:])
+    listed = mendd("--home", str(home.root), "review", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [d["run_id"] for d in json.loads(listed.stdout)] == [first.run_id, second.run_id]
+
+    approved = mendd("--home", str(home.root), "review", "approve", first.run_id)
+    assert approved.returncode == 0, approved.stderr
+    assert "v0001: committed the held decision" in approved.stdout
+    rejected = mendd("--home", str(home.root), "review", "reject", second.run_id)
+    assert rejected.returncode == 0, rejected.stderr
+    assert statuses(home) == {"c1": ("applied", "v0001"), "c2": ("rejected", None)}
+
+
+def test_approving_a_run_that_is_not_held_exits_2_and_changes_nothing(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    decide_facts(home, FACTS[:1])
+    result = mendd("--home", str(home.root), "review", "approve", "0123456789abcdef")
+    assert result.returncode == 2
+    assert "is not a decision waiting for review" in result.stderr
+    assert statuses(home)["c1"] == ("held", None)
+
+
+def test_a_tracking_backend_that_is_down_commits_nothing_and_leaves_corrections_pending(
+        tmp_path: Path, data_root, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    rt = open_runtime(home)
+    try:
+        enqueue(rt.records.versions.ledger, FACTS, "test")
+        rt.records.mlflow = tracking.client("http://127.0.0.1:9")  # nothing listens on the discard port
+        with pytest.raises(Exception):
+            decide(rt, rt.records.versions.ledger.pending(10))
+        assert rt.records.versions.store.head().tag == "v0000"
+    finally:
+        rt.close()
+    assert statuses(home) == {"c1": ("pending", None), "c2": ("pending", None)}
