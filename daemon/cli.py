@@ -201,33 +201,107 @@ def demo() -> None:
 
 @app.command()
 def run(ctx: typer.Context) -> None:
-    """Run the maintenance service: scheduler, feeds, HTTP health and metrics."""
-    _config(ctx)
-    _not_yet(6)
+    """Run the maintenance service: feeds, cycles, reviews, HTTP health and metrics (sd_notify aware)."""
+    import logging
+
+    from daemon.service import Service
+
+    config = _config(ctx)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apscheduler", "alembic", "mlflow", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    raise typer.Exit(Service(ctx.obj, config).run())
 
 
 @app.command()
 def cycle(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Run one maintenance cycle now."""
-    _config(ctx)
-    _not_yet(6, as_json)
+    """Run one maintenance cycle now (waits for the home lock if the service is mid-cycle)."""
+    from daemon.cycle import run_cycle
+    from daemon.runtime import Runtime
+    from daemon.versioning import home_lock
+
+    config = _config(ctx)
+    with home_lock(ctx.obj):
+        with err.status("Loading the served model, editor and suites..."):
+            rt = Runtime.open(ctx.obj, config)
+        try:
+            report = run_cycle(rt)
+        finally:
+            rt.close()
+    if as_json:
+        print(json.dumps(report.as_dict()))
+        return
+    print(f"cycle {report.cycle_id}: {report.outcome}; serving {report.version}")
+    for step in report.as_dict()["decisions"]:
+        print(f"  {step['outcome'] or 'no edit'}: {', '.join(step['corrections'] + step['holding']) or '-'}"
+              f"{'  -> ' + step['version'] if step['version'] else ''}  run {step['run_id'] or '-'}")
+        for reason in step["reasons"]:
+            print(f"    {reason}")
+    for cid in report.superseded:
+        print(f"  superseded: {cid}")
 
 
 @app.command()
 def submit(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Corrections: mendd JSONL, CounterFact, zsRE or MQuAKE.")],
+    fmt: Annotated[str, typer.Option("--format", help="auto, mendd, counterfact, rome, zsre or mquake.")] = "auto",
+    as_json: JsonFlag = False,
 ) -> None:
-    """Enqueue corrections from a file by hand."""
+    """Enqueue corrections from a file by hand (bad records are quarantined with their reason)."""
+    from daemon.feeds import ingest
+    from editors.formats import FORMATS, read_stream
+    from store.ledger import Ledger
+
+    home: Home = ctx.obj
     _config(ctx)
-    _not_yet(6)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise HomeError(f"unknown --format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    if not file.is_file():
+        raise HomeError(f"{file} is not a file")
+    ledger = Ledger(home.ledger_url)
+    try:
+        with open(file, "rb") as handle:
+            items = ((f"{file.name} #{pos}", item) for pos, item in read_stream(handle, fmt, f"submit:{file.name}"))
+            report = ingest(ledger, home, "submit", items)
+    finally:
+        ledger.close()
+    if as_json:
+        print(json.dumps(report.__dict__))
+        return
+    print(f"{report.received} received, {report.duplicates} already known, {report.quarantined} quarantined")
+    for reason in report.reasons:
+        print(f"  quarantined {reason}")
 
 
 @app.command()
 def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Current version, pending and held corrections, last cycle, health."""
-    _config(ctx)
-    _not_yet(6, as_json)
+    """Served version, corrections by status, last cycle, feed cursors, service health."""
+    from daemon.health import read_health
+    from daemon.status import snapshot
+    from daemon.versioning import open_versions
+
+    config = _config(ctx)
+    opened = open_versions(ctx.obj, config)
+    try:
+        state = snapshot(opened, read_health(ctx.obj.health_path), [f.name for f in config.feeds])
+    finally:
+        opened.close()
+    if as_json:
+        print(json.dumps(state))
+        return
+    counts = state["corrections"]
+    print(f"version:      {state['version']}")
+    print("corrections:  " + (", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"))
+    last = state["last_cycle"]
+    described = "none" if last is None else f"#{last['id']} {last['outcome']} at {last['started_at']}"
+    print(f"last cycle:   {described}")
+    for name, cursor in state["feeds"].items():
+        print(f"feed {name}: cursor {cursor}")
+    health = state["health"]
+    print(f"health:       {'ok' if health.get('ok') else 'degraded'}")
+    for component, problem in health.get("problems", {}).items():
+        print(f"  {component}: {problem}")
 
 
 @app.command()

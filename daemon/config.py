@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from annotated_types import Ge, Le
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -91,6 +91,37 @@ class MlflowConfig(_Section):
     experiment: str = Field("mendd", description="MLflow experiment that holds every decision's run.")
 
 
+class FeedConfig(_Section):
+    name: str = Field(description="Unique feed name; it keys the feed's cursor and its corrections in the ledger.",
+                      pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["file", "dir", "http"] = Field(
+        description="file: a JSON/JSONL file re-read when it changes; dir: a drop folder whose new "
+        "files are ingested then moved to done/ or quarantine/; http: GET of a JSON/JSONL URL.")
+    path: Path | None = Field(None, description="The file or folder (file and dir feeds); relative to the home.")
+    url: str | None = Field(None, description="The URL (http feeds); https is verified against the system CAs.")
+    format: Literal["auto", "mendd", "counterfact", "rome", "zsre", "mquake"] = Field(
+        "auto", description="Record format; auto detects it per record.")
+    interval_s: float = Field(60.0, gt=0, description="Seconds between pulls.")
+    timeout_s: float = Field(30.0, gt=0, description="HTTP timeout per request.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest file or response body read in one pull.")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> "FeedConfig":
+        if self.kind in ("file", "dir") and self.path is None:
+            raise ValueError(f"a {self.kind} feed needs path")
+        if self.kind == "http" and not self.url:
+            raise ValueError("an http feed needs url")
+        if self.kind == "http" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        return self
+
+
+class CycleConfig(_Section):
+    check_interval_s: float = Field(10.0, gt=0, description="Seconds between checks for pending corrections.")
+    min_pending: int = Field(1, ge=1, description="Run a cycle once this many corrections are pending...")
+    max_wait_s: float = Field(300.0, ge=0, description="...or once the oldest pending one has waited this long.")
+
+
 class MenddConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="forbid"
@@ -113,6 +144,8 @@ class MenddConfig(BaseSettings):
     batch_size: int = Field(
         10, ge=1, le=256, description="Most corrections applied together in one edit."
     )
+    feeds: list[FeedConfig] = Field(default_factory=list, description="Correction feeds the service pulls (see README).")
+    cycle: CycleConfig = Field(default_factory=CycleConfig, description="When the service runs a maintenance cycle.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Health and metrics HTTP server.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="The git+DVC version store.")
     mlflow: MlflowConfig = Field(
@@ -270,6 +303,7 @@ def _resolve_against_home(config: MenddConfig, home: Home) -> MenddConfig:
         update={
             "editor": config.editor.model_copy(update={"path": under_home(config.editor.path)}),
             "policy": under_home(config.policy),
+            "feeds": [f.model_copy(update={"path": under_home(f.path)}) for f in config.feeds],
             "mlflow": config.mlflow.model_copy(
                 update={"tracking_uri": config.mlflow.tracking_uri or home.mlflow_db_uri}
             ),
@@ -333,4 +367,4 @@ def _type_words(tp: Any, field: FieldInfo) -> str:
     return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-_TYPE_WORDS: dict[Any, str] = {str: "a string", Path: "a file path", SecretStr: "a string (kept secret)"}
+_TYPE_WORDS: dict[Any, str] = {str: "a string", float: "a number", Path: "a file path", SecretStr: "a string (kept secret)"}

@@ -29,6 +29,7 @@ class StepResult:
     edited: list[str]  # correction ids the decision was about
     holding: list[str]
     invalid: list[str]
+    seconds: dict[str, float]  # edit, gate, tracking, commit: where the time went
 
 
 def enqueue(ledger, corrections: list[Correction], feed: str) -> list[tuple[LedgerCorrection, bool]]:
@@ -36,8 +37,11 @@ def enqueue(ledger, corrections: list[Correction], feed: str) -> list[tuple[Ledg
     return [ledger.receive(feed, c.id, to_record(c), c.received_at) for c in corrections]
 
 
-def decide(rt: Runtime, rows: list[LedgerCorrection]) -> StepResult:
-    """Propose, judge, record and act on one batch of pending ledger rows."""
+def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> StepResult:
+    """Propose, judge, record and act on one batch of pending ledger rows.
+
+    When not `final`, a rejected batch's corrections stay pending: the cycle retries them in halves.
+    """
     ledger = rt.records.versions.ledger
     by_id = {row.external_id: row for row in rows}
     corrections, unreadable = [], []
@@ -52,6 +56,7 @@ def decide(rt: Runtime, rows: list[LedgerCorrection]) -> StepResult:
     edited = [c for c in corrections if c.id in set(delta.correction_ids)]
 
     decision = run_id = version = None
+    seconds = {"edit": edit_seconds}
     if edited:
         current = rt.editable.weights()
         candidate = {name: current[name] + change for name, change in delta.tensors().items()}
@@ -61,7 +66,9 @@ def decide(rt: Runtime, rows: list[LedgerCorrection]) -> StepResult:
         record = tracking.DecisionRecord(
             decision, edited, rt.served, rt.editor.name, rt.policy, list(delta.holding), list(delta.invalid),
             len(rows), {"edit": edit_seconds, "gate": gate_seconds})
+        started = time.perf_counter()
         run_id = tracking.open_decision_run(rt.records.mlflow, rt.records.experiment, record)
+        seconds["gate"], seconds["tracking"] = gate_seconds, time.perf_counter() - started
 
     for row, problem in unreadable:
         ledger.mark([row.key], CorrectionStatus.quarantined, run_id=run_id, reason=problem)
@@ -71,12 +78,14 @@ def decide(rt: Runtime, rows: list[LedgerCorrection]) -> StepResult:
         ledger.mark([by_id[cid].key for cid in delta.holding], CorrectionStatus.applied, run_id=run_id,
                     reason=f"already answered as asked by {rt.served.tag}; no weight change")
     if decision is not None:
-        version = _act(rt, decision, delta, run_id, [by_id[c.id].key for c in edited])
+        started = time.perf_counter()
+        version = _act(rt, decision, delta, run_id, [by_id[c.id].key for c in edited], final)
+        seconds["commit"] = time.perf_counter() - started
     return StepResult(decision, run_id, version, [c.id for c in edited], list(delta.holding),
-                      [e.correction_id for e in delta.invalid] + [row.external_id for row, _ in unreadable])
+                      [e.correction_id for e in delta.invalid] + [row.external_id for row, _ in unreadable], seconds)
 
 
-def _act(rt: Runtime, decision: Decision, delta, run_id: str, keys: list[int]) -> Version | None:
+def _act(rt: Runtime, decision: Decision, delta, run_id: str, keys: list[int], final: bool) -> Version | None:
     ledger = rt.records.versions.ledger
     client = rt.records.mlflow
     try:
@@ -89,7 +98,7 @@ def _act(rt: Runtime, decision: Decision, delta, run_id: str, keys: list[int]) -
         if decision.outcome == "held":
             save_held(rt.home, run_id, delta)
             ledger.mark(keys, CorrectionStatus.held, run_id=run_id, reason=decision.summary())
-        else:
+        elif final:
             ledger.mark(keys, CorrectionStatus.rejected, run_id=run_id, reason=decision.summary())
         tracking.close_decision_run(client, run_id, None)
         return None
@@ -102,3 +111,75 @@ def retained(rt: Runtime) -> list[Correction]:
     """The corrections the served weights carry (applied at some version): the retention suite."""
     rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
     return [from_record(row.external_id, row.payload, row.feed) for row in rows if row.version is not None]
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    cycle_id: int
+    outcome: str  # idle | accepted | held | rejected | mixed | failed
+    steps: list[StepResult]
+    superseded: list[str]
+    version: str | None  # the served version at the end
+
+    def as_dict(self) -> dict:
+        return {"cycle": self.cycle_id, "outcome": self.outcome, "version": self.version,
+                "superseded": self.superseded,
+                "decisions": [{"run_id": s.run_id, "outcome": s.decision.outcome if s.decision else None,
+                               "corrections": s.edited, "holding": s.holding, "invalid": s.invalid,
+                               "version": s.version.tag if s.version else None,
+                               "reasons": s.decision.reasons if s.decision else []} for s in self.steps]}
+
+
+def run_cycle(rt: Runtime, should_stop=lambda: False) -> CycleReport:
+    """Take up to batch_size pending corrections, oldest first, and decide on them.
+
+    Contradictions in the batch (same prompt, different targets) keep the newest. A rejected batch
+    is split in halves and each half decided again, down to single corrections, so one bad
+    correction does not keep the others out.
+    """
+    ledger = rt.records.versions.ledger
+    cycle_id = ledger.start_cycle()
+    try:
+        rows, superseded = supersede(ledger, ledger.pending(rt.config.batch_size))
+        steps: list[StepResult] = []
+        queue = [rows] if rows else []
+        while queue and not should_stop():  # stopping: what is not decided yet stays pending
+            part = queue.pop(0)
+            step = decide(rt, part, final=len(part) == 1)
+            steps.append(step)
+            if step.decision is not None and step.decision.outcome == "rejected" and len(part) > 1:
+                retry = [row for row in part if row.external_id in step.edited]
+                half = len(retry) // 2
+                queue[:0] = [chunk for chunk in (retry[:half], retry[half:]) if chunk]
+    except Exception as error:
+        ledger.finish_cycle(cycle_id, "failed", detail=f"{type(error).__name__}: {error}")
+        raise
+    outcome = _outcome(steps)
+    ledger.finish_cycle(cycle_id, outcome, version=rt.served.tag, run_ids=[s.run_id for s in steps if s.run_id],
+                        detail=f"{sum(len(s.edited) for s in steps)} judged, {len(superseded)} superseded")
+    return CycleReport(cycle_id, outcome, steps, superseded, rt.served.tag)
+
+
+def supersede(ledger, rows: list[LedgerCorrection]) -> tuple[list[LedgerCorrection], list[str]]:
+    """Of corrections with the same prompt and different targets, keep the newest; mark the rest superseded."""
+    newest: dict[str, LedgerCorrection] = {}
+    for row in rows:  # oldest first, so a later row replaces an earlier one
+        newest[_prompt_key(row)] = row
+    keep = {row.key for row in newest.values()}
+    dropped = [row for row in rows if row.key not in keep]
+    for row in dropped:
+        winner = newest[_prompt_key(row)]
+        ledger.mark([row.key], CorrectionStatus.superseded,
+                    reason=f"superseded by {winner.external_id} (same prompt, newer target {winner.payload.get('target_new')!r})")
+    return [row for row in rows if row.key in keep], [row.external_id for row in dropped]
+
+
+def _prompt_key(row: LedgerCorrection) -> str:
+    return " ".join(str(row.payload.get("prompt", "")).split()).lower()
+
+
+def _outcome(steps: list[StepResult]) -> str:
+    outcomes = {s.decision.outcome for s in steps if s.decision is not None}
+    if not outcomes:
+        return "idle" if not steps else "no-edit"
+    return outcomes.pop() if len(outcomes) == 1 else "mixed"

@@ -68,6 +68,21 @@ class Home:
         return self.state_dir / "held"
 
     @property
+    def quarantine_path(self) -> Path:
+        """One JSON line per record a feed could not use: when, which feed, where, why."""
+        return self.state_dir / "quarantine.jsonl"
+
+    @property
+    def health_path(self) -> Path:
+        """The running service's health and counters, rewritten on every tick."""
+        return self.state_dir / "health.json"
+
+    @property
+    def service_lock_path(self) -> Path:
+        """Held by the one `mendd run` of this home for its lifetime; says who holds it."""
+        return self.state_dir / "service.lock"
+
+    @property
     def lock_path(self) -> Path:
         """Held by the one process allowed to change this home at a time."""
         return self.state_dir / "mendd.lock"

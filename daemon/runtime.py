@@ -3,7 +3,7 @@ the ledger and the MLflow experiment. The service keeps one for its lifetime; a 
 one, uses it, and closes it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import tracking
@@ -26,7 +26,16 @@ class Records:
     home: Home
     versions: Versions
     mlflow: Any  # MlflowClient
-    experiment: str  # experiment id
+    experiment_name: str
+    _experiment: str | None = None
+
+    @property
+    def experiment(self) -> str:
+        """The experiment's id, looked up (or created) on first use: a tracking server that is down
+        stops the first decision, not the service's start."""
+        if self._experiment is None:
+            self._experiment = tracking.experiment_id(self.mlflow, self.experiment_name, self.home.mlflow_artifacts)
+        return self._experiment
 
     @classmethod
     def open(cls, home: Home, config: MenddConfig) -> "Records":
@@ -36,8 +45,7 @@ class Records:
     def around(cls, home: Home, config: MenddConfig, versions: Versions) -> "Records":
         """Records for versions opened by the caller (e.g. under the home lock)."""
         client = tracking.client(config.mlflow.tracking_uri)
-        name = tracking.experiment_name(config.mlflow.experiment, config.model)
-        return cls(home, versions, client, tracking.experiment_id(client, name, home.mlflow_artifacts))
+        return cls(home, versions, client, tracking.experiment_name(config.mlflow.experiment, config.model))
 
     def close(self) -> None:
         self.versions.close()
@@ -47,12 +55,12 @@ class Records:
 class Runtime:
     config: MenddConfig
     records: Records
-    served: Version
-    loaded: LoadedModel
-    editable: Editable
-    editor: Editor
     policy: Policy
-    gate: Gate
+    served: Version = field(init=False)
+    loaded: LoadedModel = field(init=False)
+    editable: Editable = field(init=False)
+    editor: Editor = field(init=False)
+    gate: Gate = field(init=False)
 
     @classmethod
     def open(cls, home: Home, config: MenddConfig) -> "Runtime":
@@ -63,15 +71,24 @@ class Runtime:
         records = Records.open(home, config)
         try:
             recover(records.versions)
-            served = records.versions.store.head()
-            loaded = load_served_model(records.versions)
-            editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
-            editor = make_editor(config.editor.name, editable, config.model, config.editor.path)
-            gate = Gate(editable, load_suites(home), policy)
+            runtime = cls(config, records, policy=policy)
+            runtime.load(records.versions.store.head())
         except BaseException:
             records.close()
             raise
-        return cls(config, records, served, loaded, editable, editor, policy, gate)
+        return runtime
+
+    def load(self, version: Version) -> None:
+        """Serve `version` (the store's head): load its model, then make the editor and gate ready."""
+        self.loaded = load_served_model(self.records.versions)
+        self.editable = Editable(self.loaded.model, self.loaded.tokenizer, self.config.editor.edit_layers)
+        self.editor = make_editor(self.config.editor.name, self.editable, self.config.model, self.config.editor.path)
+        self.gate = Gate(self.editable, load_suites(self.home), self.policy)
+        self.served = version
+
+    def use_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self.gate.policy = policy
 
     @property
     def home(self) -> Home:

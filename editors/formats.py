@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from editors.types import Correction, LocalityPrompt
 
@@ -53,15 +53,29 @@ def parse_record(record: Any, fmt: str = "auto", source: str = "manual", positio
 
 def read_file(path: Path, fmt: str = "auto", source: str | None = None) -> Iterator[Correction | FormatError]:
     """Every correction in a JSON array or JSONL file, or the FormatError of a bad record, in order."""
-    source = source or str(path)
-    for position, record in _records(path):
+    with open(path, "rb") as handle:
+        for _, item in read_stream(handle, fmt, source or str(path)):
+            yield item
+
+
+def read_stream(handle: BinaryIO, fmt: str = "auto", source: str = "manual",
+                after: int = 0) -> Iterator[tuple[int, Correction | FormatError]]:
+    """(position, correction or error) for each record after position `after`, read as a stream.
+
+    A position is a line number in JSONL and an index in a JSON array; a feed keeps the last one
+    it stored as its cursor. MQuAKE records give several corrections at one position.
+    """
+    for position, record in _records(handle):
+        if position <= after:
+            continue
         if isinstance(record, FormatError):
-            yield record
+            yield position, record
             continue
         try:
-            yield from parse_record(record, fmt, source, position)
+            for correction in parse_record(record, fmt, source, position):
+                yield position, correction
         except FormatError as error:
-            yield error
+            yield position, error
 
 
 def load_corrections(path: Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[Correction], list[FormatError]]:
@@ -75,21 +89,25 @@ def load_corrections(path: Path, fmt: str = "auto", limit: int | None = None) ->
     return good, bad
 
 
-def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16).lstrip()
-    if head.startswith(b"["):
-        with open(path, encoding="utf-8") as handle:
-            yield from enumerate(json.load(handle))
+def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
+    """JSONL line by line (memory does not grow with the file), or a whole JSON array (1-based)."""
+    head = handle.read(1 << 16)
+    handle.seek(0)
+    if head.lstrip().startswith(b"["):
+        try:
+            records = json.loads(handle.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            yield 1, FormatError("(file)", "(json)", f"not a valid JSON array: {exc}")
+            return
+        yield from enumerate(records, start=1)
         return
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                yield number, FormatError(f"line {number}", "(json)", str(exc))
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            yield number, FormatError(f"line {number}", "(json)", str(exc))
 
 
 class _Fields:

@@ -21,7 +21,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -146,6 +146,24 @@ class Ledger:
             # Another process stored the same correction between our look-up and insert.
             with self._transaction() as session:
                 return _correction(_existing(session, feed, external_id, digest)), False
+
+    def quarantine(self, feed: str, external_id: str, payload: dict[str, Any], reason: str) -> tuple[LedgerCorrection, bool]:
+        """Store a record that cannot be used, already quarantined with its reason (once, like receive)."""
+        row, new = self.receive(feed, external_id, payload)
+        if new:
+            self.mark([row.key], CorrectionStatus.quarantined, reason=reason)
+        return self.correction_by_key(row.key), new
+
+    def correction_by_key(self, key: int) -> LedgerCorrection:
+        with self._transaction() as session:
+            return _correction(session.get_one(CorrectionRow, key))
+
+    def counts(self) -> dict[str, int]:
+        """Corrections per status (every status, zeros included)."""
+        with self._transaction() as session:
+            found = dict(session.execute(
+                select(CorrectionRow.status, func.count()).group_by(CorrectionRow.status)).all())
+        return {status.value: found.get(status, 0) for status in CorrectionStatus}
 
     def correction(self, external_id: str) -> LedgerCorrection:
         """The correction with this id; the applied one if several feeds used the same id."""

@@ -1,0 +1,190 @@
+"""Feeds: where corrections come from. Each pull reads only what is new, stores every record in
+the ledger (good ones pending, bad ones quarantined with their reason), then moves the cursor.
+
+- file: a JSON or JSONL file; the cursor is the last position stored (and the file's identity, so a
+  replaced or truncated file is read from the start; the ledger recognises records it already has).
+- dir: a drop folder; each new file is ingested, then moved to done/ (or quarantine/ when nothing
+  in it could be read).
+- http: GET of a JSON/JSONL URL with If-None-Match and `since=<cursor>`; the server names the next
+  cursor in the X-Mendd-Cursor header (without one, ETag and the ledger's deduplication keep
+  records from being stored twice). TLS is verified; a timeout and a size cap bound each pull.
+
+A cursor moves only after the records before it are in the ledger, so a crash re-reads, never skips.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+from daemon.config import FeedConfig
+from daemon.home import Home
+from editors.formats import FormatError, content_id, read_stream, to_record
+from editors.types import Correction
+from store.ledger import Ledger
+
+CURSOR_EVERY = 1000  # records between cursor saves on a long file
+USER_AGENT = "mendd-feed/1"
+
+
+class FeedError(Exception):
+    """A feed could not be pulled this time (unreachable, too large, unreadable); it is retried."""
+
+
+@dataclass
+class IntakeReport:
+    feed: str
+    received: int = 0  # new corrections stored as pending
+    duplicates: int = 0  # already in the ledger
+    quarantined: int = 0  # bad records stored as quarantined
+    reasons: list[str] = field(default_factory=list)
+
+
+def ingest(ledger: Ledger, home: Home, feed: str, items: Iterable[tuple[str, Correction | FormatError]],
+           report: IntakeReport | None = None) -> IntakeReport:
+    """Store each (where, item): a correction as pending, an error as quarantined (and in the quarantine file)."""
+    report = report or IntakeReport(feed)
+    for where, item in items:
+        if isinstance(item, FormatError):
+            # the position and the problem: a file dropped again under the same name is a new record
+            external_id = f"{where} [{content_id(str(item))[:8]}]"
+            _, new = ledger.quarantine(feed, external_id, {"where": where, "error": str(item)}, str(item))
+            if new:
+                report.quarantined += 1
+                report.reasons.append(f"{where}: {item}")
+                _quarantine_line(home, feed, where, str(item))
+            else:
+                report.duplicates += 1
+            continue
+        _, new = ledger.receive(feed, item.id, to_record(item), item.received_at)
+        if new:
+            report.received += 1
+        else:
+            report.duplicates += 1
+    return report
+
+
+def _quarantine_line(home: Home, feed: str, where: str, reason: str) -> None:
+    home.state_dir.mkdir(parents=True, exist_ok=True)
+    line = {"at": datetime.now(timezone.utc).isoformat(), "feed": feed, "where": where, "reason": reason}
+    with open(home.quarantine_path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def pull(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
+    puller = {"file": pull_file, "dir": pull_dir, "http": pull_http}[feed.kind]
+    return puller(feed, ledger, home)
+
+
+# -- file ---------------------------------------------------------------------------------------
+
+def pull_file(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
+    path = feed.path
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FeedError(f"feed {feed.name}: {path} does not exist") from None
+    cursor = json.loads(ledger.cursor(feed.name) or "{}")
+    same_file = cursor.get("inode") == stat.st_ino and stat.st_size >= cursor.get("size", 0)
+    if same_file and cursor.get("size") == stat.st_size and cursor.get("mtime") == stat.st_mtime:
+        return IntakeReport(feed.name)  # unchanged since the last pull
+    after = cursor.get("position", 0) if same_file else 0
+    if stat.st_size > feed.max_bytes:
+        raise FeedError(f"feed {feed.name}: {path} is {stat.st_size} bytes, over max_bytes {feed.max_bytes}")
+    report = IntakeReport(feed.name)
+    position = after
+    with open(path, "rb") as handle:
+        for batch in _batches(read_stream(handle, feed.format, f"feed:{feed.name}", after), CURSOR_EVERY):
+            ingest(ledger, home, feed.name, ((f"{path.name} #{pos}", item) for pos, item in batch), report)
+            position = batch[-1][0]
+            ledger.set_cursor(feed.name, json.dumps({"inode": stat.st_ino, "position": position}))
+    ledger.set_cursor(feed.name, json.dumps(
+        {"inode": stat.st_ino, "size": stat.st_size, "mtime": stat.st_mtime, "position": position}))
+    return report
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- dir ----------------------------------------------------------------------------------------
+
+def pull_dir(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
+    folder = feed.path
+    if not folder.is_dir():
+        raise FeedError(f"feed {feed.name}: {folder} is not a folder")
+    report = IntakeReport(feed.name)
+    # Dot-files and *.tmp are being written by someone: drop a file by writing it elsewhere, then renaming.
+    arrivals = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and not p.name.endswith((".tmp", ".part"))), key=lambda p: (p.stat().st_mtime, p.name))
+    for path in arrivals:
+        before = (report.received, report.duplicates)
+        if path.stat().st_size > feed.max_bytes:
+            items: list = [(path.name, FormatError("(file)", "(size)", f"{path.stat().st_size} bytes, over max_bytes {feed.max_bytes}"))]
+        else:
+            with open(path, "rb") as handle:
+                items = [(f"{path.name} #{pos}", item) for pos, item in read_stream(handle, feed.format, f"feed:{feed.name}")]
+        ingest(ledger, home, feed.name, items, report)
+        usable = (report.received, report.duplicates) != before
+        _move(path, folder / ("done" if usable or not items else "quarantine"))
+    return report
+
+
+def _move(path: Path, target_dir: Path) -> None:
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / path.name
+    if target.exists():
+        target = target_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{path.name}"
+    shutil.move(str(path), str(target))
+
+
+# -- http ---------------------------------------------------------------------------------------
+
+def pull_http(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
+    cursor = json.loads(ledger.cursor(feed.name) or "{}")
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json, application/x-ndjson"}
+    if cursor.get("etag"):
+        headers["If-None-Match"] = cursor["etag"]
+    params = {"since": cursor["since"]} if cursor.get("since") else None
+    try:
+        with requests.get(feed.url, headers=headers, params=params, timeout=feed.timeout_s, stream=True, verify=True) as response:
+            if response.status_code == 304:
+                return IntakeReport(feed.name)
+            if response.status_code != 200:
+                raise FeedError(f"feed {feed.name}: {feed.url} answered HTTP {response.status_code}")
+            body = _capped_body(response, feed)
+            etag, next_since = response.headers.get("ETag"), response.headers.get("X-Mendd-Cursor")
+    except requests.RequestException as error:
+        raise FeedError(f"feed {feed.name}: {feed.url} unreachable: {type(error).__name__}: {error}") from None
+    report = IntakeReport(feed.name)
+    items = ((f"{feed.name} #{pos}", item) for pos, item in read_stream(io.BytesIO(body), feed.format, f"feed:{feed.name}"))
+    ingest(ledger, home, feed.name, items, report)
+    ledger.set_cursor(feed.name, json.dumps({"etag": etag, "since": next_since or cursor.get("since")}))
+    return report
+
+
+def _capped_body(response: requests.Response, feed: FeedConfig) -> bytes:
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > feed.max_bytes:
+        raise FeedError(f"feed {feed.name}: response of {declared} bytes is over max_bytes {feed.max_bytes}")
+    chunks, total = [], 0
+    for chunk in response.iter_content(1 << 16):
+        total += len(chunk)
+        if total > feed.max_bytes:
+            raise FeedError(f"feed {feed.name}: response is over max_bytes {feed.max_bytes}; nothing was read")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,55 @@
+"""What is wrong right now, by component. The service degrades and clears; /healthz and
+`mendd status` read it (the service also writes it to the home, for `status` to find)."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+class Health:
+    def __init__(self) -> None:
+        self._problems: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def degrade(self, component: str, reason: str) -> None:
+        with self._lock:
+            self._problems[component] = reason
+
+    def clear(self, component: str) -> None:
+        with self._lock:
+            self._problems.pop(component, None)
+
+    @property
+    def ok(self) -> bool:
+        with self._lock:
+            return not self._problems
+
+    def problems(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._problems)
+
+    def write(self, path: Path, extra: dict) -> None:
+        """Atomically, so a reader never sees half a file."""
+        state = {"ok": self.ok, "problems": self.problems(), "pid": os.getpid(),
+                 "updated_at": datetime.now(timezone.utc).isoformat(), **extra}
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(state), encoding="utf-8")
+        partial.replace(path)
+
+
+def read_health(path: Path) -> dict:
+    """The service's last written health, or why there is none."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"ok": False, "problems": {"service": "not running (no health file)"}}
+    try:
+        os.kill(state["pid"], 0)
+    except (ProcessLookupError, KeyError):
+        return {**state, "ok": False, "problems": {"service": f"not running (last seen {state.get('updated_at')})"}}
+    except PermissionError:
+        pass  # alive, owned by another user (the service account)
+    return state

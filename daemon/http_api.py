@@ -1,0 +1,104 @@
+"""HTTP on 127.0.0.1: /healthz, /metrics (Prometheus), /v1/status, and POST /v1/corrections.
+
+The standard library's threading server: a handful of requests a minute from a load balancer, a
+Prometheus scraper and feed producers need nothing more. POST is guarded by a bearer token,
+compared in constant time; bodies are capped; the token is never logged.
+"""
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from daemon.feeds import ingest
+from editors.formats import read_stream
+
+log = logging.getLogger("mendd.http")
+MAX_BODY = 1 << 20  # 1 MiB per POST
+API_FEED = "api"
+
+
+class Api:
+    """What the handlers need from the service, passed in so the server knows nothing else."""
+
+    def __init__(self, health, status: Callable[[], dict], registry, ledger_factory, home, token: str | None):
+        self.health, self.status, self.registry = health, status, registry
+        self.ledger_factory, self.home, self.token = ledger_factory, home, token
+
+
+def serve(api: Api, host: str, port: int) -> ThreadingHTTPServer:
+    """Start serving in a daemon thread; the caller shuts it down."""
+    handler = type("Handler", (_Handler,), {"api": api})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="mendd-http", daemon=True).start()
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: Api
+    server_version = "mendd"
+    sys_version = ""
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s %s", self.address_string(), format % args)  # the path only: no headers, no token
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/healthz":
+            problems = self.api.health.problems()
+            self._json(503 if problems else 200, {"ok": not problems, "problems": problems})
+        elif self.path == "/metrics":
+            self._send(200, generate_latest(self.api.registry), CONTENT_TYPE_LATEST)
+        elif self.path == "/v1/status":
+            self._json(200, self.api.status())
+        else:
+            self._json(404, {"error": f"no such endpoint {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/v1/corrections":
+            self._json(404, {"error": f"no such endpoint {self.path}"})
+            return
+        if not self._authorised():
+            self._json(401, {"error": "a valid bearer token is required"})
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._json(411, {"error": "Content-Length is required"})
+            return
+        if int(length) > MAX_BODY:
+            self._json(413, {"error": f"body over {MAX_BODY} bytes"})
+            return
+        body = self.rfile.read(int(length))
+        if body.lstrip().startswith(b"{"):
+            body = body.strip().replace(b"\n", b" ")  # one object: treat it as one JSONL line
+        items = ((f"api #{pos}", item) for pos, item in read_stream(io.BytesIO(body), "auto", f"feed:{API_FEED}"))
+        ledger = self.api.ledger_factory()
+        try:
+            report = ingest(ledger, self.api.home, API_FEED, items)
+        finally:
+            ledger.close()
+        self._json(202, {"received": report.received, "duplicates": report.duplicates,
+                         "quarantined": report.quarantined, "reasons": report.reasons[:100]})
+
+    def _authorised(self) -> bool:
+        if not self.api.token:
+            return True
+        given = self.headers.get("Authorization", "")
+        expected = f"Bearer {self.api.token}"
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    def _json(self, code: int, payload: dict) -> None:
+        self._send(code, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
