@@ -75,8 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(413, {"error": f"body over {MAX_BODY} bytes"})
             return
         body = self.rfile.read(int(length))
-        if body.lstrip().startswith(b"{"):
-            body = body.strip().replace(b"\n", b" ")  # one object: treat it as one JSONL line
+        body = _one_line_if_single_object(body)
         items = ((f"api #{pos}", item) for pos, item in read_stream(io.BytesIO(body), "auto", f"feed:{API_FEED}"))
         ledger = self.api.ledger_factory()
         try:
@@ -102,3 +101,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def _one_line_if_single_object(body: bytes) -> bytes:
+    """A body that is one (possibly pretty-printed) JSON object becomes one JSONL line; arrays and
+    JSONL pass through to the stream reader unchanged."""
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return body
+    return json.dumps(parsed).encode() if isinstance(parsed, dict) else body

@@ -1,0 +1,193 @@
+"""`mendd run` as systemd runs it: a real subprocess on tiny-llama with a file, a dir and an http
+feed and the HTTP API; good, malformed and duplicate corrections; versions committed; SIGTERM ends it
+with exit 0; every correction received is accounted for exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from decision_helpers import ACCEPT_ALL, make_decision_home
+from store.ledger import Ledger
+
+MENDD = str(Path(sys.executable).with_name("mendd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def line(cid: str, prompt: str, target: str) -> str:
+    return json.dumps({"id": cid, "prompt": prompt, "target_new": target}) + "\n"
+
+
+class FeedServer:
+    """A correction feed over HTTP that honours If-None-Match, as a real producer would."""
+
+    def __init__(self, body: str):
+        self.body, self.requests = body.encode(), 0
+        feed = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                feed.requests += 1
+                etag = f'"{hash(feed.body)}"'
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(feed.body)))
+                self.end_headers()
+                self.wfile.write(feed.body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/feed.jsonl"
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for(predicate, seconds: float, what: str, process: subprocess.Popen):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mendd run exited early ({process.returncode}) while waiting for {what}")
+        try:
+            value = predicate()
+            if value:
+                return value
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def configure(home, port: int, feeds: list[dict], token: str | None = None) -> None:
+    text = home.config_path.read_text().replace("port: 8742", f"port: {port}")
+    text = text.replace("feeds: []", "feeds: " + json.dumps(feeds))
+    text = text.replace("check_interval_s: 10.0", "check_interval_s: 1.0")
+    home.config_path.write_text(text)
+
+
+def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    feed_file, drop = tmp_path / "feed.jsonl", tmp_path / "drop"
+    drop.mkdir()
+    feed_file.write_text(line("f1", "The capital of Spain is", "Lisbon") + line("f2", "Water boils at", "fifty")
+                         + "{not json\n" + line("f1", "The capital of Spain is", "Lisbon"))  # a duplicate
+    http_feed = FeedServer(line("h1", "The sky is", "green") + line("f2", "Water boils at", "fifty")
+                           + json.dumps({"id": "h2", "prompt": "   ", "target_new": "x"}) + "\n")
+    port = free_port()
+    configure(home, port, [
+        {"name": "file", "kind": "file", "path": str(feed_file), "interval_s": 1},
+        {"name": "drop", "kind": "dir", "path": str(drop), "interval_s": 1},
+        {"name": "web", "kind": "http", "url": http_feed.url, "interval_s": 1},
+    ])
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(120)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+    process = subprocess.Popen([MENDD, "--home", str(home.root), "run"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        messages = []
+        while "READY=1" not in messages:
+            messages.append(notify.recv(4096).decode())
+        assert any(m.startswith("STATUS=") for m in messages)
+        api = f"http://127.0.0.1:{port}"
+        (drop / "batch.jsonl.part").write_text(line("d1", "Paris is the capital of", "Italy") + "[broken\n")
+        (drop / "batch.jsonl.part").rename(drop / "batch.jsonl")
+        (drop / "garbage.json").write_bytes(b"\xff\xfe not utf-8")
+        request = urllib.request.Request(f"{api}/v1/corrections", method="POST", data=(
+            line("p1", "The Eiffel Tower is in", "Rome") + "nope\n").encode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202
+            answer = json.loads(response.read())
+        assert (answer["received"], answer["quarantined"]) == (1, 1)
+
+        def settled():
+            code, status = get_json(f"{api}/v1/status")
+            counts = status["corrections"]
+            return status if counts["pending"] == 0 and sum(counts.values()) >= 10 else None
+
+        status = wait_for(settled, 240, "every correction to be decided", process)
+        watchdog = [m for m in _drain(notify) if m == "WATCHDOG=1"]
+        assert watchdog, "no watchdog ping while running"
+        code, health = get_json(f"{api}/healthz")
+        metrics = urllib.request.urlopen(f"{api}/metrics", timeout=5).read().decode()
+        assert "mendd_corrections" in metrics and "mendd_served_version" in metrics
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+        http_feed.server.shutdown()
+    output = process.stdout.read()
+    assert status["version"] != "v0000", output[-3000:]
+    ledger = Ledger(home.ledger_url)
+    try:
+        rows = ledger.corrections()
+    finally:
+        ledger.close()
+    good = {"f1", "f2", "h1", "d1", "p1"}
+    by_status: dict[str, set[str]] = {}
+    for row in rows:
+        by_status.setdefault(row.status.value, set()).add(row.external_id)
+    assert good <= {row.external_id for row in rows}
+    assert len([r for r in rows if r.external_id in good]) == len(good)  # duplicates stored once
+    quarantined = by_status.get("quarantined", set())
+    assert len(quarantined) == 5, by_status  # file: bad json; web: blank prompt; drop: broken line, non-UTF-8 file; api: bad line
+    assert "pending" not in by_status
+    accounted = sum(len(ids) for status_name, ids in by_status.items()
+                    if status_name in ("applied", "rejected", "held", "quarantined", "superseded"))
+    assert accounted == len(rows) == len(good) + 5
+    assert (drop / "done" / "batch.jsonl").exists() and (drop / "quarantine" / "garbage.json").exists()
+    assert (home.quarantine_path).read_text().count("\n") == 5
+
+
+def _drain(sock: socket.socket) -> list[str]:
+    sock.settimeout(0.1)
+    out = []
+    try:
+        while True:
+            out.append(sock.recv(4096).decode())
+    except (TimeoutError, socket.timeout, BlockingIOError):
+        return out
+
+
+def test_a_second_service_on_the_same_home_refuses_to_start_naming_the_holder(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    configure(home, free_port(), [])
+    first = subprocess.Popen([MENDD, "--home", str(home.root), "run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: home.health_path.exists(), 120, "the first service to start", first)
+        second = subprocess.run([MENDD, "--home", str(home.root), "run"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f'"pid": {first.pid}' in second.stderr and "another `mendd run` already serves" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0
