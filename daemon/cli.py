@@ -11,7 +11,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -32,13 +32,7 @@ USAGE_ERROR = 2
 # soft_wrap: long messages stay on one line, so paths and keys are never broken across lines.
 err = Console(stderr=True, soft_wrap=True)
 
-# Commands are filled in by later issues; until then they say which one.
-_ISSUES: dict[int, str] = {
-    6: "the service: feeds, the maintenance cycle, APScheduler, health and metrics",
-}
-
 DEFAULT_MODEL: str = MenddConfig.model_fields["model"].default
-DEMO_PROMPT = "The capital of France is"
 
 
 # Operator errors from modules that import torch: named here, checked only once their module is loaded
@@ -105,16 +99,6 @@ def _config(ctx: typer.Context) -> MenddConfig:
     return load_config(ctx.obj)
 
 
-def _not_yet(issue: int, as_json: bool = False) -> NoReturn:
-    """Say plainly that a command arrives with a later issue, and exit 2."""
-    title = _ISSUES[issue]
-    if as_json:
-        # Scripts asking for JSON still get JSON they can parse.
-        print(json.dumps({"implemented": False, "issue": issue, "title": title}))
-    err.print(f"not implemented yet: arrives with issue #{issue} ({title})", markup=False, highlight=False)
-    raise typer.Exit(USAGE_ERROR)
-
-
 @app.command()
 def init(
     ctx: typer.Context,
@@ -169,34 +153,37 @@ def _describe_suites(suites) -> str:
 
 
 @app.command()
-def demo() -> None:
-    """Load the default model and show it answering (the full demo arrives with issue #6)."""
-    # Imported here: torch and transformers take seconds to import.
-    import torch
+def demo(
+    home: Annotated[Optional[Path], typer.Option("--demo-home", help="Folder for the demo home; default: a new temporary folder.")] = None,
+) -> None:
+    """The whole way through on a fresh home: a demo feed edited, gated, recorded and versioned."""
+    from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from store.models import load_model
+    from daemon.demo import run_demo
 
-    hf_logging.disable_progress_bar()  # the spinner below is the one progress display
-    loading = f"Loading {DEFAULT_MODEL} (the first run converts the GGUF file; later runs read a cache)..."
-    with err.status(loading):
-        loaded = load_model(DEFAULT_MODEL)
-    inputs = loaded.tokenizer(DEMO_PROMPT, return_tensors="pt")
-    with torch.inference_mode():
-        generated = loaded.model.generate(
-            **inputs,
-            max_new_tokens=12,
-            do_sample=False,
-            pad_token_id=loaded.tokenizer.eos_token_id,
-        )
-    new_tokens = generated[0, inputs["input_ids"].shape[1] :]
-    continuation = loaded.tokenizer.decode(new_tokens, skip_special_tokens=True)
-    print(f"model:        {DEFAULT_MODEL}")
-    print(f"prompt:       {DEMO_PROMPT}")
-    print(f"continuation: {continuation!r}")  # repr shows the leading space of " Paris"
-    print("\nStill to come before the demo edits this model:")
-    for issue, title in _ISSUES.items():
-        print(f"  - issue #{issue}: {title}")
+    hf_logging.disable_progress_bar()
+    demo_home, rows, cycles = run_demo(home, lambda text: err.print(text, markup=False, highlight=False))
+    table = Table(title="mendd demo: correction -> decision -> version")
+    for column in ("id", "prompt", "target", "decision", "version", "before", "after"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.correction_id, row.prompt[:40], row.target[:20], row.status, row.version or "-",
+                      row.before, row.after)
+    Console(width=160).print(table)
+    for row in rows:
+        if row.status in ("rejected", "held", "quarantined", "superseded"):
+            print(f"  {row.correction_id} {row.status}: {row.reason[:300]}")
+    store = demo_home.store_dir
+    print(f"""
+Next steps:
+  mendd --home {demo_home.root} versions
+  mendd --home {demo_home.root} review list
+  mendd --home {demo_home.root} ui            # then open http://127.0.0.1:5000
+  # roll back by hand, as an operator: serve v0000 again
+  cd {store} && git checkout v0000 -- model.dvc && dvc checkout
+  # or the same through mendd (a new version on top, history kept)
+  mendd --home {demo_home.root} rollback v0000""")
 
 
 @app.command()

@@ -1,0 +1,89 @@
+"""`mendd demo`: the whole way through on a fresh temporary home with every embedded default.
+
+SmolLM2-135M, the shipped MEND editor, the default policy, SQLite ledger, MLflow on SQLite and a
+git+DVC store; the demo feed (daemon/demo_feed.jsonl) holds good corrections, a contradiction,
+malformed records and harmful ones. Cycles run until nothing is pending; then a table shows each
+correction's fate and the model's answers before and after.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from daemon.config import load_config
+from daemon.cycle import CycleReport, run_cycle
+from daemon.feeds import ingest
+from daemon.home import Home, init_home
+from daemon.runtime import Runtime
+from daemon.suite_files import pin_suites
+from daemon.versioning import create_versions, home_lock
+from editors.editable import Editable
+from editors.formats import read_stream
+from store.models import load_model
+
+DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
+DEMO_MODEL = "smollm2-135m"
+DEMO_BATCH = 4
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    correction_id: str
+    prompt: str
+    target: str
+    status: str
+    version: str | None
+    before: str
+    after: str
+    reason: str
+
+
+def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleReport]]:
+    home = Home(root or Path(tempfile.mkdtemp(prefix="mendd-demo-")))
+    say(f"home: {home.root}")
+    say(f"loading {DEMO_MODEL} and committing it as v0000...")
+    loaded = load_model(DEMO_MODEL)
+    init_home(home, DEMO_MODEL)
+    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 10", f"batch_size: {DEMO_BATCH}"))
+    base = create_versions(home, loaded.model, loaded.tokenizer, DEMO_MODEL)
+    say("pinning the regression suites from the base model...")
+    pin_suites(home, Editable(loaded.model, loaded.tokenizer), DEMO_MODEL, base.tag)
+    config = load_config(home)
+    with home_lock(home):
+        rt = Runtime.open(home, config)
+        try:
+            ledger = rt.records.versions.ledger
+            with open(DEMO_FEED, "rb") as handle:
+                report = ingest(ledger, home, "demo", ((f"demo_feed.jsonl #{pos}", item) for pos, item in read_stream(handle)))
+            say(f"demo feed: {report.received} corrections received, {report.quarantined} quarantined")
+            prompts = {row.external_id: row.payload["prompt"] for row in ledger.corrections() if "prompt" in row.payload}
+            before = answers(rt, prompts)
+            cycles = []
+            while ledger.pending(1):
+                cycles.append(run_cycle(rt))
+                say(f"cycle {cycles[-1].cycle_id}: {cycles[-1].outcome}; serving {cycles[-1].version}")
+            after = answers(rt, prompts)
+            rows = [DemoRow(row.external_id, row.payload.get("prompt", ""), row.payload.get("target_new", ""),
+                            row.status.value, row.version, before.get(row.external_id, ""), after.get(row.external_id, ""),
+                            row.reason or "") for row in ledger.corrections()]
+        finally:
+            rt.close()
+    return home, rows, cycles
+
+
+def answers(rt: Runtime, prompts: dict[str, str], tokens: int = 6) -> dict[str, str]:
+    """Greedy continuations of each prompt by the served model."""
+    tokenizer, model = rt.loaded.tokenizer, rt.loaded.model
+    out = {}
+    with torch.inference_mode():
+        for cid, prompt in prompts.items():
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            if ids.shape[1] == 0:
+                continue
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)
+            out[cid] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return out

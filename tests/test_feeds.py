@@ -1,0 +1,118 @@
+"""Feeds read only what is new, store every record once (bad ones quarantined with a reason), and
+move their cursor only after the records are in the ledger."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.config import FeedConfig
+from daemon.feeds import FeedError, pull
+from daemon.home import Home
+from store.ledger import Ledger
+from store.ledger_schema import CorrectionStatus
+from test_service import FeedServer, line
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    home = Home(tmp_path / "home")
+    home.state_dir.mkdir(parents=True)
+    return home
+
+
+@pytest.fixture
+def ledger(home: Home):
+    ledger = Ledger(home.ledger_url)
+    yield ledger
+    ledger.close()
+
+
+def statuses(ledger: Ledger) -> dict[str, str]:
+    return {row.external_id: row.status.value for row in ledger.corrections()}
+
+
+def test_a_file_feed_reads_appended_records_once(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("a", "The sky is", "green"))
+    feed = FeedConfig(name="f", kind="file", path=path)
+    assert pull(feed, ledger, home).received == 1
+    assert pull(feed, ledger, home).received == 0  # unchanged: nothing read
+    with open(path, "a") as handle:
+        handle.write(line("b", "Grass is", "blue"))
+    report = pull(feed, ledger, home)
+    assert (report.received, report.duplicates) == (1, 0)
+    assert json.loads(ledger.cursor("f"))["position"] == 2
+    assert statuses(ledger) == {"a": "pending", "b": "pending"}
+
+
+def test_a_replaced_file_is_read_again_and_the_ledger_keeps_one_of_each(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("a", "The sky is", "green") + line("b", "Grass is", "blue"))
+    feed = FeedConfig(name="f", kind="file", path=path)
+    pull(feed, ledger, home)
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(line("a", "The sky is", "green"))
+    replacement.replace(path)  # a new file (new inode), shorter
+    report = pull(feed, ledger, home)
+    assert (report.received, report.duplicates) == (0, 1)
+
+
+def test_bad_records_are_quarantined_with_their_reason_and_the_rest_go_on(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_bytes(line("a", "The sky is", "green").encode() + b"{oops\n" + b'{"id": "c", "prompt": 3, "target_new": "x"}\n'
+                     + b"\xff\xfe\n" + line("d", "Grass is", "blue").encode())
+    report = pull(FeedConfig(name="f", kind="file", path=path), ledger, home)
+    assert (report.received, report.quarantined) == (2, 3)
+    rows = ledger.corrections(CorrectionStatus.quarantined)
+    assert any("field 'prompt': must be a string, got int" in row.reason for row in rows)
+    assert len(home.quarantine_path.read_text().splitlines()) == 3
+
+
+def test_a_missing_feed_file_is_a_feed_error(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    with pytest.raises(FeedError, match="does not exist"):
+        pull(FeedConfig(name="f", kind="file", path=tmp_path / "nope.jsonl"), ledger, home)
+
+
+def test_a_drop_folder_moves_files_to_done_or_quarantine_and_skips_partial_ones(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "good.jsonl").write_text(line("a", "The sky is", "green"))
+    (drop / "bad.json").write_text("[not json")
+    (drop / "coming.jsonl.part").write_text(line("b", "Grass is", "blue"))
+    report = pull(FeedConfig(name="d", kind="dir", path=drop), ledger, home)
+    assert (report.received, report.quarantined) == (1, 1)
+    assert (drop / "done" / "good.jsonl").exists() and (drop / "quarantine" / "bad.json").exists()
+    assert (drop / "coming.jsonl.part").exists()
+
+
+def test_an_http_feed_sends_its_etag_and_reads_nothing_on_304(home: Home, ledger: Ledger) -> None:
+    server = FeedServer(line("a", "The sky is", "green"))
+    try:
+        feed = FeedConfig(name="w", kind="http", url=server.url)
+        assert pull(feed, ledger, home).received == 1
+        assert pull(feed, ledger, home).received == 0
+        assert server.requests == 2 and json.loads(ledger.cursor("w"))["etag"]
+    finally:
+        server.server.shutdown()
+
+
+def test_an_http_response_over_the_size_cap_is_refused(home: Home, ledger: Ledger) -> None:
+    server = FeedServer(line("a", "The sky is", "green") * 50)
+    try:
+        with pytest.raises(FeedError, match="over max_bytes"):
+            pull(FeedConfig(name="w", kind="http", url=server.url, max_bytes=100), ledger, home)
+        assert ledger.corrections() == []
+    finally:
+        server.server.shutdown()
+
+
+def test_an_unreachable_http_feed_is_a_feed_error(home: Home, ledger: Ledger) -> None:
+    with pytest.raises(FeedError, match="unreachable"):
+        pull(FeedConfig(name="w", kind="http", url="http://127.0.0.1:9/feed", timeout_s=2), ledger, home)
+
+
+def test_a_feed_without_its_source_is_refused_by_the_config() -> None:
+    with pytest.raises(ValueError, match="needs url"):
+        FeedConfig(name="w", kind="http")
