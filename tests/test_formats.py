@@ -70,3 +70,27 @@ def test_the_real_zsre_file_has_bad_records_that_are_set_aside(data_root: Path) 
 def test_a_record_that_is_not_an_object_is_refused(record) -> None:
     with pytest.raises(FormatError, match="JSON object"):
         parse_record(record)
+
+
+def test_the_demo_feed_agrees_with_the_json_schema_record_by_record() -> None:
+    """The schema documents what the parser accepts: valid demo records parse, invalid ones do not."""
+    import jsonschema
+
+    root = Path(__file__).resolve().parents[1] / "daemon"
+    schema = json.loads((root / "correction.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    checked = 0
+    for text in (root / "demo_feed.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        valid = validator.is_valid(record)
+        try:
+            parse_record(record, "mendd")
+            parsed = True
+        except FormatError:
+            parsed = False
+        assert valid == parsed, record
+        checked += 1
+    assert checked >= 19
