@@ -198,6 +198,7 @@ class Service:
         for job in self.scheduler.get_jobs():
             if job.id.startswith("feed:"):
                 job.remove()
+                self.health.clear(job.id)  # a removed feed's trouble is no longer ours
         self.config = self.config.model_copy(update={"feeds": config.feeds, "policy": config.policy})
         self.rt.use_policy(policy)
         self._schedule()

@@ -191,3 +191,24 @@ def test_a_second_service_on_the_same_home_refuses_to_start_naming_the_holder(tm
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
+
+
+def test_an_unreachable_feed_degrades_health_and_sighup_reloads_the_feeds(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    port = free_port()
+    configure(home, port, [{"name": "web", "kind": "http", "url": "http://127.0.0.1:9/feed", "interval_s": 1, "timeout_s": 2}])
+    process = subprocess.Popen([MENDD, "--home", str(home.root), "run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    api = f"http://127.0.0.1:{port}"
+    try:
+        degraded = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(get_json(f"{api}/healthz")), 120,
+                            "health to report the dead feed", process)
+        assert "unreachable" in degraded[1]["problems"]["feed:web"]
+        home.config_path.write_text(home.config_path.read_text().replace(
+            json.dumps([{"name": "web", "kind": "http", "url": "http://127.0.0.1:9/feed", "interval_s": 1, "timeout_s": 2}]), "[]"))
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: get_json(f"{api}/healthz")[0] == 200, 60, "health to recover after SIGHUP", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
