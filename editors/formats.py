@@ -96,8 +96,8 @@ def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
     if head.lstrip().startswith(b"["):
         try:
             records = json.loads(handle.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            yield 1, FormatError("(file)", "(json)", f"not a valid JSON array: {exc}")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            yield 1, FormatError("(file)", "(json)", f"not a valid JSON array: {type(exc).__name__}: {exc}")
             return
         yield from enumerate(records, start=1)
         return
@@ -106,8 +106,8 @@ def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
             continue
         try:
             yield number, json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            yield number, FormatError(f"line {number}", "(json)", str(exc))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            yield number, FormatError(f"line {number}", "(json)", f"{type(exc).__name__}: {exc}")
 
 
 class _Fields:
@@ -116,7 +116,8 @@ class _Fields:
     def __init__(self, record: dict, label: str):
         self.record = record
         ident = record.get("id", record.get("case_id"))
-        self.label = str(ident) if isinstance(ident, (str, int)) else label
+        usable = isinstance(ident, int) and not isinstance(ident, bool) or isinstance(ident, str) and ident.strip()
+        self.label = str(ident)[:100] if usable else label
 
     def text(self, key: str, data: dict | None = None, required: bool = True) -> str | None:
         data = self.record if data is None else data
@@ -224,7 +225,8 @@ def _rome(f: _Fields, source: str) -> list[Correction]:
 
 def _zsre(f: _Fields, source: str) -> list[Correction]:
     prompt, target = f.text("src"), f.text("alt")
-    answers = f.record.get("answers") or []
+    answers = f.record.get("answers")
+    answers = answers if isinstance(answers, list) else []
     locality = ()
     if f.record.get("loc") is not None:
         locality = (LocalityPrompt(f.text("loc"), f.text("loc_ans")),)
@@ -237,7 +239,9 @@ def _zsre(f: _Fields, source: str) -> list[Correction]:
 
 
 def _mquake(f: _Fields, source: str) -> list[Correction]:
-    rewrites = f.record["requested_rewrite"]
+    rewrites = f.record.get("requested_rewrite")
+    if not isinstance(rewrites, list) or not rewrites:
+        raise FormatError(f.label, "requested_rewrite", "must be a non-empty list of rewrites")
     return [
         _rewrite(f, rewrite if isinstance(rewrite, dict) else {}, source, f"mquake-{f.record.get('case_id', f.label)}-{i}")
         for i, rewrite in enumerate(rewrites)
