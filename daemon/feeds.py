@@ -31,6 +31,7 @@ from editors.types import Correction
 from store.ledger import Ledger
 
 CURSOR_EVERY = 1000  # records between cursor saves on a long file
+INGEST_CHUNK = 500  # corrections stored per ledger transaction
 USER_AGENT = "mendd-feed/1"
 
 
@@ -49,8 +50,10 @@ class IntakeReport:
 
 def ingest(ledger: Ledger, home: Home, feed: str, items: Iterable[tuple[str, Correction | FormatError]],
            report: IntakeReport | None = None) -> IntakeReport:
-    """Store each (where, item): a correction as pending, an error as quarantined (and in the quarantine file)."""
+    """Store each (where, item): a correction as pending, an error as quarantined (and in the
+    quarantine file). Good records are stored in chunks, so memory and commits stay bounded."""
     report = report or IntakeReport(feed)
+    chunk: list[Correction] = []
     for where, item in items:
         if isinstance(item, FormatError):
             # the position and the problem: a file dropped again under the same name is a new record
@@ -63,12 +66,20 @@ def ingest(ledger: Ledger, home: Home, feed: str, items: Iterable[tuple[str, Cor
             else:
                 report.duplicates += 1
             continue
-        _, new = ledger.receive(feed, item.id, to_record(item), item.received_at)
-        if new:
-            report.received += 1
-        else:
-            report.duplicates += 1
+        chunk.append(item)
+        if len(chunk) >= INGEST_CHUNK:
+            _store(ledger, feed, chunk, report)
+            chunk = []
+    _store(ledger, feed, chunk, report)
     return report
+
+
+def _store(ledger: Ledger, feed: str, corrections: list[Correction], report: IntakeReport) -> None:
+    if not corrections:
+        return
+    new = ledger.receive_many(feed, [(c.id, to_record(c), c.received_at) for c in corrections])
+    report.received += sum(new)
+    report.duplicates += len(new) - sum(new)
 
 
 def _quarantine_line(home: Home, feed: str, where: str, reason: str) -> None:

@@ -147,6 +147,34 @@ class Ledger:
             with self._transaction() as session:
                 return _correction(_existing(session, feed, external_id, digest)), False
 
+    def receive_many(self, feed: str, records: list[tuple[str, dict[str, Any], datetime | None]]) -> list[bool]:
+        """`receive` for many records in one transaction, with two look-ups for the whole chunk (a
+        long feed file costs a few queries per chunk, not per record); whether each was new. Falls
+        back to one by one if another process stores the same record meanwhile."""
+        digests = [content_hash(payload) for _, payload, _ in records]
+        try:
+            with self._transaction() as session:
+                feed_row = _feed(session, feed)
+                ids = {external_id for external_id, _, _ in records}
+                seen_ids = set(session.scalars(select(CorrectionRow.external_id).where(
+                    CorrectionRow.feed_id == feed_row.id, CorrectionRow.external_id.in_(ids))))
+                seen_digests = set(session.scalars(select(CorrectionRow.content_hash).where(
+                    CorrectionRow.content_hash.in_(set(digests)))))
+                new = []
+                for (external_id, payload, received_at), digest in zip(records, digests):
+                    if external_id in seen_ids or digest in seen_digests:
+                        new.append(False)
+                        continue
+                    seen_ids.add(external_id)
+                    seen_digests.add(digest)
+                    session.add(CorrectionRow(
+                        feed_id=feed_row.id, external_id=external_id, content_hash=digest, payload=payload,
+                        status=CorrectionStatus.pending, received_at=received_at or now(), updated_at=now()))
+                    new.append(True)
+                return new
+        except IntegrityError:
+            return [self.receive(feed, external_id, payload, received_at)[1] for external_id, payload, received_at in records]
+
     def quarantine(self, feed: str, external_id: str, payload: dict[str, Any], reason: str) -> tuple[LedgerCorrection, bool]:
         """Store a record that cannot be used, already quarantined with its reason (once, like receive)."""
         row, new = self.receive(feed, external_id, payload)

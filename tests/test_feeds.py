@@ -116,3 +116,30 @@ def test_an_unreachable_http_feed_is_a_feed_error(home: Home, ledger: Ledger) ->
 def test_a_feed_without_its_source_is_refused_by_the_config() -> None:
     with pytest.raises(ValueError, match="needs url"):
         FeedConfig(name="w", kind="http")
+
+
+def _peak_while_pulling(tmp_path: Path, n: int) -> tuple[int, float]:
+    import tracemalloc
+
+    home = Home(tmp_path / f"home-{n}")
+    home.state_dir.mkdir(parents=True)
+    path = tmp_path / f"feed-{n}.jsonl"
+    with open(path, "w") as handle:
+        for i in range(n):
+            handle.write(line(f"r{i}", f"Fact {i} says that the value is", f"v{i}"))
+    ledger = Ledger(home.ledger_url)
+    try:
+        tracemalloc.start()
+        report = pull(FeedConfig(name="f", kind="file", path=path), ledger, home)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        ledger.close()
+    return report.received, peak
+
+
+def test_a_100000_line_feed_is_ingested_in_memory_that_does_not_grow_with_it(tmp_path: Path) -> None:
+    small_n, small_peak = _peak_while_pulling(tmp_path, 10_000)
+    large_n, large_peak = _peak_while_pulling(tmp_path, 100_000)
+    assert (small_n, large_n) == (10_000, 100_000)
+    assert large_peak < 2 * small_peak, (small_peak, large_peak)  # ten times the records, not ten times the memory
