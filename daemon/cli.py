@@ -479,14 +479,16 @@ def evaluate(
     editor: Annotated[str, typer.Option(help="mend, ft or none.")] = "mend",
     editor_path: Annotated[Optional[Path], typer.Option(help="MEND editor file; default: the shipped one.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model spec; default: the home's configured model.")] = None,
+    projection: Annotated[Optional[bool], typer.Option(help="Project updates away from preserved keys; default: the home's editor.projection.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Edit each record on the model and measure reliability, generalization and locality."""
     from daemon.editor_jobs import run_eval
 
     config = _config(ctx)
+    project = config.editor.projection if projection is None else projection
     report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err,
-                      config.editor.edit_layers)
+                      config.editor.edit_layers, config.editor.projection_threshold if project else None)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:

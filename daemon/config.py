@@ -58,6 +58,16 @@ class EditorConfig(_Section):
         description="Names of the weight tensors the editor may change; null = the MLP weights of "
         "the model's last 3 layers.",
     )
+    projection: bool = Field(
+        True,
+        description="Project every update away from preserved keys (AlphaEdit's null-space projection; "
+        "key statistics pinned at init from held-out questions and WikiText-2): fewer unrelated answers change.",
+    )
+    projection_threshold: float = Field(
+        0.01, gt=0, le=1,
+        description="Eigenvalues of the preserved keys' covariance below this fraction of the largest "
+        "span the null space the updates are projected onto; smaller keeps more knowledge but lands fewer edits.",
+    )
 
 
 class HttpConfig(_Section):

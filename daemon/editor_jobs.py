@@ -41,10 +41,18 @@ def make_probes(editable: Editable) -> Probes:
 
 
 def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | None, limit: int | None,
-             batch_size: int, console, edit_names: list[str] | None = None) -> EditReport:
+             batch_size: int, console, edit_names: list[str] | None = None,
+             projection_threshold: float | None = None) -> EditReport:
+    """Measure an editor; with a projection threshold, its updates are projected as the service does."""
+    from daemon.suite_files import preserved_covariance
+    from editors.projection import projected
+
     loaded = load_model(model_spec)
     editable = Editable(loaded.model, loaded.tokenizer, edit_names)
     editor = make_editor(editor_name, editable, model_spec, editor_path)
+    if projection_threshold is not None:
+        with console.status("Measuring the preserved keys for the projection..."):
+            editor = projected(editor, editable, preserved_covariance(editable, data_dir()), projection_threshold)
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
         console.print(f"[yellow]skipped[/] {error}")

@@ -63,6 +63,11 @@ class Home:
         return self.root / "suites" / "suites.json"
 
     @property
+    def keys_path(self) -> Path:
+        """Covariances of the preserved keys at each edited tensor, for the null-space projection."""
+        return self.root / "suites" / "keys.safetensors"
+
+    @property
     def held_dir(self) -> Path:
         """Candidate deltas of held decisions, waiting for a person: <run id>.safetensors."""
         return self.state_dir / "held"

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from daemon.home import Home
 from editors.editable import Editable
-from policies.probes import DataNotFound, data_dir
+from editors.projection import key_covariance, preserved_batches
+from policies.probes import DataNotFound, data_dir, preserved_text
 from policies.suites import Suites, pin, references
 
 
@@ -23,7 +27,29 @@ def pin_suites(home: Home, editable: Editable, model: str, version: str, root: P
                           "facts, zsRE's questions and WikiText-2 (see ../shared/data/README).") from None
     suites = pin(editable, model, version, root)
     write_suites(home, suites)
+    pin_keys(home, editable, root)
     return suites
+
+
+def preserved_covariance(editable: Editable, root: Path) -> dict[str, torch.Tensor]:
+    pairs, chunks = preserved_text(root, editable.tokenizer)
+    return key_covariance(editable, preserved_batches(editable, pairs, chunks))
+
+
+def pin_keys(home: Home, editable: Editable, root: Path) -> None:
+    """The preserved keys' covariance at each edited tensor, from the base model, for the projection."""
+    covariance = {name: c.float().contiguous() for name, c in preserved_covariance(editable, root).items()}
+    home.keys_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = home.keys_path.with_suffix(".tmp")
+    save_file(covariance, str(partial))
+    partial.replace(home.keys_path)
+
+
+def load_keys(home: Home) -> dict[str, torch.Tensor]:
+    if not home.keys_path.exists():
+        raise SuitesError(f"no preserved-key statistics at {home.keys_path} (editor.projection is on): pin them with "
+                          f"`mendd --home {home.root} suites pin`, or set editor.projection: false")
+    return load_file(str(home.keys_path))
 
 
 def write_suites(home: Home, suites: Suites) -> None:

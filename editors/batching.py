@@ -68,6 +68,11 @@ def batch_from_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Toke
     return TokenBatch(input_ids=input_ids, labels=labels, lengths=lengths)
 
 
+def text_batch(chunks) -> TokenBatch:
+    """Running text as a TokenBatch: the first token is the prompt, every later token an answer."""
+    return batch_from_ids([(list(chunk[:1]), list(chunk[1:])) for chunk in chunks], pad_id=0)
+
+
 def _pad_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:

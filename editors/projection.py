@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from editors.batching import TokenBatch
+from editors.batching import TokenBatch, text_batch
 from editors.editable import Editable
 from editors.types import Correction, Delta, LowRankUpdate, Share
 
@@ -61,7 +61,7 @@ class ProjectedEditor:
 
     def __init__(self, inner, projectors: dict[str, torch.Tensor], transposed: dict[str, bool]):
         self.inner, self.projectors, self.transposed = inner, projectors, transposed
-        self.name = inner.name
+        self.name = f"{inner.name}+projection"
 
     def propose(self, editable: Editable, corrections: list[Correction]) -> Delta:
         delta = self.inner.propose(editable, corrections)
@@ -72,7 +72,11 @@ class ProjectedEditor:
         return Delta(editor=delta.editor, shares=shares, holding=delta.holding, invalid=delta.invalid)
 
 
-def projected(inner, editable: Editable, batches: list[TokenBatch], relative_threshold: float) -> ProjectedEditor:
-    covariance = key_covariance(editable, batches)
-    return ProjectedEditor(inner, {n: null_space_projector(c, relative_threshold) for n, c in covariance.items()},
+def preserved_batches(editable: Editable, pairs: list[tuple[str, str]], chunks: list[list[int]]) -> list[TokenBatch]:
+    batches = [editable.batch(pairs[i : i + 64]) for i in range(0, len(pairs), 64)]
+    return batches + [text_batch(chunks)]
+
+
+def projected(inner, editable: Editable, covariance: dict[str, torch.Tensor], relative_threshold: float) -> ProjectedEditor:
+    return ProjectedEditor(inner, {n: null_space_projector(c.double(), relative_threshold) for n, c in covariance.items()},
                            {t.name: t.transposed for t in editable.anatomy.editable})

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from editors import scoring
-from editors.batching import TokenBatch
+from editors.batching import TokenBatch, text_batch
 from editors.editable import Editable
 from editors.registry import Editor
 from editors.types import Correction, LocalityPrompt
-from policies.suites import text_batch
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from typing import Literal
 import torch
 
 from editors import scoring
-from editors.batching import TokenBatch
+from editors.batching import TokenBatch, text_batch
 from editors.editable import Editable
 from editors.types import Correction
 from policies.policy import Policy, Threshold
-from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes, text_batch
+from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes
 
 Outcome = Literal["accepted", "held", "rejected"]
 Weights = dict[str, torch.Tensor]

@@ -55,3 +55,10 @@ def wikitext_chunks(root: Path, tokenizer, n_chunks: int = 4, chunk_tokens: int 
         if len(ids) >= n_chunks * chunk_tokens:
             break
     return [ids[i * chunk_tokens : (i + 1) * chunk_tokens] for i in range(n_chunks)]
+
+
+def preserved_text(root: Path, tokenizer) -> tuple[list[tuple[str, str]], list[list[int]]]:
+    """Text whose keys an edit should not move: the training half of zsRE's questions and
+    WikiText-2 beyond the perplexity sample; never the sets a gate or an evaluation measures on."""
+    questions = [(p.prompt, p.answer) for p in unrelated_prompts(root, 10_000, 0, half=1)]
+    return questions, wikitext_chunks(root, tokenizer, n_chunks=16, chunk_tokens=128, offset_lines=1500)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from editors.batching import TokenBatch, batch_from_ids, pair_ids
+from editors.batching import pair_ids, text_batch
 from editors.editable import Editable
 from editors.types import Correction
 from policies.probes import unrelated_prompts, wikitext_chunks
@@ -132,11 +132,6 @@ def perplexity_sample(editable: Editable, chunks: list[list[int]]) -> Perplexity
     with torch.no_grad():
         nll = torch.nn.functional.cross_entropy(editable.logits(batch).float(), batch.answer_labels)
     return PerplexitySample(tuple(map(tuple, chunks)), nll.item())
-
-
-def text_batch(chunks: tuple[tuple[int, ...], ...]) -> TokenBatch:
-    """Running text as a TokenBatch: the first token is the prompt, every later token an answer."""
-    return batch_from_ids([(list(chunk[:1]), list(chunk[1:])) for chunk in chunks], pad_id=0)
 
 
 def _answered_right(editable: Editable, probe: Probe) -> bool:
