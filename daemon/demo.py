@@ -26,7 +26,7 @@ from store.models import load_model
 
 DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
 DEMO_MODEL = "smollm2-135m"
-DEMO_BATCH = 4
+DEMO_BATCH = 2  # contradictions next to each other meet; larger batches of this editor are mostly bisected
 
 
 @dataclass(frozen=True)
