@@ -47,7 +47,7 @@ def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleRep
     say(f"loading {DEMO_MODEL} and committing it as v0000...")
     loaded = load_model(DEMO_MODEL)
     init_home(home, DEMO_MODEL)
-    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 10", f"batch_size: {DEMO_BATCH}"))
+    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 1", f"batch_size: {DEMO_BATCH}"))
     base = create_versions(home, loaded.model, loaded.tokenizer, DEMO_MODEL)
     say("pinning the regression suites from the base model...")
     pin_suites(home, Editable(loaded.model, loaded.tokenizer), DEMO_MODEL, base.tag)

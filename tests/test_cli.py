@@ -71,7 +71,7 @@ def test_json_flag_prints_parseable_json(home: Path, args: list[str]) -> None:
 
 def test_bad_config_names_key_value_and_allowed_without_traceback(home: Path) -> None:
     config = home / "mendd.yaml"
-    config.write_text(config.read_text().replace("batch_size: 10", "batch_size: 0"))
+    config.write_text(config.read_text().replace("batch_size: 1", "batch_size: 0"))
     result = mendd("--home", str(home), "status")
     assert result.returncode == 2
     assert "batch_size: 0 is not allowed: must be greater than or equal to 1" in result.stderr

@@ -46,7 +46,7 @@ def test_good_file_is_loaded(tmp_path: Path) -> None:
 
 def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
     config = load_config(home_with(tmp_path, ""))
-    assert (config.model, config.editor.name, config.batch_size, config.http.port) == ("smollm2-135m", "mend", 10, 8742)
+    assert (config.model, config.editor.name, config.batch_size, config.http.port) == ("smollm2-135m", "mend", 1, 8742)
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,7 +47,7 @@ def test_a_rejected_batch_is_split_in_halves_down_to_single_corrections(tmp_path
 
 def test_the_batch_size_caps_a_cycle_and_the_oldest_go_first(tmp_path: Path, data_root) -> None:
     home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
-    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 10", "batch_size: 3"))
+    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 1", "batch_size: 3"))
     rt = open_runtime(home)
     try:
         enqueue(rt.records.versions.ledger, FOUR, "t")
