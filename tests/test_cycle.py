@@ -13,8 +13,13 @@ from test_cli import mendd
 FOUR = [Correction(f"c{i}", f"Fact number {i} is about", f"thing {i}") for i in range(4)]
 
 
+def batched(home, size: int = 10):
+    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 1\n", f"batch_size: {size}\n"))
+    return home
+
+
 def test_contradicting_corrections_keep_the_newest(tmp_path: Path, data_root) -> None:
-    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    home = batched(make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root))
     rt = open_runtime(home)
     try:
         ledger = rt.records.versions.ledger
@@ -30,7 +35,7 @@ def test_contradicting_corrections_keep_the_newest(tmp_path: Path, data_root) ->
 
 
 def test_a_rejected_batch_is_split_in_halves_down_to_single_corrections(tmp_path: Path, data_root) -> None:
-    home = make_decision_home(tmp_path / "home", REJECT_ALL, data_root)
+    home = batched(make_decision_home(tmp_path / "home", REJECT_ALL, data_root))
     rt = open_runtime(home)
     try:
         enqueue(rt.records.versions.ledger, FOUR, "t")
@@ -46,8 +51,7 @@ def test_a_rejected_batch_is_split_in_halves_down_to_single_corrections(tmp_path
 
 
 def test_the_batch_size_caps_a_cycle_and_the_oldest_go_first(tmp_path: Path, data_root) -> None:
-    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
-    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 1", "batch_size: 3"))
+    home = batched(make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root), 3)
     rt = open_runtime(home)
     try:
         enqueue(rt.records.versions.ledger, FOUR, "t")
@@ -59,7 +63,7 @@ def test_the_batch_size_caps_a_cycle_and_the_oldest_go_first(tmp_path: Path, dat
 
 
 def test_status_reports_the_version_counts_and_last_cycle(tmp_path: Path, data_root) -> None:
-    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    home = batched(make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root))
     feed = tmp_path / "c.jsonl"
     feed.write_text("".join(json.dumps({"id": c.id, "prompt": c.prompt, "target_new": c.target_new}) + "\n" for c in FOUR[:2]) + "bad\n")
     submitted = mendd("--home", str(home.root), "submit", str(feed), "--json")

@@ -53,7 +53,7 @@ def test_eval_prints_every_metric_as_json(tiny_home: Path, data_root: Path, data
                    "--limit", "3", "--editor", "ft", "--json", env=data_env)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["n"] == 3 and report["editor"] == "ft"
+    assert report["n"] == 3 and report["editor"] == "ft+projection"  # the home's default: editor.projection
     for key in ("reliability", "generalization", "neighborhood", "locality", "cf_success", "ppl_drawdown", "edit_seconds_median"):
         assert 0 <= report[key] or key == "ppl_drawdown", key
 
