@@ -51,8 +51,19 @@ def test_post_without_or_with_a_wrong_token_is_refused(api) -> None:
 
 
 def test_a_body_over_the_cap_is_refused_before_it_is_read(api) -> None:
+    import http.client
+
     url, _, _ = api
-    assert post(url, b"x" * (MAX_BODY + 1))[0] == 413
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    try:
+        # Only the headers are sent: the refusal must come from Content-Length, before any body is read.
+        connection.putrequest("POST", "/v1/corrections")
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.putheader("Content-Length", str(MAX_BODY + 1))
+        connection.endheaders()
+        assert connection.getresponse().status == 413
+    finally:
+        connection.close()
 
 
 def test_health_answers_503_with_the_reason_when_degraded(api) -> None:
