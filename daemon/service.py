@@ -11,6 +11,7 @@ stay pending), then the process exits 0. SIGHUP: feeds and policy are read again
 """
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import json
 import logging
@@ -85,6 +86,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_asked.set())
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, to the log
         try:
             systemd.notify("STATUS=loading the model, editor and suites")
             with home_lock(self.home):

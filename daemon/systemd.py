@@ -13,8 +13,14 @@ def notify(message: str) -> bool:
     if address.startswith("@"):  # an abstract socket
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+        # Never block: a listener that stops reading must not stall the service (a full queue
+        # drops this one message; the next ping or status follows soon).
+        sock.setblocking(False)
+        try:
+            sock.connect(address)
+            sock.send(message.encode())
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            return False
     return True
 
 

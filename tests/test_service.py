@@ -110,8 +110,8 @@ def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(120)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
-    process = subprocess.Popen([MENDD, "--home", str(home.root), "run"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "service.log", "w")
+    process = subprocess.Popen([MENDD, "--home", str(home.root), "run"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         messages = []
         while "READY=1" not in messages:
@@ -133,7 +133,10 @@ def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(
             counts = status["corrections"]
             return status if counts["pending"] == 0 and sum(counts.values()) >= 10 else None
 
-        status = wait_for(settled, 240, "every correction to be decided", process)
+        try:
+            status = wait_for(settled, 300, "every correction to be decided", process)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; service log:\n{(tmp_path / 'service.log').read_text()[-4000:]}") from None
         watchdog = [m for m in _drain(notify) if m == "WATCHDOG=1"]
         assert watchdog, "no watchdog ping while running"
         code, health = get_json(f"{api}/healthz")
@@ -146,8 +149,8 @@ def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(
             process.kill()
         notify.close()
         http_feed.server.shutdown()
-    output = process.stdout.read()
-    assert status["version"] != "v0000", output[-3000:]
+    log.close()
+    assert status["version"] != "v0000", (tmp_path / "service.log").read_text()[-3000:]
     ledger = Ledger(home.ledger_url)
     try:
         rows = ledger.corrections()
