@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from daemon.config import load_config
-from daemon.cycle import enqueue, run_cycle
+from daemon.cycle import run_cycle
+from daemon.feeds import enqueue
 from daemon.home import Home, init_home
 from daemon.runtime import Runtime
 from daemon.suite_files import pin_suites

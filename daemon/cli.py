@@ -236,8 +236,8 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Enqueue corrections from a file by hand (bad records are quarantined with their reason)."""
-    from daemon.feeds import ingest
-    from editors.formats import FORMATS, read_stream
+    from daemon.feeds import ingest, located
+    from editors.formats import FORMATS
     from store.ledger import Ledger
 
     home: Home = ctx.obj
@@ -249,8 +249,7 @@ def submit(
     ledger = Ledger(home.ledger_url)
     try:
         with open(file, "rb") as handle:
-            items = ((f"{file.name} #{pos}", item) for pos, item in read_stream(handle, fmt, f"submit:{file.name}"))
-            report = ingest(ledger, home, "submit", items)
+            report = ingest(ledger, home, "submit", located(file.name, handle, fmt, f"submit:{file.name}"))
     finally:
         ledger.close()
     if as_json:

@@ -13,7 +13,7 @@ from daemon import tracking
 from daemon.review import save_held
 from daemon.runtime import Runtime
 from daemon.versioning import commit_delta
-from editors.formats import FormatError, from_record, to_record
+from editors.formats import FormatError, from_record
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
 from store.ledger import LedgerCorrection
@@ -32,11 +32,6 @@ class StepResult:
     seconds: dict[str, float]  # edit, gate, tracking, commit: where the time went
 
 
-def enqueue(ledger, corrections: list[Correction], feed: str) -> list[tuple[LedgerCorrection, bool]]:
-    """Store corrections as pending (once each: a repeat is recognised and not stored again)."""
-    return [ledger.receive(feed, c.id, to_record(c), c.received_at) for c in corrections]
-
-
 def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> StepResult:
     """Propose, judge, record and act on one batch of pending ledger rows.
 
@@ -52,23 +47,22 @@ def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> Ste
             unreadable.append((row, str(error)))
     started = time.perf_counter()
     delta = rt.editor.propose(rt.editable, corrections)
-    edit_seconds = time.perf_counter() - started
+    seconds = {"edit": time.perf_counter() - started}  # where the time went: edit, gate, tracking, commit
     edited = [c for c in corrections if c.id in set(delta.correction_ids)]
 
     decision = run_id = version = None
-    seconds = {"edit": edit_seconds}
     if edited:
         current = rt.editable.weights()
         candidate = {name: current[name] + change for name, change in delta.tensors().items()}
         started = time.perf_counter()
         decision = rt.gate.judge(current, candidate, edited, retained(rt))
-        gate_seconds = time.perf_counter() - started
+        seconds["gate"] = time.perf_counter() - started
         record = tracking.DecisionRecord(
             decision, edited, rt.served, rt.editor.name, rt.policy, list(delta.holding), list(delta.invalid),
-            len(rows), {"edit": edit_seconds, "gate": gate_seconds})
+            len(rows), dict(seconds))
         started = time.perf_counter()
         run_id = tracking.open_decision_run(rt.records.mlflow, rt.records.experiment, record)
-        seconds["gate"], seconds["tracking"] = gate_seconds, time.perf_counter() - started
+        seconds["tracking"] = time.perf_counter() - started
 
     for row, problem in unreadable:
         ledger.mark([row.key], CorrectionStatus.quarantined, run_id=run_id, reason=problem)

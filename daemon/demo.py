@@ -15,13 +15,12 @@ import torch
 
 from daemon.config import load_config
 from daemon.cycle import CycleReport, run_cycle
-from daemon.feeds import ingest
+from daemon.feeds import ingest, located
 from daemon.home import Home, init_home
 from daemon.runtime import Runtime
 from daemon.suite_files import pin_suites
 from daemon.versioning import create_versions, home_lock
 from editors.editable import Editable
-from editors.formats import read_stream
 from store.models import load_model
 
 DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
@@ -57,7 +56,7 @@ def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleRep
         try:
             ledger = rt.records.versions.ledger
             with open(DEMO_FEED, "rb") as handle:
-                report = ingest(ledger, home, "demo", ((f"demo_feed.jsonl #{pos}", item) for pos, item in read_stream(handle)))
+                report = ingest(ledger, home, "demo", located(DEMO_FEED.name, handle))
             say(f"demo feed: {report.received} corrections received, {report.quarantined} quarantined")
             prompts = {row.external_id: row.payload["prompt"] for row in ledger.corrections() if "prompt" in row.payload}
             before = answers(rt, prompts)

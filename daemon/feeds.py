@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 
@@ -74,10 +75,21 @@ def ingest(ledger: Ledger, home: Home, feed: str, items: Iterable[tuple[str, Cor
     return report
 
 
+def enqueue(ledger: Ledger, corrections: list[Correction], feed: str) -> list[bool]:
+    """Store corrections as pending, once each (a repeat is recognised); whether each was new."""
+    return ledger.receive_many(feed, [(c.id, to_record(c), c.received_at) for c in corrections])
+
+
+def located(label: str, handle: BinaryIO, fmt: str = "auto", source: str = "manual") -> Iterator[tuple[str, Correction | FormatError]]:
+    """Each record of a stream with where it came from (`<label> #<position>`), as ingest takes them."""
+    for position, item in read_stream(handle, fmt, source):
+        yield f"{label} #{position}", item
+
+
 def _store(ledger: Ledger, feed: str, corrections: list[Correction], report: IntakeReport) -> None:
     if not corrections:
         return
-    new = ledger.receive_many(feed, [(c.id, to_record(c), c.received_at) for c in corrections])
+    new = enqueue(ledger, corrections, feed)
     report.received += sum(new)
     report.duplicates += len(new) - sum(new)
 
@@ -148,7 +160,7 @@ def pull_dir(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
             items: list = [(path.name, FormatError("(file)", "(size)", f"{path.stat().st_size} bytes, over max_bytes {feed.max_bytes}"))]
         else:
             with open(path, "rb") as handle:
-                items = [(f"{path.name} #{pos}", item) for pos, item in read_stream(handle, feed.format, f"feed:{feed.name}")]
+                items = list(located(path.name, handle, feed.format, f"feed:{feed.name}"))
         ingest(ledger, home, feed.name, items, report)
         usable = (report.received, report.duplicates) != before
         _move(path, folder / ("done" if usable or not items else "quarantine"))
@@ -182,8 +194,7 @@ def pull_http(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
     except requests.RequestException as error:
         raise FeedError(f"feed {feed.name}: {feed.url} unreachable: {type(error).__name__}: {error}") from None
     report = IntakeReport(feed.name)
-    items = ((f"{feed.name} #{pos}", item) for pos, item in read_stream(io.BytesIO(body), feed.format, f"feed:{feed.name}"))
-    ingest(ledger, home, feed.name, items, report)
+    ingest(ledger, home, feed.name, located(feed.name, io.BytesIO(body), feed.format, f"feed:{feed.name}"), report)
     ledger.set_cursor(feed.name, json.dumps({"etag": etag, "since": next_since or cursor.get("since")}))
     return report
 

@@ -16,8 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon.feeds import ingest
-from editors.formats import read_stream
+from daemon.feeds import ingest, located
 
 log = logging.getLogger("mendd.http")
 MAX_BODY = 1 << 20  # 1 MiB per POST
@@ -76,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(length))
         body = _one_line_if_single_object(body)
-        items = ((f"api #{pos}", item) for pos, item in read_stream(io.BytesIO(body), "auto", f"feed:{API_FEED}"))
+        items = located(API_FEED, io.BytesIO(body), "auto", f"feed:{API_FEED}")
         ledger = self.api.ledger_factory()
         try:
             report = ingest(ledger, self.api.home, API_FEED, items)

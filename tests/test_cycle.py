@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.cycle import enqueue, run_cycle
+from daemon.cycle import run_cycle
+from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, REJECT_ALL, make_decision_home, open_runtime
 from editors.types import Correction
 from test_cli import mendd

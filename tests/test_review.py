@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon import review, tracking
-from daemon.cycle import decide, enqueue
+from daemon.cycle import decide
+from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, REJECT_ALL, make_decision_home, open_runtime
 from store.ledger_schema import CorrectionStatus
 from test_cli import mendd
