@@ -16,6 +16,7 @@ from daemon.versioning import commit_delta
 from editors.formats import FormatError, from_record
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
+from store.crash import JUDGED, PROPOSED, TRACKED, crash_point
 from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
 from store.versions import Version
@@ -48,6 +49,7 @@ def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> Ste
     started = time.perf_counter()
     delta = rt.editor.propose(rt.editable, corrections)
     seconds = {"edit": time.perf_counter() - started}  # where the time went: edit, gate, tracking, commit
+    crash_point(PROPOSED)
     edited = [c for c in corrections if c.id in set(delta.correction_ids)]
 
     decision = run_id = version = None
@@ -57,12 +59,14 @@ def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> Ste
         started = time.perf_counter()
         decision = rt.gate.judge(current, candidate, edited, retained(rt))
         seconds["gate"] = time.perf_counter() - started
+        crash_point(JUDGED)
         record = tracking.DecisionRecord(
             decision, edited, rt.served, rt.editor.name, rt.policy, list(delta.holding), list(delta.invalid),
             len(rows), dict(seconds))
         started = time.perf_counter()
         run_id = tracking.open_decision_run(rt.records.mlflow, rt.records.experiment, record)
         seconds["tracking"] = time.perf_counter() - started
+        crash_point(TRACKED)
 
     for row, problem in unreadable:
         ledger.mark([row.key], CorrectionStatus.quarantined, run_id=run_id, reason=problem)

@@ -29,6 +29,7 @@ from daemon.config import FeedConfig
 from daemon.home import Home
 from editors.formats import FormatError, content_id, read_stream, to_record
 from editors.types import Correction
+from store.crash import FEED_STORED, crash_point
 from store.ledger import Ledger
 
 CURSOR_EVERY = 1000  # records between cursor saves on a long file
@@ -90,6 +91,7 @@ def _store(ledger: Ledger, feed: str, corrections: list[Correction], report: Int
     if not corrections:
         return
     new = enqueue(ledger, corrections, feed)
+    crash_point(FEED_STORED)
     report.received += sum(new)
     report.duplicates += len(new) - sum(new)
 

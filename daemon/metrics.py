@@ -17,6 +17,8 @@ class Metrics:
                                  registry=self.registry)
         self.version = Gauge("mendd_served_version", "Number of the served version (vNNNN)", registry=self.registry)
         self.healthy = Gauge("mendd_healthy", "1 when no component is degraded", registry=self.registry)
+        self.cycle_failures = Counter("mendd_cycle_failures", "Cycles that failed (and left their corrections pending)",
+                                      registry=self.registry)
         self.feed_errors = Counter("mendd_feed_errors", "Failed feed pulls", ["feed"], registry=self.registry)
 
     def observe_cycle(self, report) -> None:

@@ -36,7 +36,7 @@ from daemon.metrics import Metrics
 from daemon.review import settle_tagged
 from daemon.runtime import Runtime
 from daemon.status import snapshot
-from daemon.versioning import Versions, home_lock, served_version
+from daemon.versioning import Versions, home_lock, recover, served_version
 from policies.policy import load_policy
 from store.errors import StoreError
 from store.ledger import Ledger
@@ -77,6 +77,7 @@ class Service:
         self.stopping = threading.Event()
         self.reload_asked = threading.Event()
         self.rt: Runtime | None = None
+        self.unsettled = False  # the last cycle failed: recover the store before the next one
         self.scheduler: BackgroundScheduler | None = None
 
     # -- life ---------------------------------------------------------------------------------
@@ -149,18 +150,23 @@ class Service:
     def _maybe_cycle(self) -> None:
         ledger = self.rt.records.versions.ledger
         while not self.stopping.is_set():
-            waiting = ledger.pending(self.config.cycle.min_pending)
-            if not waiting:
-                return
-            waited = (datetime.now(timezone.utc) - waiting[0].received_at).total_seconds()
-            if len(waiting) < self.config.cycle.min_pending and waited < self.config.cycle.max_wait_s:
-                return
             try:
+                waiting = ledger.pending(self.config.cycle.min_pending)
+                if not waiting:
+                    return
+                waited = (datetime.now(timezone.utc) - waiting[0].received_at).total_seconds()
+                if len(waiting) < self.config.cycle.min_pending and waited < self.config.cycle.max_wait_s:
+                    return
                 with home_lock(self.home):
+                    if self.unsettled:  # a failed cycle may have left a commit half-way: undo or finish it first
+                        recover(self.rt.records.versions)
+                        self.unsettled = False
                     systemd.notify(f"STATUS=cycle: {len(waiting)}+ corrections pending on {self.rt.served.tag}")
                     report = run_cycle(self.rt, should_stop=self.stopping.is_set)
-            except Exception as error:  # the service stays up; the corrections stay pending
+            except Exception as error:  # the service stays up; the corrections stay pending; the next check retries
+                self.unsettled = True
                 self.health.degrade("cycle", f"{type(error).__name__}: {error}")
+                self.metrics.cycle_failures.inc()
                 log.exception("cycle failed")
                 return
             self.health.clear("cycle")
@@ -179,12 +185,12 @@ class Service:
                     self.rt.load(changed)
             for run_id, action, _ in settled:
                 log.info("review of %s: %s", run_id, action)
+            self.metrics.observe_ledger(self.rt.records.versions.ledger.counts())
             self.health.clear("tick")
         except Exception as error:
             self.health.degrade("tick", f"{type(error).__name__}: {error}")
             log.warning("tick failed: %s", error)
         self.metrics.version.set(tag_number(self.rt.served.tag))
-        self.metrics.observe_ledger(self.rt.records.versions.ledger.counts())
         self.metrics.healthy.set(1 if self.health.ok else 0)
         self._write_health()
 

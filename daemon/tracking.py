@@ -21,6 +21,11 @@ def client(tracking_uri: str):
     """An MlflowClient for the home's backend; quiet about its own migrations and telemetry."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    # A tracking server that is down fails a cycle in seconds (and the next check retries), instead
+    # of MLflow's default of minutes of retries holding the service's only worker.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 

@@ -16,26 +16,31 @@ from editors.editable import Editable
 from editors.types import Correction, Delta, LowRankUpdate, Share
 
 
-def key_covariance(editable: Editable, batches: list[TokenBatch]) -> dict[str, torch.Tensor]:
-    """K0 K0ᵀ per editable tensor: the sum of outer products of its inputs over every real token."""
-    covariance = {t.name: torch.zeros(t.in_features, t.in_features, dtype=torch.float64) for t in editable.anatomy.editable}
+def edit_inputs(editable: Editable, batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """The keys: each editable tensor's inputs at every real token of `batch`, [tokens, in_features]."""
+    captured: dict[str, torch.Tensor] = {}
     handles = []
-    current: dict[str, torch.Tensor] = {}
     for tensor in editable.anatomy.editable:
         def capture(_module, args, _output, name=tensor.name):
-            current[name] = args[0].detach()
+            captured[name] = args[0].detach()
         handles.append(tensor.module.register_forward_hook(capture))
     try:
         with torch.no_grad():
-            for batch in batches:
-                editable.logits(batch)
-                real = batch.real_positions | batch.answer_positions
-                for name, inputs in current.items():
-                    keys = inputs[real].double()
-                    covariance[name] += keys.T @ keys
+            editable.logits(batch)
     finally:
         for handle in handles:
             handle.remove()
+    real = batch.real_positions | batch.answer_positions
+    return {name: inputs[real] for name, inputs in captured.items()}
+
+
+def key_covariance(editable: Editable, batches: list[TokenBatch]) -> dict[str, torch.Tensor]:
+    """K0 K0ᵀ per editable tensor: the sum of outer products of its inputs over every real token."""
+    covariance = {t.name: torch.zeros(t.in_features, t.in_features, dtype=torch.float64) for t in editable.anatomy.editable}
+    for batch in batches:
+        for name, keys in edit_inputs(editable, batch).items():
+            keys = keys.double()
+            covariance[name] += keys.T @ keys
     return covariance
 
 

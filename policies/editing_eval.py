@@ -136,3 +136,17 @@ def _nll(editable: Editable, batch: TokenBatch, weights) -> torch.Tensor:
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def served_accuracy(editable: Editable, corrections: list[Correction], weights=None, chunk: int = 64) -> tuple[float | None, float | None]:
+    """Reliability and generalization of the served model over `corrections`: the share of their
+    prompts, and of all their rephrasings, whose every target token is the argmax. None: nothing to score."""
+    def share(pairs: list[tuple[str, str]]) -> float | None:
+        if not pairs:
+            return None
+        with torch.no_grad():
+            hits = [a for part in _chunks(pairs, chunk) for a in _accuracy(editable, editable.batch(part), weights)]
+        return sum(hits) / len(hits)
+
+    return (share([(c.prompt, c.target_new) for c in corrections]),
+            share([(r, c.target_new) for c in corrections for r in c.rephrases]))

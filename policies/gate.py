@@ -104,12 +104,12 @@ class Gate:
         self.suites = suites
         self.policy = policy
         ordered = sorted(suites.locality, key=lambda p: len(p.prompt) + len(p.answer))
-        self.locality: list[tuple[list[Probe], TokenBatch, torch.Tensor]] = []
+        self.locality_batches: list[tuple[list[Probe], TokenBatch, torch.Tensor]] = []
         for start in range(0, len(ordered), BATCH):
             probes = ordered[start : start + BATCH]
             batch = editable.batch([(p.prompt, p.answer) for p in probes])
             reference = torch.tensor([token for p in probes for token in p.reference])
-            self.locality.append((probes, batch, reference))
+            self.locality_batches.append((probes, batch, reference))
         self.text = text_batch(suites.perplexity.chunks)
 
     def judge(self, current: Weights, candidate: Weights, corrections: list[Correction],
@@ -118,8 +118,8 @@ class Gate:
         with torch.no_grad():
             edits, edit_rows = self._new_edits(current, candidate, corrections)
             retention, retention_rows = self._retention(current, candidate, retention_probes(list(retained)))
-            locality, locality_rows = self._locality(candidate)
-            ppl = self._ppl_drawdown(candidate)
+            locality, locality_rows = self.locality(candidate)
+            ppl = self.ppl_drawdown(candidate)
         p = self.policy.threshold
         checks = [
             check("reliability", edits["reliability"], len(corrections), p("reliability")),
@@ -172,11 +172,11 @@ class Gate:
                     for i, (cid, prompt, target) in enumerate(triples)]
         return before, after, examples
 
-    def _locality(self, candidate: Weights):
+    def locality(self, candidate: Weights):
         """Mean per-probe agreement with the base model's argmax; the changed probes as table rows."""
         agreements: list[torch.Tensor] = []
         rows: list[Example] = []
-        for probes, batch, reference in self.locality:
+        for probes, batch, reference in self.locality_batches:
             after = self.editable.logits(batch, candidate).argmax(-1)
             same = scoring.per_row_mean((after == reference).float(), batch.row_of_answer, len(probes))
             agreements.append(same)
@@ -187,7 +187,7 @@ class Gate:
                                     self._decode(after[mine]), False))
         return torch.cat(agreements).mean().item(), rows
 
-    def _ppl_drawdown(self, candidate: Weights) -> float:
+    def ppl_drawdown(self, candidate: Weights) -> float:
         logits = self.editable.logits(self.text, candidate)
         nll = scoring.token_nll(logits, self.text.answer_labels).mean().item()
         return scoring.perplexity_change(nll, self.suites.perplexity.base_nll)

@@ -23,6 +23,14 @@ ROLLBACK_CHECKED_OUT = "rollback-checked-out"
 
 COMMIT_POINTS = (TENSORS_WRITTEN, DVC_ADDED, GIT_COMMITTED, TAGGED, BEFORE_LEDGER)
 
+# The service's steps around a commit (daemon/feeds.py, daemon/cycle.py).
+FEED_STORED = "feed-stored"  # a feed chunk is in the ledger, the feed's cursor not yet saved
+PROPOSED = "proposed"  # the editor has proposed a delta
+JUDGED = "judged"  # the gate has decided, nothing recorded yet
+TRACKED = "tracked"  # the MLflow run is written, nothing committed yet
+
+SERVICE_POINTS = (FEED_STORED, PROPOSED, JUDGED, TRACKED)
+
 
 def crash_point(name: str) -> None:
     """Kill this process with SIGKILL if ``MENDD_CRASH_AT`` names this point."""

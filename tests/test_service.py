@@ -8,88 +8,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import threading
-import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-
 from decision_helpers import ACCEPT_ALL, make_decision_home
+from service_harness import MENDD, FeedServer, configure, drain, free_port, get_json, line, wait_for
 from store.ledger import Ledger
-
-MENDD = str(Path(sys.executable).with_name("mendd"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def line(cid: str, prompt: str, target: str) -> str:
-    return json.dumps({"id": cid, "prompt": prompt, "target_new": target}) + "\n"
-
-
-class FeedServer:
-    """A correction feed over HTTP that honours If-None-Match, as a real producer would."""
-
-    def __init__(self, body: str):
-        self.body, self.requests = body.encode(), 0
-        feed = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                feed.requests += 1
-                etag = f'"{hash(feed.body)}"'
-                if self.headers.get("If-None-Match") == etag:
-                    self.send_response(304)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", str(len(feed.body)))
-                self.end_headers()
-                self.wfile.write(feed.body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/feed.jsonl"
-
-
-def get_json(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def wait_for(predicate, seconds: float, what: str, process: subprocess.Popen):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"mendd run exited early ({process.returncode}) while waiting for {what}")
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def configure(home, port: int, feeds: list[dict], token: str | None = None) -> None:
-    text = home.config_path.read_text().replace("port: 8742", f"port: {port}")
-    text = text.replace("feeds: []", "feeds: " + json.dumps(feeds))
-    text = text.replace("check_interval_s: 10.0", "check_interval_s: 1.0")
-    home.config_path.write_text(text)
 
 
 def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(tmp_path: Path, data_root) -> None:
@@ -137,7 +61,7 @@ def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(
             status = wait_for(settled, 300, "every correction to be decided", process)
         except AssertionError as error:
             raise AssertionError(f"{error}; service log:\n{(tmp_path / 'service.log').read_text()[-4000:]}") from None
-        watchdog = [m for m in _drain(notify) if m == "WATCHDOG=1"]
+        watchdog = [m for m in drain(notify) if m == "WATCHDOG=1"]
         assert watchdog, "no watchdog ping while running"
         code, health = get_json(f"{api}/healthz")
         metrics = urllib.request.urlopen(f"{api}/metrics", timeout=5).read().decode()
@@ -170,16 +94,6 @@ def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(
     assert accounted == len(rows) == len(good) + 5
     assert (drop / "done" / "batch.jsonl").exists() and (drop / "quarantine" / "garbage.json").exists()
     assert (home.quarantine_path).read_text().count("\n") == 5
-
-
-def _drain(sock: socket.socket) -> list[str]:
-    sock.settimeout(0.1)
-    out = []
-    try:
-        while True:
-            out.append(sock.recv(4096).decode())
-    except (TimeoutError, socket.timeout, BlockingIOError):
-        return out
 
 
 def test_a_second_service_on_the_same_home_refuses_to_start_naming_the_holder(tmp_path: Path, data_root) -> None:

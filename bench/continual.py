@@ -1,0 +1,258 @@
+"""Continual editing through the real cycle: T corrections, measured every --every on the served model.
+
+Each row streams the same CounterFact val records into its own temporary home (SmolLM2-135M,
+git+DVC store, SQLite ledger, MLflow on SQLite) and runs cycles of --batch corrections until none
+is pending, exactly as the service does (propose -> gate -> MLflow -> commit, rejected batches
+bisected). Every --every corrections it measures the served model:
+  reliability, generalization  over every correction accepted so far (prompts; rephrasings)
+  locality                     the gate suite's 733 unrelated prompts against the base model
+  ppl_drawdown                 WikiText-2 sample against the base model
+  acceptance                   accepted / submitted (held counts as not accepted: nobody reviews here)
+
+Rows:
+  mend-nogate  plain MEND, every batch applied, no gate (in memory; no store)
+  mend         plain MEND, the default gate
+  ft           the fine-tuning baseline, the default gate
+  mendd        mendd's defaults (the best configuration): the reported `final`
+
+Resumable: each row's home and progress live under --work; run it again to go on where it stopped.
+Prints one JSON object, writes it and a PNG of the curves to --out, and logs both to MLflow.
+
+    python bench/continual.py [--quick] [--n 1000] [--rows mend-nogate mend ft mendd] [--work DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from daemon.config import load_config
+from daemon.cycle import retained, run_cycle
+from daemon.feeds import enqueue
+from daemon.home import Home
+from daemon.provision import provision_home
+from daemon.runtime import Runtime
+from daemon.suite_files import load_suites
+from editors.editable import Editable
+from editors.formats import from_record, load_corrections
+from editors.registry import make_editor
+from editors.types import Correction, apply_delta
+from policies.editing_eval import served_accuracy
+from policies.gate import Gate
+from policies.policy import load_policy
+from policies.probes import data_dir
+from store.ledger_schema import CorrectionStatus
+from store.models import load_model
+
+MODEL = "smollm2-135m"
+FEED = "continual"
+ROWS = {  # row -> settings merged into its home's mendd.yaml
+    "mend-nogate": {"editor": {"name": "mend", "projection": False}},
+    "mend": {"editor": {"name": "mend", "projection": False}},
+    "ft": {"editor": {"name": "ft", "projection": False}},
+    "mendd": {},
+}
+BEST = "mendd"
+
+
+@dataclass(frozen=True)
+class Point:
+    corrections: int  # submitted so far
+    accepted: int
+    reliability: float | None
+    generalization: float | None
+    locality: float
+    ppl_drawdown: float
+    acceptance: float
+    seconds: float  # wall time of the row so far (cycles and measurements)
+
+
+def measure(editable: Editable, gate: Gate, accepted: list[Correction], submitted: int, seconds: float) -> Point:
+    weights = editable.weights()
+    with torch.no_grad():
+        reliability, generalization = served_accuracy(editable, accepted)
+        locality, _ = gate.locality(weights)
+        ppl = gate.ppl_drawdown(weights)
+    return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
+                 round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1))
+
+
+class Progress:
+    """A row's measurements so far, kept beside its home so a stopped run goes on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.points = [Point(**p) for p in json.loads(path.read_text())["points"]] if path.exists() else []
+
+    @property
+    def done(self) -> int:
+        return self.points[-1].corrections if self.points else 0
+
+    @property
+    def seconds(self) -> float:
+        return self.points[-1].seconds if self.points else 0.0
+
+    def add(self, point: Point) -> None:
+        self.points.append(point)
+        partial = self.path.with_suffix(".tmp")
+        partial.write_text(json.dumps({"points": [asdict(p) for p in self.points]}))
+        partial.replace(self.path)
+
+
+def run_gated(row: str, work: Path, template: Home, records: list[Correction], args, say) -> list[Point]:
+    """Stream `records` through the real cycle in the row's home, measuring every args.every."""
+    home = Home(work / row)
+    progress = Progress(work / f"{row}.progress.json")
+    if not home.config_path.exists():
+        provision_home(home, MODEL, settings={**ROWS[row], "batch_size": args.batch}, suites_from=template)
+    rt = Runtime.open(home, load_config(home))
+    try:
+        ledger = rt.records.versions.ledger
+        # corrections submitted beyond the last measurement are decided now, then measured with the next chunk
+        submitted = sum(1 for row_ in ledger.corrections() if row_.feed == FEED)
+        for start in range(progress.done, len(records), args.every):
+            chunk_started = time.perf_counter()
+            end = min(start + args.every, len(records))
+            if submitted < end:
+                enqueue(ledger, records[submitted:end], FEED)
+                submitted = end
+            while ledger.pending(1):
+                run_cycle(rt)
+            accepted = retained(rt) + _holding(rt)
+            point = measure(rt.editable, rt.gate, accepted, end, progress.seconds + time.perf_counter() - chunk_started)
+            progress.add(point)
+            say(row, point)
+    finally:
+        rt.close()
+    return progress.points
+
+
+def _holding(rt: Runtime) -> list[Correction]:
+    """Corrections the model already answered as asked: accepted without a weight change."""
+    rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
+    return [from_record(r.external_id, r.payload, r.feed) for r in rows if r.version is None]
+
+
+def run_ungated(row: str, work: Path, template: Home, records: list[Correction], args, say) -> list[Point]:
+    """Plain MEND applied batch after batch with no gate and no store: the collapse to compare with.
+    In memory, so a stopped run starts this row again."""
+    progress = Progress(work / f"{row}.progress.json")
+    if progress.done >= len(records):
+        return progress.points
+    progress.points.clear()
+    loaded = load_model(MODEL)
+    editable = Editable(loaded.model, loaded.tokenizer)
+    editor = make_editor("mend", editable, MODEL)
+    gate = Gate(editable, load_suites(template), load_policy(None))
+    started = time.perf_counter()
+    for start in range(0, len(records), args.every):
+        chunk = records[start : start + args.every]
+        for i in range(0, len(chunk), args.batch):
+            apply_delta(loaded.model, editor.propose(editable, chunk[i : i + args.batch]))
+        point = measure(editable, gate, records[: start + len(chunk)], start + len(chunk), time.perf_counter() - started)
+        progress.add(point)
+        say(row, point)
+    return progress.points
+
+
+def plot(rows: dict[str, list[Point]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")
+    bars = {"reliability": 0.90, "generalization": 0.75, "locality": 0.95, "ppl_drawdown": 0.05, "acceptance": 0.80}
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    for axis, metric in zip(axes, metrics):
+        for row, points in rows.items():
+            xs = [p.corrections for p in points if getattr(p, metric) is not None]
+            axis.plot(xs, [getattr(p, metric) for p in points if getattr(p, metric) is not None], marker="o", label=row)
+        axis.axhline(bars[metric], color="grey", linestyle="--", linewidth=1)
+        axis.set_title(metric)
+        axis.set_xlabel("corrections submitted")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def log_to_mlflow(uri: str, summary: dict, json_path: Path, png_path: Path, rows: dict[str, list[Point]]) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mendd-bench/continual")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("mendd-bench/continual")
+    run = client.create_run(experiment_id, run_name=f"continual-T{summary['T']}")
+    client.log_params(run.info.run_id, {"T": summary["T"], "batch": summary["batch"], "every": summary["every"],
+                                        "model": MODEL, "rows": ",".join(rows)})
+    for row, points in rows.items():
+        for p in points:
+            for metric in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance"):
+                if getattr(p, metric) is not None:
+                    client.log_metric(run.info.run_id, f"{row}.{metric}", getattr(p, metric), step=p.corrections)
+    client.log_artifact(run.info.run_id, str(json_path))
+    client.log_artifact(run.info.run_id, str(png_path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="100 corrections (T=100)")
+    parser.add_argument("--n", type=int, default=1000, help="T: corrections streamed")
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mendd-continual"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tracking-uri", default=None, help="default: sqlite under --work")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.every = 100, min(args.every, 50)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.n)
+
+    def say(row: str, p: Point) -> None:
+        print(f"[{row}] T={p.corrections} accepted={p.accepted} rel={p.reliability} gen={p.generalization} "
+              f"loc={p.locality} ppl={p.ppl_drawdown} acc={p.acceptance} {p.seconds:.0f}s", file=sys.stderr, flush=True)
+
+    template = Home(args.work / "template")
+    if not template.suites_path.exists():
+        provision_home(template, MODEL)
+    results: dict[str, list[Point]] = {}
+    for row in args.rows:
+        run = run_ungated if row == "mend-nogate" else run_gated
+        results[row] = run(row, args.work, template, records, args, say)
+
+    tag = "quick" if args.quick else f"T{args.n}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"continual_{tag}.json", args.out / f"continual_{tag}.png"
+    last = {row: asdict(points[-1]) for row, points in results.items()}
+    summary = {
+        "T": args.n, "batch": args.batch, "every": args.every, "model": MODEL, "threads": args.threads,
+        "final": {k: last[BEST][k] for k in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")}
+        if BEST in last else None,
+        "final_row": BEST, "last": last,
+        "curves": {row: [asdict(p) for p in points] for row, points in results.items()},
+        "wall_seconds": {row: points[-1].seconds for row, points in results.items()},
+    }
+    json_path.write_text(json.dumps(summary, indent=1))
+    plot(results, png_path)
+    summary["mlflow_run"] = log_to_mlflow(args.tracking_uri or f"sqlite:///{args.work / 'mlflow.db'}", summary,
+                                          json_path, png_path, results)
+    print(json.dumps({k: v for k, v in summary.items() if k != "curves"}))
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""`mendd run` as a real subprocess, the feeds it reads, and the audit of a home after it stopped
+(or was killed): shared by the service tests, the fault tests and bench/reliability.py."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from safetensors import safe_open
+
+from daemon.config import load_config
+from daemon.home import Home
+from daemon.versioning import changing
+from store.ledger_schema import CorrectionStatus
+from store.lineage import in_effect
+from store_helpers import store_is_clean, tool
+
+MENDD = str(Path(sys.executable).with_name("mendd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def line(cid: str, prompt: str, target: str) -> str:
+    return json.dumps({"id": cid, "prompt": prompt, "target_new": target}) + "\n"
+
+
+class FeedServer:
+    """A correction feed over HTTP that honours If-None-Match, as a real producer would; it can be
+    stopped and started again on the same port (a producer's outage)."""
+
+    def __init__(self, body: str, port: int = 0):
+        self.body, self.requests = body.encode(), 0
+        self.server = self._serve(port)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/feed.jsonl"
+
+    def _serve(self, port: int) -> ThreadingHTTPServer:
+        feed = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                feed.requests += 1
+                etag = f'"{hash(feed.body)}"'
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(feed.body)))
+                self.end_headers()
+                self.wfile.write(feed.body)
+
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def restart(self) -> None:
+        self.server = self._serve(self.server.server_address[1])
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for(predicate, seconds: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"mendd run exited early ({process.returncode}) while waiting for {what}")
+        try:
+            value = predicate()
+            if value:
+                return value
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def configure(home: Home, port: int, feeds: list[dict], **replace: str) -> None:
+    """The home's HTTP port and feeds, a 1 s cycle check, and any other `old=new` text replacements."""
+    text = home.config_path.read_text().replace("port: 8742", f"port: {port}")
+    text = text.replace("feeds: []", "feeds: " + json.dumps(feeds))
+    text = text.replace("check_interval_s: 10.0", "check_interval_s: 1.0")
+    for old, new in replace.items():
+        assert old in text, f"{old!r} is not in mendd.yaml"
+        text = text.replace(old, new)
+    home.config_path.write_text(text)
+
+
+def start_service(home: Home, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = open(log_path, "a")
+    try:
+        return subprocess.Popen([MENDD, "--home", str(home.root), "run"], env={**os.environ, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+    finally:
+        log.close()  # the child holds its own copy
+
+
+def drain(sock: socket.socket) -> list[str]:
+    sock.settimeout(0.1)
+    out = []
+    try:
+        while True:
+            out.append(sock.recv(4096).decode())
+    except (TimeoutError, socket.timeout, BlockingIOError):
+        return out
+
+
+@dataclass
+class Audit:
+    """What a home holds after a stop: the problems found, as words."""
+
+    lost: list[str] = field(default_factory=list)  # corrections sent but not in the ledger
+    duplicated: list[str] = field(default_factory=list)  # corrections stored more than once
+    corrupted: list[str] = field(default_factory=list)  # store or ledger not one consistent version
+    statuses: Counter = field(default_factory=Counter)
+    head: str = ""
+
+
+def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
+    """Recover the home as a restart does, then check it: the store's HEAD is a tagged version,
+    `dvc status` and `git status` are clean, every tensor file reads, the ledger records every
+    version and carries exactly the corrections the head does, and each correction in `sent` (ids
+    that reached the ledger's feed `feed`, or any feed) is stored exactly once."""
+    found = Audit()
+    with changing(home, load_config(home)) as (versions, _recovery):
+        store, ledger = versions.store, versions.ledger
+        head = store.head()
+        found.head = head.tag
+        if tool(home.store_dir, "git", "describe", "--exact-match", "--tags", "HEAD").stdout.strip() != head.tag:
+            found.corrupted.append(f"HEAD is not tagged {head.tag}")
+        if not store_is_clean(home.store_dir):
+            found.corrupted.append("dvc status / git status not clean: " + tool(home.store_dir, "dvc", "status").stdout.strip())
+        for path in sorted(store.model_dir.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), "pt") as handle:
+                    for key in handle.keys():
+                        handle.get_tensor(key)
+            except Exception as error:  # noqa: BLE001 - any unreadable file is corruption
+                found.corrupted.append(f"{path.name}: {error}")
+        history = store.versions()
+        tags = [v.tag for v in history]
+        if ledger.recorded_tags() != tags:
+            found.corrupted.append(f"ledger records {ledger.recorded_tags()}, the store has {tags}")
+        rows = ledger.corrections()
+        carried = in_effect(history, head.tag)
+        applied = {r.external_id: r.version for r in rows if r.status == CorrectionStatus.applied and r.version}
+        if applied != carried:
+            found.corrupted.append(f"ledger applied {sorted(applied)} but {head.tag} carries {sorted(carried)}")
+        counts = Counter((r.feed, r.external_id) for r in rows)
+        found.duplicated = sorted(f"{f}/{i}" for (f, i), n in counts.items() if n > 1)
+        stored = {r.external_id for r in rows if feed is None or r.feed == feed}
+        found.lost = sorted(set(sent) - stored)
+        found.statuses = Counter(r.status.value for r in rows)
+    return found
+
+
+@dataclass
+class KillReport:
+    kills: int = 0
+    by_moment: Counter = field(default_factory=Counter)  # crash point, or "random"
+    problems: list[str] = field(default_factory=list)  # every audit finding, with its round
+    sent: list[str] = field(default_factory=list)
+    malformed: int = 0
+    final: Audit | None = None
+
+
+def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points: tuple[str, ...], seed: int = 0,
+                say=lambda _text: None) -> KillReport:
+    """Kill -9 `mendd run` `rounds` times while it pulls a growing file feed and decides: at each
+    injected point in turn (the process kills itself there), and at random moments; audit the home
+    after each kill; then let one run finish everything and audit again."""
+    import random
+    import signal
+
+    from store.crash import CRASH_ENV
+
+    rng = random.Random(seed)
+    report = KillReport()
+    moments = [*points, "random"]
+    for number in range(rounds):
+        with open(feed_file, "a", encoding="utf-8") as handle:
+            for k in range(3):
+                cid = f"r{number}-{k}"
+                handle.write(line(cid, f"Fact {number}.{k}: the answer to question {number * 3 + k} is", f"word{number}{k}"))
+                report.sent.append(cid)
+            if number % 5 == 4:
+                handle.write("{ broken json\n")
+                report.malformed += 1
+        moment = moments[number % len(moments)]
+        env = {} if moment == "random" else {CRASH_ENV: moment}
+        process = start_service(home, log_path, env)
+        try:
+            if moment == "random":
+                time.sleep(rng.uniform(0.5, 12.0))
+            else:
+                process.wait(timeout=120)  # it kills itself when it reaches the point
+        except subprocess.TimeoutExpired:
+            moment = f"{moment} (not reached; killed at 120 s)"
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+        report.kills += 1
+        report.by_moment[moment] += 1
+        found = audit(home, [])
+        report.problems += [f"round {number} ({moment}): {p}" for p in found.corrupted + found.duplicated]
+        say(f"round {number}: killed at {moment}; head {found.head}; {dict(found.statuses)}")
+    process = start_service(home, log_path)
+    try:
+        wait_for(lambda: _all_decided(home, len(report.sent) + report.malformed), 600, "every correction to be decided", process)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    report.final = audit(home, report.sent)
+    report.problems += [f"final: {p}" for p in report.final.corrupted + report.final.duplicated]
+    return report
+
+
+def _all_decided(home: Home, expected: int) -> bool:
+    from store.ledger import Ledger
+
+    ledger = Ledger(home.ledger_url)
+    try:
+        counts = ledger.counts()
+    finally:
+        ledger.close()
+    return counts.get("pending", 0) == 0 and sum(counts.values()) >= expected
+
+
+def post_corrections(api: str, body: str) -> dict:
+    request = urllib.request.Request(f"{api}/v1/corrections", method="POST", data=body.encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def problems(api: str) -> dict[str, str]:
+    """/healthz's problems (empty when it answers 200)."""
+    code, body = get_json(f"{api}/healthz")
+    return {} if code == 200 else body.get("problems", {"healthz": f"HTTP {code}"})
+
+
+def start_mlflow_server(home: Home, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on the home's database, as `mendd ui` starts it; waits until it answers."""
+    from daemon.mlflow_ui import ui_command, ui_environment
+
+    command = ui_command(home, load_config(home), "127.0.0.1", port)
+    process = subprocess.Popen(command, env=ui_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200, 120,
+             "the MLflow server", process)
+    return process
+
+
+@dataclass
+class SmallDisk:
+    """A home's store moved onto its own small tmpfs, which can be filled up or made read-only."""
+
+    path: Path
+
+    @classmethod
+    def around(cls, store: Path, size_mb: int) -> "SmallDisk":
+        saved = store.with_name(store.name + ".saved")
+        store.rename(saved)
+        store.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(store)], check=True,
+                       capture_output=True)
+        subprocess.run(["cp", "-a", f"{saved}/.", str(store)], check=True)
+        return cls(store)
+
+    @staticmethod
+    def available() -> bool:
+        probe = Path("/tmp") / f"mendd-mount-probe-{os.getpid()}"
+        probe.mkdir(exist_ok=True)
+        try:
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True)
+            if mounted.returncode != 0:
+                return False
+            subprocess.run(["umount", str(probe)], check=True)
+            return True
+        finally:
+            probe.rmdir()
+
+    def fill(self, leave_bytes: int) -> Path:
+        """Fill the disk until `leave_bytes` are free; returns the filler file."""
+        filler = self.path / ".git" / "test-filler"  # inside .git: git status does not see it
+        free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+        with open(filler, "wb") as handle:
+            handle.truncate(0)
+            chunk = b"\0" * (1 << 20)
+            remaining = max(free - leave_bytes, 0)
+            while remaining > 0:
+                handle.write(chunk[: min(remaining, len(chunk))])
+                remaining -= len(chunk)
+        return filler
+
+    def read_only(self, on: bool) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(self.path)], check=True, capture_output=True)
+
+    def release(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
