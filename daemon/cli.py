@@ -479,6 +479,7 @@ def evaluate(
     editor_path: Annotated[Optional[Path], typer.Option(help="MEND editor file; default: the shipped one.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model spec; default: the home's configured model.")] = None,
     projection: Annotated[Optional[bool], typer.Option(help="Project updates away from preserved keys; default: the home's editor.projection.")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(help="sum or least_squares; default: the home's editor.aggregation.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Edit each record on the model and measure reliability, generalization and locality."""
@@ -486,8 +487,12 @@ def evaluate(
 
     config = _config(ctx)
     project = config.editor.projection if projection is None else projection
+    aggregate = config.editor.aggregation if aggregation is None else aggregation
+    if aggregate not in ("sum", "least_squares"):
+        raise typer.BadParameter(f"{aggregate!r}: choose sum or least_squares", param_hint="--aggregation")
     report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err,
-                      config.editor.edit_layers, config.editor.projection_threshold if project else None)
+                      config.editor.edit_layers, config.editor.projection_threshold if project else None,
+                      config.editor.aggregation_strength if aggregate == "least_squares" else None)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:

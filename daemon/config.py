@@ -68,6 +68,17 @@ class EditorConfig(_Section):
         description="Eigenvalues of the preserved keys' covariance below this fraction of the largest "
         "span the null space the updates are projected onto; smaller keeps more knowledge but lands fewer edits.",
     )
+    aggregation: Literal["sum", "least_squares"] = Field(
+        "sum",
+        description="How a batch's MEND updates become one change: sum (each correction's update added), or "
+        "least_squares (MALMEN: one change that gives each correction's keys the output its own update asks "
+        "for while moving the preserved keys least; solved inside the projection's null space when that is on).",
+    )
+    aggregation_strength: float = Field(
+        10.0, gt=0,
+        description="λ of least_squares: weight of leaving the preserved keys' outputs alone against meeting "
+        "the corrections' own; larger changes fewer unrelated answers and lands fewer edits.",
+    )
 
 
 class HttpConfig(_Section):

@@ -42,17 +42,19 @@ def make_probes(editable: Editable) -> Probes:
 
 def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | None, limit: int | None,
              batch_size: int, console, edit_names: list[str] | None = None,
-             projection_threshold: float | None = None) -> EditReport:
-    """Measure an editor; with a projection threshold, its updates are projected as the service does."""
+             projection_threshold: float | None = None, aggregation_strength: float | None = None) -> EditReport:
+    """Measure an editor as the service runs it: projected with a threshold, aggregated by least
+    squares with a strength."""
     from daemon.suite_files import preserved_covariance
-    from editors.projection import projected
+    from editors.registry import guarded
 
     loaded = load_model(model_spec)
     editable = Editable(loaded.model, loaded.tokenizer, edit_names)
     editor = make_editor(editor_name, editable, model_spec, editor_path)
-    if projection_threshold is not None:
-        with console.status("Measuring the preserved keys for the projection..."):
-            editor = projected(editor, editable, preserved_covariance(editable, data_dir()), projection_threshold)
+    if projection_threshold is not None or aggregation_strength is not None:
+        with console.status("Measuring the preserved keys..."):
+            editor = guarded(editor, editable, preserved_covariance(editable, data_dir()), projection_threshold,
+                             aggregation_strength)
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
         console.print(f"[yellow]skipped[/] {error}")

@@ -12,8 +12,7 @@ from daemon.home import Home
 from daemon.suite_files import load_keys, load_suites
 from daemon.versioning import Versions, load_served_model, open_versions, recover
 from editors.editable import Editable
-from editors.projection import projected
-from editors.registry import Editor, make_editor
+from editors.registry import Editor, guarded, make_editor
 from policies.gate import Gate
 from policies.policy import Policy, load_policy
 from store.models import LoadedModel
@@ -83,10 +82,12 @@ class Runtime:
         """Serve `version` (the store's head): load its model, then make the editor and gate ready."""
         self.loaded = load_served_model(self.records.versions)
         self.editable = Editable(self.loaded.model, self.loaded.tokenizer, self.config.editor.edit_layers)
-        editor = make_editor(self.config.editor.name, self.editable, self.config.model, self.config.editor.path)
-        if self.config.editor.projection:
-            editor = projected(editor, self.editable, load_keys(self.home), self.config.editor.projection_threshold)
-        self.editor = editor
+        settings = self.config.editor
+        editor = make_editor(settings.name, self.editable, self.config.model, settings.path)
+        lsq = settings.aggregation == "least_squares"
+        self.editor = guarded(editor, self.editable, load_keys(self.home) if settings.projection or lsq else None,
+                              settings.projection_threshold if settings.projection else None,
+                              settings.aggregation_strength if lsq else None)
         self.gate = Gate(self.editable, load_suites(self.home), self.policy)
         self.served = version
 

@@ -11,6 +11,10 @@ keys K0 as little as possible:
 
 with C̄0 = K0 K0ᵀ / n0 the preserved keys' second moment. Each correction keeps its own low-rank
 share (outputs V_i, inputs K_i A⁻¹), so a share can still be subtracted exactly.
+
+With a null-space projector P (editors/projection.py) the solve happens inside the null space, as
+AlphaEdit's does: ΔW = M P with M fitted on the projected keys P K, so the update is exactly null on
+the preserved keys' main directions and still meets the corrections' values as well as it can there.
 """
 from __future__ import annotations
 
@@ -37,21 +41,29 @@ def normal_matrix(keys: list[torch.Tensor], preserved: torch.Tensor, strength: f
     return stacked.T @ stacked + strength * second_moment + RIDGE * scale * eye
 
 
-def aggregate(updates: list[LowRankUpdate], keys: list[torch.Tensor], preserved: torch.Tensor,
-              strength: float) -> list[LowRankUpdate]:
-    """Each correction's update replaced by its share of the least-squares ΔW (same tensor)."""
+def aggregate(updates: list[LowRankUpdate], keys: list[torch.Tensor], preserved: torch.Tensor, strength: float,
+              projector: torch.Tensor | None = None) -> list[LowRankUpdate]:
+    """Each correction's update replaced by its share of the least-squares ΔW (same tensor); with a
+    projector P, of ΔW = M P fitted on the projected keys."""
+    values = [own_values(u, k) for u, k in zip(updates, keys)]
+    if projector is not None:
+        p = projector.double()
+        keys = [k.double() @ p for k in keys]
+        preserved = p @ preserved.double() @ p
     inverse = torch.linalg.inv(normal_matrix(keys, preserved, strength))
-    return [LowRankUpdate(inputs=(k.double() @ inverse).float(), outputs=own_values(u, k).float(), scale=1.0,
-                          transposed=u.transposed)
-            for u, k in zip(updates, keys)]
+    if projector is not None:
+        inverse = inverse @ p
+    return [LowRankUpdate(inputs=(k.double() @ inverse).float(), outputs=v.float(), scale=1.0, transposed=u.transposed)
+            for u, k, v in zip(updates, keys, values)]
 
 
 class LeastSquaresEditor:
     """A low-rank editor (MEND) whose batch updates are aggregated by least squares."""
 
-    def __init__(self, inner, preserved: dict[str, torch.Tensor], strength: float):
-        self.inner, self.preserved, self.strength = inner, preserved, strength
-        self.name = f"{inner.name}+lsq"
+    def __init__(self, inner, preserved: dict[str, torch.Tensor], strength: float,
+                 projectors: dict[str, torch.Tensor] | None = None):
+        self.inner, self.preserved, self.strength, self.projectors = inner, preserved, strength, projectors
+        self.name = f"{inner.name}+lsq" + ("+projection" if projectors else "")
 
     def propose(self, editable: Editable, corrections: list[Correction]) -> Delta:
         delta = self.inner.propose(editable, corrections)
@@ -64,7 +76,8 @@ class LeastSquaresEditor:
         for name in delta.shares[0].low_rank:
             updates = [share.low_rank[name] for share in delta.shares]
             keys = [k[name] for k in keys_per_share]
-            for i, update in enumerate(aggregate(updates, keys, self.preserved[name], self.strength)):
+            projector = self.projectors[name] if self.projectors else None
+            for i, update in enumerate(aggregate(updates, keys, self.preserved[name], self.strength, projector)):
                 new_low_rank[i][name] = update
         shares = [Share(share.correction_ids, low_rank=low_rank) for share, low_rank in zip(delta.shares, new_low_rank)]
         return Delta(editor=delta.editor, shares=shares, holding=delta.holding, invalid=delta.invalid)

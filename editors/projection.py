@@ -82,6 +82,10 @@ def preserved_batches(editable: Editable, pairs: list[tuple[str, str]], chunks: 
     return batches + [text_batch(chunks)]
 
 
+def null_space_projectors(covariance: dict[str, torch.Tensor], relative_threshold: float) -> dict[str, torch.Tensor]:
+    return {n: null_space_projector(c.double(), relative_threshold) for n, c in covariance.items()}
+
+
 def projected(inner, editable: Editable, covariance: dict[str, torch.Tensor], relative_threshold: float) -> ProjectedEditor:
-    return ProjectedEditor(inner, {n: null_space_projector(c.double(), relative_threshold) for n, c in covariance.items()},
+    return ProjectedEditor(inner, null_space_projectors(covariance, relative_threshold),
                            {t.name: t.transposed for t in editable.anatomy.editable})

@@ -40,3 +40,19 @@ def make_editor(name: str, editable: Editable, model_spec: str, path: Path | Non
             f"`mendd train-editor --out {path}` or choose --editor ft"
         )
     return MendEditor.load(path, editable)
+
+
+def guarded(editor: Editor, editable: Editable, preserved: dict | None, projection_threshold: float | None,
+            aggregation_strength: float | None) -> Editor:
+    """The editor as the service runs it: a batch's low-rank updates aggregated by least squares
+    (with strength λ), and every update kept out of the preserved keys' main directions (projection
+    threshold), each when asked for. `preserved`: K0 K0ᵀ per tensor, needed by either."""
+    from editors.aggregation import LeastSquaresEditor
+    from editors.projection import null_space_projectors, projected
+
+    if aggregation_strength is not None and isinstance(editor, MendEditor):
+        projectors = null_space_projectors(preserved, projection_threshold) if projection_threshold is not None else None
+        return LeastSquaresEditor(editor, preserved, aggregation_strength, projectors)
+    if projection_threshold is not None:
+        return projected(editor, editable, preserved, projection_threshold)
+    return editor
