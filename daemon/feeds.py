@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import requests
 
@@ -190,15 +192,35 @@ def pull_http(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
             if response.status_code == 304:
                 return IntakeReport(feed.name)
             if response.status_code != 200:
-                raise FeedError(f"feed {feed.name}: {feed.url} answered HTTP {response.status_code}")
+                raise FeedError(f"feed {feed.name}: {redacted(feed.url)} answered HTTP {response.status_code}")
             body = _capped_body(response, feed)
             etag, next_since = response.headers.get("ETag"), response.headers.get("X-Mendd-Cursor")
     except requests.RequestException as error:
-        raise FeedError(f"feed {feed.name}: {feed.url} unreachable: {type(error).__name__}: {error}") from None
+        raise FeedError(redacted(f"feed {feed.name}: {feed.url} unreachable: {type(error).__name__}: {error}",
+                                 secrets_of(feed.url))) from None
     report = IntakeReport(feed.name)
     ingest(ledger, home, feed.name, located(feed.name, io.BytesIO(body), feed.format, f"feed:{feed.name}"), report)
     ledger.set_cursor(feed.name, json.dumps({"etag": etag, "since": next_since or cursor.get("since")}))
     return report
+
+
+SECRET_KEYS = re.compile(r"token|key|secret|pass|auth|sig|credential|session", re.IGNORECASE)
+
+
+def secrets_of(url: str) -> list[str]:
+    """The parts of a feed URL that are credentials: the userinfo's password and the values of query
+    parameters named like one (token, api_key, signature, ...)."""
+    parts = urlsplit(url)
+    query = [value for name, value in parse_qsl(parts.query) if SECRET_KEYS.search(name)]
+    return [s for s in [parts.password, *query] if s]
+
+
+def redacted(text: str, secrets: list[str] | None = None) -> str:
+    """`text` (a URL, or a message about one) with each secret of the URL shown as ***: health,
+    logs and MLflow see where a feed is, never its credentials."""
+    for secret in sorted(secrets if secrets is not None else secrets_of(text), key=len, reverse=True):
+        text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    return text
 
 
 def _capped_body(response: requests.Response, feed: FeedConfig) -> bytes:

@@ -43,6 +43,17 @@ from store.ledger import Ledger
 from store.versions import tag_number
 
 log = logging.getLogger("mendd.service")
+
+
+class _SkippedRunsFilter(logging.Filter):
+    """With one worker, a job due while another runs is skipped by design; APScheduler would warn of
+    it every second of a long cycle."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRunsFilter())
 TICK_S = 5.0
 
 
