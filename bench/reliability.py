@@ -54,10 +54,13 @@ def hostile_body(rng: random.Random) -> bytes:
 
     def value(depth: int = 0):
         kind = rng.randrange(7 if depth < 4 else 4)
-        return [None, rng.randrange(-10**9, 10**9), text(), rng.random() < 0.5,
-                [value(depth + 1) for _ in range(rng.randrange(4))],
-                {text(): value(depth + 1) for _ in range(rng.randrange(4))},
-                {"id": text(), "prompt": value(depth + 1), "target_new": value(depth + 1)}][kind]
+        if kind == 4:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        if kind == 5:
+            return {text(): value(depth + 1) for _ in range(rng.randrange(4))}
+        if kind == 6:
+            return {"id": text(), "prompt": value(depth + 1), "target_new": value(depth + 1)}
+        return (None, rng.randrange(-10**9, 10**9), text(), rng.random() < 0.5)[kind]
 
     shape = rng.randrange(6)
     if shape == 0:
@@ -72,8 +75,8 @@ def hostile_body(rng: random.Random) -> bytes:
     if shape == 3:  # a lookalike of CounterFact, zsRE or MQuAKE with hostile fields
         fields = ["case_id", "requested_rewrite", "rephrase_prompt", "src", "alt", "rephrase", "loc", "new_single_hops"]
         return json.dumps({f: value() for f in rng.sample(fields, 3)}).encode()
-    body = "\n".join(json.dumps(value()) for _ in range(rng.randrange(1, 6)))
-    return body.encode("utf-8", "surrogatepass") if shape == 4 else body.encode("utf-8", "surrogatepass")[: rng.randrange(1, 400)]
+    body = "\n".join(json.dumps(value(), ensure_ascii=False) for _ in range(rng.randrange(1, 6))).encode("utf-8", "surrogatepass")
+    return body if shape == 4 else body[: rng.randrange(1, 400)]  # cut anywhere, even inside a character
 
 
 def try_inputs(n: int, seed: int, root: Path) -> dict:

@@ -25,6 +25,9 @@ from editors.projection import edit_inputs
 from editors.types import Correction, Delta, LowRankUpdate, Share
 
 RIDGE = 1e-6  # relative to the keys' scale: keeps A invertible where neither K nor K0 reaches
+# A correction's keys are read after these openings too (as ROME averages its key over random
+# prefixes), so the solved change holds for the fact in other contexts, not only its own prompt.
+CONTEXTS = ("", "Here is a fact. ", "I read that ", "Q: Tell me something. A: ", "As everyone knows, ")
 
 
 def own_values(update: LowRankUpdate, keys: torch.Tensor) -> torch.Tensor:
@@ -61,8 +64,9 @@ class LeastSquaresEditor:
     """A low-rank editor (MEND) whose batch updates are aggregated by least squares."""
 
     def __init__(self, inner, preserved: dict[str, torch.Tensor], strength: float,
-                 projectors: dict[str, torch.Tensor] | None = None):
+                 projectors: dict[str, torch.Tensor] | None = None, contexts: tuple[str, ...] = CONTEXTS):
         self.inner, self.preserved, self.strength, self.projectors = inner, preserved, strength, projectors
+        self.contexts = contexts
         self.name = f"{inner.name}+lsq" + ("+projection" if projectors else "")
 
     def propose(self, editable: Editable, corrections: list[Correction]) -> Delta:
@@ -71,7 +75,8 @@ class LeastSquaresEditor:
             return delta
         by_id = {c.id: c for c in corrections}
         owners = [by_id[share.correction_ids[0]] for share in delta.shares]
-        keys_per_share = [edit_inputs(editable, editable.batch([(c.prompt, c.target_new)])) for c in owners]
+        keys_per_share = [edit_inputs(editable, editable.batch([(context + c.prompt, c.target_new) for context in self.contexts]))
+                          for c in owners]
         new_low_rank: list[dict[str, LowRankUpdate]] = [{} for _ in delta.shares]
         for name in delta.shares[0].low_rank:
             updates = [share.low_rank[name] for share in delta.shares]

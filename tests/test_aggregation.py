@@ -29,7 +29,7 @@ def keys_of(tiny: Editable, correction: Correction) -> dict[str, torch.Tensor]:
 def test_each_correction_gets_the_output_its_own_update_asks_for(tiny, covariance) -> None:
     mend = MendEditor.fresh(tiny, edit_lr=1e-2)
     own = {share.correction_ids[0]: share.low_rank for share in mend.propose(tiny, FACTS).shares}
-    change = LeastSquaresEditor(mend, covariance, strength=1e-4).propose(tiny, FACTS).tensors()
+    change = LeastSquaresEditor(mend, covariance, strength=1e-4, contexts=("",)).propose(tiny, FACTS).tensors()
     for fact in FACTS:
         for name, keys in keys_of(tiny, fact).items():
             wanted = own_values(own[fact.id][name], keys)
