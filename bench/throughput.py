@@ -20,14 +20,11 @@ import torch
 from daemon.config import load_config
 from daemon.cycle import run_cycle
 from daemon.feeds import enqueue
-from daemon.home import Home, init_home
+from daemon.home import Home
+from daemon.provision import provision_home
 from daemon.runtime import Runtime
-from daemon.suite_files import pin_suites
-from daemon.versioning import create_versions
-from editors.editable import Editable
 from editors.formats import load_corrections
 from policies.probes import data_dir
-from store.models import load_model
 
 STAGES = ("edit", "gate", "tracking", "commit")
 
@@ -41,12 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    home = Home(Path(tempfile.mkdtemp(prefix="mendd-throughput-")))
-    loaded = load_model(args.model)
-    init_home(home, args.model)
-    base = create_versions(home, loaded.model, loaded.tokenizer, args.model)
-    pin_suites(home, Editable(loaded.model, loaded.tokenizer), args.model, base.tag)
-    del loaded
+    home = provision_home(Home(Path(tempfile.mkdtemp(prefix="mendd-throughput-"))), args.model)
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.n * len(args.batch_sizes))
     rt = Runtime.open(home, load_config(home))
     rows = {}

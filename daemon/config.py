@@ -335,19 +335,23 @@ def _resolve_against_home(config: MenddConfig, home: Home) -> MenddConfig:
     )
 
 
-def render_default_config(model_spec: str) -> str:
+def render_default_config(model_spec: str, settings: dict[str, Any] | None = None) -> str:
     """The commented ``mendd.yaml`` written by ``mendd init``: every key, what it does, what is
-    allowed, and its environment variable. Generated from the fields above so it cannot drift."""
+    allowed, and its environment variable. Generated from the fields above so it cannot drift.
+    `settings` (nested like the file) replace defaults, for homes made by code (demo, benchmarks)."""
     header = (
         "# mendd configuration. Every key can also be set in the environment, which wins over this\n"
         "# file: MENDD_<KEY>, with __ between a section and its key (MENDD_HTTP__PORT=9000).\n"
     )
-    return header + "".join(_render_section(MenddConfig, (), {"model": model_spec}))
+    return header + "".join(_render_section(MenddConfig, (), {**(settings or {}), "model": model_spec}))
 
 
 def _render_section(
     section: type[BaseModel], prefix: tuple[str, ...], overrides: dict[str, Any]
 ) -> list[str]:
+    unknown = sorted(set(overrides) - set(section.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown setting {'.'.join((*prefix, unknown[0]))}")
     lines: list[str] = []
     indent = "  " * len(prefix)
     for position, (name, field) in enumerate(section.model_fields.items()):
@@ -361,7 +365,7 @@ def _render_section(
         annotation = field.annotation
         if _is_section(annotation):
             lines.append(f"{indent}{name}:\n")
-            lines.extend(_render_section(annotation, loc, {}))
+            lines.extend(_render_section(annotation, loc, overrides.get(name, {})))
         else:
             lines.append(f"{indent}# Allowed: {_allowed(field)}. Environment: {env}\n")
             default = overrides.get(name, field.get_default(call_default_factory=True))

@@ -16,12 +16,10 @@ import torch
 from daemon.config import load_config
 from daemon.cycle import CycleReport, run_cycle
 from daemon.feeds import ingest, located
-from daemon.home import Home, init_home
+from daemon.home import Home
+from daemon.provision import provision_home
 from daemon.runtime import Runtime
-from daemon.suite_files import pin_suites
-from daemon.versioning import create_versions, home_lock
-from editors.editable import Editable
-from store.models import load_model
+from daemon.versioning import home_lock
 
 DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
 DEMO_MODEL = "smollm2-135m"
@@ -43,13 +41,8 @@ class DemoRow:
 def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleReport]]:
     home = Home(root or Path(tempfile.mkdtemp(prefix="mendd-demo-")))
     say(f"home: {home.root}")
-    say(f"loading {DEMO_MODEL} and committing it as v0000...")
-    loaded = load_model(DEMO_MODEL)
-    init_home(home, DEMO_MODEL)
-    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 1", f"batch_size: {DEMO_BATCH}"))
-    base = create_versions(home, loaded.model, loaded.tokenizer, DEMO_MODEL)
-    say("pinning the regression suites from the base model...")
-    pin_suites(home, Editable(loaded.model, loaded.tokenizer), DEMO_MODEL, base.tag)
+    say(f"loading {DEMO_MODEL}, committing it as v0000 and pinning the regression suites from it...")
+    provision_home(home, DEMO_MODEL, settings={"batch_size": DEMO_BATCH})
     config = load_config(home)
     with home_lock(home):
         rt = Runtime.open(home, config)

@@ -108,8 +108,9 @@ def check_new_home(home: Home, force: bool) -> None:
         )
 
 
-def init_home(home: Home, model_spec: str, force: bool = False) -> Home:
-    """Create the home's folders and a commented default ``mendd.yaml`` for ``model_spec``.
+def init_home(home: Home, model_spec: str, force: bool = False, settings: dict | None = None) -> Home:
+    """Create the home's folders and a commented default ``mendd.yaml`` for ``model_spec`` (with
+    `settings`, nested like the file, in place of the defaults).
 
     An existing config is an operator's work, so it is only replaced with ``force``.
     """
@@ -118,6 +119,6 @@ def init_home(home: Home, model_spec: str, force: bool = False) -> Home:
         folder.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so a crash never leaves a half-written config.
     partial = home.config_path.with_suffix(".yaml.tmp")
-    partial.write_text(render_default_config(model_spec), encoding="utf-8")
+    partial.write_text(render_default_config(model_spec, settings), encoding="utf-8")
     partial.replace(home.config_path)
     return home

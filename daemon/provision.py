@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from daemon.home import Home, init_home
 from daemon.suite_files import pin_suites
 from daemon.versioning import create_versions
@@ -18,14 +16,12 @@ from store.models import LoadedModel, load_model
 
 def provision_home(home: Home, model_spec: str, loaded: LoadedModel | None = None, settings: dict[str, Any] | None = None,
                    data_root: Path | None = None, suites_from: Home | None = None) -> Home:
-    """Create `home` for `model_spec` with `settings` merged into its mendd.yaml.
+    """Create `home` for `model_spec`; `settings` (nested like mendd.yaml) replace the defaults.
 
     `suites_from`: copy another home's pinned suites and keys instead of pinning again (same model
     and base weights; pinning SmolLM2's suites takes minutes)."""
     loaded = loaded or load_model(model_spec)
-    init_home(home, model_spec)
-    if settings:
-        configure(home, settings)
+    init_home(home, model_spec, settings=settings)
     base = create_versions(home, loaded.model, loaded.tokenizer, model_spec)
     if suites_from is None:
         pin_suites(home, Editable(loaded.model, loaded.tokenizer), model_spec, base.tag, data_root)
@@ -34,18 +30,3 @@ def provision_home(home: Home, model_spec: str, loaded: LoadedModel | None = Non
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     return home
-
-
-def configure(home: Home, settings: dict[str, Any]) -> None:
-    """Merge `settings` (nested like mendd.yaml) into the home's config file; the file's comments go."""
-    current = yaml.safe_load(home.config_path.read_text(encoding="utf-8")) or {}
-    partial = home.config_path.with_suffix(".yaml.tmp")
-    partial.write_text(yaml.safe_dump(_merged(current, settings), sort_keys=False), encoding="utf-8")
-    partial.replace(home.config_path)
-
-
-def _merged(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.config import load_config
-from daemon.home import Home, init_home
+from daemon.home import Home
+from daemon.provision import provision_home
 from daemon.runtime import Runtime
-from daemon.suite_files import pin_suites
-from daemon.versioning import create_versions
 from editors.editable import Editable
 from editors.mend import MendEditor
 from editors.types import Correction
@@ -35,16 +34,11 @@ REJECT_ALL = policy(reliability=(1.0, 1.0))
 
 
 def make_decision_home(root: Path, policy_text: str, data_root: Path) -> Home:
-    home = init_home(Home(root), "tiny-llama")
     loaded = load_model("tiny-llama")
-    editable = Editable(loaded.model, loaded.tokenizer)
-    MendEditor.fresh(editable, edit_lr=1e-2).network.save(root / "editor.safetensors")
+    home = provision_home(Home(root), "tiny-llama", loaded, data_root=data_root,
+                          settings={"editor": {"path": "editor.safetensors"}, "policy": "policy.yaml"})
+    MendEditor.fresh(Editable(loaded.model, loaded.tokenizer), edit_lr=1e-2).network.save(root / "editor.safetensors")
     (root / "policy.yaml").write_text(policy_text)
-    config = home.config_path
-    config.write_text(config.read_text().replace("path: null", "path: editor.safetensors")
-                      .replace("policy: null", "policy: policy.yaml"))
-    base = create_versions(home, loaded.model, loaded.tokenizer, "tiny-llama")
-    pin_suites(home, editable, "tiny-llama", base.tag, data_root)
     return home
 
 
