@@ -9,11 +9,13 @@ bisected). Every --every corrections it measures the served model:
   ppl_drawdown                 WikiText-2 sample against the base model
   acceptance                   accepted / submitted (held counts as not accepted: nobody reviews here)
 
-Rows:
+Rows (batches of --batch unless the row sets its own):
   mend-nogate  plain MEND, every batch applied, no gate (in memory; no store)
   mend         plain MEND, the default gate
   ft           the fine-tuning baseline, the default gate
-  mendd        mendd's defaults (the best configuration): the reported `final`
+  mendd-lsq    MEND with least-squares aggregation (editor.aggregation), the default gate
+  mendd        mendd's defaults (the best configuration): one correction per decision, updates
+               projected away from the preserved keys, the default gate; the reported `final`
 
 Resumable: each row's home and progress live under --work; run it again to go on where it stopped.
 Prints one JSON object, writes it and a PNG of the curves to --out, and logs both to MLflow.
@@ -51,11 +53,12 @@ from store.models import load_model
 
 MODEL = "smollm2-135m"
 FEED = "continual"
-ROWS = {  # row -> settings merged into its home's mendd.yaml
+ROWS = {  # row -> settings for its home's mendd.yaml (batch_size: --batch unless set here)
     "mend-nogate": {"editor": {"name": "mend", "projection": False}},
     "mend": {"editor": {"name": "mend", "projection": False}},
     "ft": {"editor": {"name": "ft", "projection": False}},
-    "mendd": {},
+    "mendd-lsq": {"editor": {"aggregation": "least_squares", "aggregation_strength": 100.0, "projection": False}},
+    "mendd": {"batch_size": 1},
 }
 BEST = "mendd"
 
@@ -109,7 +112,7 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
     home = Home(work / row)
     progress = Progress(work / f"{row}.progress.json")
     if not home.config_path.exists():
-        provision_home(home, MODEL, settings={**ROWS[row], "batch_size": args.batch}, suites_from=template)
+        provision_home(home, MODEL, settings={"batch_size": args.batch, **ROWS[row]}, suites_from=template)
     rt = Runtime.open(home, load_config(home))
     try:
         ledger = rt.records.versions.ledger
