@@ -76,11 +76,18 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(length))
         body = _one_line_if_single_object(body)
         items = located(API_FEED, io.BytesIO(body), "auto", f"feed:{API_FEED}")
-        ledger = self.api.ledger_factory()
         try:
-            report = ingest(ledger, self.api.home, API_FEED, items)
-        finally:
-            ledger.close()
+            ledger = self.api.ledger_factory()
+            try:
+                report = ingest(ledger, self.api.home, API_FEED, items)
+            finally:
+                ledger.close()
+        except Exception as error:  # the ledger (or its disk) cannot take writes now: say so, ask for a retry
+            log.warning("POST /v1/corrections: ledger unavailable: %s", error)
+            self._json(503, {"error": f"the ledger cannot store corrections now ({type(error).__name__}); send the "
+                                      "whole request again later: what was already stored is recognised, not doubled"},
+                       {"Retry-After": "30"})
+            return
         self._json(202, {"received": report.received, "duplicates": report.duplicates,
                          "quarantined": report.quarantined, "reasons": report.reasons[:100]})
 
@@ -91,11 +98,13 @@ class _Handler(BaseHTTPRequestHandler):
         expected = f"Bearer {self.api.token}"
         return hmac.compare_digest(given.encode(), expected.encode())
 
-    def _json(self, code: int, payload: dict) -> None:
-        self._send(code, json.dumps(payload).encode(), "application/json")
+    def _json(self, code: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        self._send(code, json.dumps(payload).encode(), "application/json", headers)
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

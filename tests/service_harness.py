@@ -257,9 +257,18 @@ def _all_decided(home: Home, expected: int) -> bool:
 
 
 def post_corrections(api: str, body: str) -> dict:
+    code, answer = post_status(api, body)
+    assert code == 202, (code, answer)
+    return answer
+
+
+def post_status(api: str, body: str) -> tuple[int, dict]:
     request = urllib.request.Request(f"{api}/v1/corrections", method="POST", data=body.encode())
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=90) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def problems(api: str) -> dict[str, str]:
@@ -395,12 +404,16 @@ def ledger_locked(service) -> None:
         assert locker.stdout.readline().strip() == "locked"
         assert "database is locked" in running.degraded("cycle")
         assert pending_ids(running) == ["k1"]
+        refused = post_status(running.api, line("k2", "Water boils at", "fifty"))
+        assert refused[0] == 503 and "send the whole request again" in refused[1]["error"], refused
     finally:
         locker.kill()
         locker.wait()
+    assert post_corrections(running.api, line("k2", "Water boils at", "fifty"))["received"] == 1
     running.recovered()
+    wait_for(lambda: pending_ids(running) == [], 180, "k1 and k2 to be decided", running.process)
     running.stop()
-    running.assert_whole(["k1"])
+    running.assert_whole(["k1", "k2"])
 
 
 
