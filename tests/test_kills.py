@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from decision_helpers import ACCEPT_ALL, make_decision_home
 from service_harness import configure, free_port, kill_rounds
 from store.crash import COMMIT_POINTS, SERVICE_POINTS
@@ -12,6 +14,7 @@ from store.crash import COMMIT_POINTS, SERVICE_POINTS
 ROUNDS = 25
 
 
+@pytest.mark.timeout(2400)  # 26 starts of the service: minutes on a shared 2-core machine
 def test_25_kills_at_every_step_and_at_random_lose_and_corrupt_nothing(tmp_path: Path, data_root) -> None:
     home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
     feed = tmp_path / "feed.jsonl"
