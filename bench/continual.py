@@ -215,6 +215,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite under --work")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the JSON, plot and MLflow run from the rows' progress so far")
     args = parser.parse_args()
     if args.quick:
         args.n, args.every = 100, min(args.every, 50)
@@ -227,10 +229,15 @@ def main() -> None:
               f"loc={p.locality} ppl={p.ppl_drawdown} acc={p.acceptance} {p.seconds:.0f}s", file=sys.stderr, flush=True)
 
     template = Home(args.work / "template")
-    if not template.suites_path.exists():
+    if not template.suites_path.exists() and not args.report:
         provision_home(template, MODEL)
     results: dict[str, list[Point]] = {}
     for row in args.rows:
+        if args.report:
+            points = Progress(args.work / f"{row}.progress.json").points
+            if points:
+                results[row] = points
+            continue
         run = run_ungated if row == "mend-nogate" else run_gated
         results[row] = run(row, args.work, template, records, args, say)
 
@@ -243,6 +250,7 @@ def main() -> None:
         "final": {k: last[BEST][k] for k in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")}
         if BEST in last else None,
         "final_row": BEST, "last": last,
+        "complete": {row: points[-1].corrections >= args.n for row, points in results.items()},
         "curves": {row: [asdict(p) for p in points] for row, points in results.items()},
         "wall_seconds": {row: points[-1].seconds for row, points in results.items()},
     }
