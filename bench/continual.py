@@ -186,18 +186,18 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
 
 def log_to_mlflow(uri: str, summary: dict, json_path: Path, png_path: Path, rows: dict[str, list[Point]]) -> str:
     import mlflow
+    from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("mendd-bench/continual")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("mendd-bench/continual")
     run = client.create_run(experiment_id, run_name=f"continual-T{summary['T']}")
-    client.log_params(run.info.run_id, {"T": summary["T"], "batch": summary["batch"], "every": summary["every"],
-                                        "model": MODEL, "rows": ",".join(rows)})
-    for row, points in rows.items():
-        for p in points:
-            for metric in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance"):
-                if getattr(p, metric) is not None:
-                    client.log_metric(run.info.run_id, f"{row}.{metric}", getattr(p, metric), step=p.corrections)
+    params = {"T": summary["T"], "batch": summary["batch"], "every": summary["every"], "model": MODEL, "rows": ",".join(rows)}
+    metrics = [Metric(f"{row}.{name}", getattr(p, name), int(time.time() * 1000), p.corrections)
+               for row, points in rows.items() for p in points
+               for name in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")
+               if getattr(p, name) is not None]
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(json_path))
     client.log_artifact(run.info.run_id, str(png_path))
     client.set_terminated(run.info.run_id)
