@@ -246,7 +246,8 @@ def main() -> None:
     json_path, png_path = args.out / f"continual_{tag}.json", args.out / f"continual_{tag}.png"
     last = {row: asdict(points[-1]) for row, points in results.items()}
     summary = {
-        "T": args.n, "batch": args.batch, "every": args.every, "model": MODEL, "threads": args.threads,
+        "T": args.n, "batch": args.batch, "every": args.every, "model": MODEL,
+        "threads": None if args.report else args.threads,  # a report only reads what earlier runs measured
         "final": {k: last[BEST][k] for k in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")}
         if BEST in last else None,
         "final_row": BEST, "last": last,
