@@ -52,6 +52,20 @@ def init(root: Path) -> None:
         config["cache"]["type"] = "copy"
 
 
+def _drop_torn_rwlock(root: Path) -> None:
+    """A DVC process killed while writing `.dvc/tmp/rwlock` leaves it empty or half-written, and every
+    later DVC call in the store then fails ("JSON structure is corrupted"). A file that does not parse
+    records no lock, so it protects nothing: remove it (found by the kill test)."""
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        logging.getLogger("mendd.store").warning("removing a torn DVC lock file %s (a killed DVC process left it)", path)
+        path.unlink(missing_ok=True)
+
+
 def state_dir(root: Path) -> Path:
     """Where DVC keeps its state for this store (git-ignored, like all of .dvc/tmp)."""
     return root / ".dvc" / "tmp" / "site"
@@ -81,6 +95,7 @@ class DvcRepo:
         from dvc.repo import Repo
 
         _quiet()
+        _drop_torn_rwlock(self.root)
         try:
             if self._repo is None:
                 self._repo = Repo(str(self.root))

@@ -103,3 +103,16 @@ def test_the_cli_recovers_at_start_and_says_so(tmp_path: Path, model_digests) ->
     assert "interrupted commit of v0001 was completed" in result.stderr
     assert "v0002: serving the model of v0000 again" in result.stdout
     assert assert_consistent(home, model_digests) == "v0002"
+
+
+def test_a_dvc_lock_file_torn_by_a_kill_does_not_stop_the_store(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    torn = home.store_dir / ".dvc" / "tmp" / "rwlock"
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_text('{"read": {"model": [{"pid": 12')  # a DVC process killed mid-write
+    versions = open_home(home)
+    try:
+        assert versions.store.workspace().state == "clean"
+    finally:
+        versions.close()
+    assert store_is_clean(home.store_dir)
