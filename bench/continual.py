@@ -177,6 +177,8 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
             xs = [p.corrections for p in points if getattr(p, metric) is not None]
             axis.plot(xs, [getattr(p, metric) for p in points if getattr(p, metric) is not None], marker="o", label=row)
         axis.axhline(bars[metric], color="grey", linestyle="--", linewidth=1)
+        if metric == "ppl_drawdown":  # a collapsed row reaches 1e9 and more: log scale past 1%
+            axis.set_yscale("symlog", linthresh=0.01)
         axis.set_title(metric)
         axis.set_xlabel("corrections submitted")
     axes[0].legend()
