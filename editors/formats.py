@@ -44,6 +44,9 @@ def parse_record(record: Any, fmt: str = "auto", source: str = "manual", positio
         fmt = detect_format(record)
     if not isinstance(record, dict):
         raise FormatError(label, "(record)", f"must be a JSON object, got {type(record).__name__}")
+    if not _is_unicode(record):
+        raise FormatError(label, "(record)", "holds a string with an unpaired surrogate (a JSON escape such as "
+                          "\\ud800 alone): that is not Unicode text, and no ledger can store it")
     if fmt not in FORMATS:
         raise FormatError(label, "(format)", f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     fields = _Fields(record, label)
@@ -165,6 +168,15 @@ def to_record(correction: Correction) -> dict[str, Any]:
 def from_record(correction_id: str, record: dict[str, Any], source: str) -> Correction:
     """The inverse of :func:`to_record`, with the id put back."""
     return parse_record({**record, "id": correction_id}, "mendd", source)[0]
+
+
+def _is_unicode(value: Any) -> bool:
+    """Whether every string in `value` can be written as UTF-8 (JSON lets an escape name half a character)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def content_id(*parts: str) -> str:

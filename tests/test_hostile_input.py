@@ -65,3 +65,13 @@ def test_duplicate_keys_and_control_characters_parse_predictably() -> None:
     [(_, item)] = list(read_stream(io.BytesIO(text.encode())))
     assert isinstance(item, Correction) and item.prompt == "The sky\x00 is"
     assert json.loads(text)["prompt"] == item.prompt  # the last duplicate wins, as in JSON parsers
+
+
+def test_a_lone_surrogate_escape_is_a_format_error_naming_the_record() -> None:
+    stream = b'{"id": "s1", "prompt": "The sky is \\ud800", "target_new": "green"}\n' \
+             b'{"id": "s2", "prompt": "The sky is", "target_new": "blue"}\n'
+    for fmt in ("auto", *FORMATS):
+        items = dict(read_stream(io.BytesIO(stream), fmt))
+        assert isinstance(items[1], FormatError) and "unpaired surrogate" in str(items[1]), (fmt, items[1])
+        assert "\ud800" not in str(items[1])
+        str(items[1]).encode("utf-8")  # the reason itself can be stored
