@@ -9,13 +9,14 @@ from pathlib import Path
 from store.errors import StoreError
 
 
-# Read-only commands (status) take no optional index lock, so a kill during one leaves no index.lock.
-_ENV = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+def _env() -> dict[str, str]:
+    # Read-only commands (status) take no optional index lock, so a kill during one leaves no index.lock.
+    return {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
 
 def git(root: Path, *args: str) -> str:
     """Run ``git args`` in ``root`` and return its stdout."""
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=_ENV)
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=_env())
     if result.returncode != 0:
         raise StoreError(f"git {' '.join(args)} failed in {root}: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
@@ -23,7 +24,7 @@ def git(root: Path, *args: str) -> str:
 
 def git_ok(root: Path, *args: str) -> bool:
     """Whether ``git args`` succeeds (for questions such as "does this ref exist?")."""
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, env=_ENV).returncode == 0
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, env=_env()).returncode == 0
 
 
 def changed_paths(root: Path) -> list[str]:
