@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from daemon.config import load_config
-from daemon.cycle import retained, run_cycle
+from daemon.cycle import run_cycle
 from daemon.feeds import enqueue
 from daemon.home import Home
 from daemon.provision import provision_home
@@ -126,7 +126,7 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
                 submitted = end
             while ledger.pending(1):
                 run_cycle(rt)
-            accepted = retained(rt) + _holding(rt)
+            accepted = _accepted(rt)
             point = measure(rt.editable, rt.gate, accepted, end, progress.seconds + time.perf_counter() - chunk_started)
             progress.add(point)
             say(row, point)
@@ -135,10 +135,10 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
     return progress.points
 
 
-def _holding(rt: Runtime) -> list[Correction]:
-    """Corrections the model already answered as asked: accepted without a weight change."""
+def _accepted(rt: Runtime) -> list[Correction]:
+    """Every applied correction: carried by a version, or already answered as asked (no weight change)."""
     rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
-    return [from_record(r.external_id, r.payload, r.feed) for r in rows if r.version is None]
+    return [from_record(r.external_id, r.payload, r.feed) for r in rows]
 
 
 def run_ungated(row: str, work: Path, template: Home, records: list[Correction], args, say) -> list[Point]:
