@@ -1,7 +1,8 @@
 """What does a version cost in the store? Prints one JSON object.
 
 A fresh store holds the default model as v0000; one version applying 16 CounterFact corrections
-with the shipped MEND editor is committed on top, then rolled back.
+with the shipped MEND editor (factors rounded for storage, as the service's editor does) is
+committed on top, then rolled back.
 
 - cache_bytes_over_changed_bytes: bytes that commit added to the DVC cache (changed tensors, the
   corrections' factors, DVC's folder manifests) / bytes of the changed tensor files (bar: <= 1.1);
@@ -28,7 +29,7 @@ from daemon.config import load_config
 from daemon.versioning import commit_change, create_versions, edit_change, open_versions, rollback
 from editors.editable import Editable
 from editors.formats import load_corrections
-from editors.registry import make_editor
+from editors.registry import guarded, make_editor
 from policies.probes import data_dir
 from store.checkpoint import tensor_file, write_tensors
 from store.models import load_model
@@ -56,7 +57,10 @@ def main() -> None:
     loaded = load_model(args.model)
     editable = Editable(loaded.model, loaded.tokenizer)
     corrections, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.corrections)
-    delta = make_editor("mend", editable, args.model).propose(editable, corrections)
+    # The service's editor, factors rounded for storage; the projection (off here: its key statistics
+    # take minutes to measure) changes the factors' values, not their number or size.
+    editor = guarded(make_editor("mend", editable, args.model), editable, None, None, None)
+    delta = editor.propose(editable, corrections)
 
     with tempfile.TemporaryDirectory(prefix="mendd-store-cost-") as scratch:
         home = init_home(Home(Path(scratch) / "home"), args.model)
@@ -83,7 +87,7 @@ def main() -> None:
         floor_dir.mkdir()
         floor_s = write_and_hash_seconds(versions.store.read_tensors(list(changed)), floor_dir)
 
-        factor_bytes = folder_bytes(home.store_dir / "factors" / "v0001")
+        factor_bytes = versions.store.factors_path("v0001").stat().st_size
         started = time.perf_counter()
         rollback(versions, "v0000", reason="bench")
         rollback_s = time.perf_counter() - started

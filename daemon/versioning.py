@@ -198,11 +198,12 @@ def load_served_model(versions: Versions) -> LoadedModel:
 
 def share_to_stored(share: Share) -> StoredShare:
     """A share as plain tensors: ``<tensor>/inputs``, ``/outputs``, ``/scale``, ``/transposed``;
-    or ``<tensor>/dense`` for a dense share."""
+    or ``<tensor>/dense`` for a dense share. Factors whose values bfloat16 holds exactly (the
+    service's editor rounds them so) are stored in it, at half the bytes and bit for bit."""
     tensors: dict[str, torch.Tensor] = {}
     for name, update in share.low_rank.items():
-        tensors[f"{name}/inputs"] = update.inputs
-        tensors[f"{name}/outputs"] = update.outputs
+        tensors[f"{name}/inputs"] = _narrowest(update.inputs)
+        tensors[f"{name}/outputs"] = _narrowest(update.outputs)
         tensors[f"{name}/scale"] = _scale_tensor(update.scale)
         tensors[f"{name}/transposed"] = torch.tensor(update.transposed)
     for name, dense in share.dense.items():
@@ -219,9 +220,18 @@ def share_from_stored(stored: StoredShare) -> Share:
             dense[name] = tensor
         elif part == "inputs":
             low_rank[name] = LowRankUpdate(
-                inputs=tensor, outputs=stored.tensors[f"{name}/outputs"],
+                inputs=_widened(tensor), outputs=_widened(stored.tensors[f"{name}/outputs"]),
                 scale=_scale_value(stored.tensors[f"{name}/scale"]), transposed=bool(stored.tensors[f"{name}/transposed"].item()))
     return Share(stored.correction_ids, low_rank=low_rank, dense=dense)
+
+
+def _narrowest(factor: torch.Tensor) -> torch.Tensor:
+    narrow = factor.to(torch.bfloat16)
+    return narrow if factor.dtype == torch.float32 and torch.equal(narrow.float(), factor) else factor
+
+
+def _widened(factor: torch.Tensor) -> torch.Tensor:
+    return factor.float() if factor.dtype == torch.bfloat16 else factor
 
 
 def _scale_tensor(scale: float | torch.Tensor) -> torch.Tensor:

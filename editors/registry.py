@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from editors.editable import Editable
 from editors.finetune import FineTuneEditor, NoEditor
 from editors.mend import PRETRAINED_DIR, MendEditor
@@ -46,13 +48,27 @@ def guarded(editor: Editor, editable: Editable, preserved: dict | None, projecti
             aggregation_strength: float | None) -> Editor:
     """The editor as the service runs it: a batch's low-rank updates aggregated by least squares
     (with strength λ), and every update kept out of the preserved keys' main directions (projection
-    threshold), each when asked for. `preserved`: K0 K0ᵀ per tensor, needed by either."""
+    threshold), each when asked for; last, its factors rounded for storage. `preserved`: K0 K0ᵀ per
+    tensor, needed by either."""
     from editors.aggregation import LeastSquaresEditor
     from editors.projection import null_space_projectors, projected
 
     if aggregation_strength is not None and isinstance(editor, MendEditor):
         projectors = null_space_projectors(preserved, projection_threshold) if projection_threshold is not None else None
-        return LeastSquaresEditor(editor, preserved, aggregation_strength, projectors)
-    if projection_threshold is not None:
-        return projected(editor, editable, preserved, projection_threshold)
-    return editor
+        editor = LeastSquaresEditor(editor, preserved, aggregation_strength, projectors)
+    elif projection_threshold is not None:
+        editor = projected(editor, editable, preserved, projection_threshold)
+    return StorageRounded(editor)
+
+
+class StorageRounded:
+    """Low-rank factors rounded to bfloat16 values as they leave the editor, so the store keeps them
+    exactly in half the bytes: the gate judges, the store commits and `mendd revert` subtracts the
+    same numbers. Rounding moves each factor by at most 2⁻⁹ of itself."""
+
+    def __init__(self, inner: Editor):
+        self.inner = inner
+        self.name = inner.name
+
+    def propose(self, editable: Editable, corrections: list[Correction]) -> Delta:
+        return self.inner.propose(editable, corrections).rounded(torch.bfloat16)

@@ -1,7 +1,7 @@
 """The records that flow through editing: a Correction in, a Delta out."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -75,6 +75,10 @@ class LowRankUpdate:
     def nbytes(self) -> int:
         return self.inputs.numel() * self.inputs.element_size() + self.outputs.numel() * self.outputs.element_size()
 
+    def rounded(self, dtype: torch.dtype) -> "LowRankUpdate":
+        """The same update with its factors rounded to values `dtype` holds exactly (their type unchanged)."""
+        return replace(self, inputs=self.inputs.to(dtype).to(self.inputs.dtype), outputs=self.outputs.to(dtype).to(self.outputs.dtype))
+
 
 def stacked_dense(updates: list[LowRankUpdate]) -> torch.Tensor:
     """Σ of several low-rank updates of one tensor as a single matrix product of stacked factors."""
@@ -133,6 +137,12 @@ class Delta:
             dense = stacked_dense(updates)
             total[name] = total[name] + dense if name in total else dense
         return total
+
+    def rounded(self, dtype: torch.dtype) -> "Delta":
+        """Every low-rank factor rounded to values `dtype` holds exactly; dense shares unchanged."""
+        shares = [Share(s.correction_ids, low_rank={n: u.rounded(dtype) for n, u in s.low_rank.items()}, dense=s.dense)
+                  for s in self.shares]
+        return Delta(editor=self.editor, shares=shares, holding=list(self.holding), invalid=list(self.invalid))
 
     def without(self, correction_id: str) -> "Delta":
         """This delta minus the share that carries `correction_id` (exact for low-rank shares)."""

@@ -11,6 +11,7 @@ sees a whole old file or a whole new one.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 
 SUFFIX = ".safetensors"
+COMPRESSED = ".gz"
 INDEX = "model.safetensors.index.json"
 PARTIAL = ".partial"
 
@@ -51,10 +53,15 @@ def write_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """One safetensors file, written beside its final name and renamed over it."""
+    """One safetensors file, written beside its final name and renamed over it; gzip-compressed
+    (fastest level) when the name ends in ``.gz``."""
     partial = path.with_name(f".{path.name}{PARTIAL}")
     plain = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    save_file(plain, str(partial), metadata={"format": "pt", **(metadata or {})})
+    metadata = {"format": "pt", **(metadata or {})}
+    if path.name.endswith(COMPRESSED):
+        partial.write_bytes(gzip.compress(save(plain, metadata=metadata), compresslevel=1))
+    else:
+        save_file(plain, str(partial), metadata=metadata)
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, path)
@@ -65,6 +72,8 @@ def read_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(COMPRESSED):
+        return load(gzip.decompress(path.read_bytes()))
     with safe_open(str(path), framework="pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 
@@ -85,6 +94,11 @@ _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    if path.name.endswith(COMPRESSED):
+        # The safetensors layout: an 8-byte little-endian header length, then the JSON header.
+        data = gzip.decompress(path.read_bytes())
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        return dict(header.get("__metadata__") or {})
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 

@@ -2,7 +2,8 @@
 
 Every version is a git commit tagged ``vNNNN`` whose ``model.dvc`` names the model's files in the
 DVC cache. ``factors/`` (a second tracked folder, append-only) keeps each correction's low-rank
-factors beside the version that applied it, so one correction can later be subtracted exactly.
+factors beside the version that applied it, one compressed file per version, so one correction
+can later be subtracted exactly.
 The commit message carries the version's metadata as one JSON line, so ``git log`` alone lists
 every version, and a commit that crashed before its tag can still be finished.
 
@@ -14,7 +15,6 @@ version (store/recovery rules are in :meth:`recover`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -28,6 +28,8 @@ import torch
 from store import dvcrepo, journal
 from store.dvcrepo import DvcRepo
 from store.checkpoint import (
+    COMPRESSED,
+    SUFFIX,
     dtype_code,
     tensor_layout,
     read_metadata,
@@ -160,7 +162,7 @@ class VersionStore:
             save_model(store.model_dir, model, tokenizer)
             store.factors_dir.mkdir()
             (store.factors_dir / "README").write_text(
-                "Low-rank factors of each correction, one folder per version: "
+                "Low-rank factors of each correction, one gzip-compressed safetensors file per version: "
                 "mendd revert subtracts them exactly.\n", encoding="utf-8")
             store._seal(tag_name(0), None, {"kind": "base", "reason": f"base model {spec}"})
             store.close()
@@ -233,13 +235,18 @@ class VersionStore:
 
     def shares(self, tag: str) -> list[StoredShare]:
         """The factors kept with version ``tag`` (empty for versions that applied none)."""
-        folder = self.factors_dir / tag
-        if not folder.is_dir():
+        path = self.factors_path(tag)
+        if not path.exists():
             return []
+        tensors = read_tensor_file(path)
+        owners = json.loads(read_metadata(path)["shares"])
         return [
-            StoredShare(tuple(json.loads(read_metadata(path)["corrections"])), read_tensor_file(path))
-            for path in sorted(folder.glob("*.safetensors"))
+            StoredShare(tuple(ids), {key.split("/", 1)[1]: t for key, t in tensors.items() if key.split("/", 1)[0] == str(i)})
+            for i, ids in enumerate(owners)
         ]
+
+    def factors_path(self, tag: str) -> Path:
+        return self.factors_dir / f"{tag}{SUFFIX}{COMPRESSED}"
 
     # -- the workspace ------------------------------------------------------------------------
 
@@ -343,14 +350,13 @@ class VersionStore:
                     f"{shape} {dtype}; nothing was changed")
 
     def _write_shares(self, tag: str, shares: tuple[StoredShare, ...]) -> None:
+        """All of a version's shares in one file (one write and one fsync, however many corrections):
+        share i's tensors are named ``i/<tensor>/<part>``, its corrections listed in the metadata."""
         if not shares:
             return
-        folder = self.factors_dir / tag
-        folder.mkdir(exist_ok=True)
-        for share in shares:
-            key = hashlib.sha256("\0".join(share.correction_ids).encode()).hexdigest()[:16]
-            write_tensor_file(folder / f"{key}.safetensors", share.tensors,
-                              metadata={"corrections": json.dumps(list(share.correction_ids))})
+        tensors = {f"{i}/{key}": t for i, share in enumerate(shares) for key, t in share.tensors.items()}
+        write_tensor_file(self.factors_path(tag), tensors,
+                          metadata={"shares": json.dumps([list(share.correction_ids) for share in shares])})
 
     def _ensure_objects(self, target: Version) -> None:
         """Fail before touching anything if ``target``'s files are in neither cache nor remote:

@@ -44,3 +44,17 @@ def test_a_projected_share_is_still_exactly_subtractable(tiny) -> None:
     for name, tensor in alone.tensors().items():
         assert torch.allclose(remaining[name], tensor, atol=1e-6)
     assert editor.name == "mend+projection"
+
+
+def test_the_service_editor_proposes_factors_that_bfloat16_holds_exactly(tiny) -> None:
+    from editors.registry import guarded
+
+    covariance = key_covariance(tiny, preserved_batches(tiny, [("Hello there", "friend")], [list(range(3, 40))]))
+    plain = MendEditor.fresh(tiny, edit_lr=1e-2)
+    delta = guarded(plain, tiny, covariance, 1e-2, None).propose(tiny, [FACT])
+    for update in delta.shares[0].low_rank.values():
+        for factor in (update.inputs, update.outputs):
+            assert factor.dtype == torch.float32 and torch.equal(factor.bfloat16().float(), factor)
+    unrounded = projected(plain, tiny, covariance, 1e-2).propose(tiny, [FACT]).tensors()
+    for name, change in delta.tensors().items():
+        assert torch.allclose(change, unrounded[name], rtol=0, atol=1e-2 * unrounded[name].abs().max())

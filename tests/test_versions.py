@@ -197,6 +197,32 @@ def test_stored_factors_rebuild_the_delta_bit_for_bit(home: Home, deltas) -> Non
     assert all(torch.equal(rebuilt[name], original[name]) for name in original)
 
 
+def test_factors_rounded_for_storage_are_kept_in_bfloat16_and_rebuild_bit_for_bit(home: Home, deltas) -> None:
+    from daemon.versioning import share_from_stored
+
+    rounded = deltas["c1"].rounded(torch.bfloat16)
+    versions = open_home(home)
+    commit_delta(versions, rounded, run_id="r1", figures={})
+    (stored,) = versions.store.shares("v0001")
+    versions.close()
+    factors = {k: t for k, t in stored.tensors.items() if k.endswith(("/inputs", "/outputs"))}
+    assert factors and all(t.dtype == torch.bfloat16 for t in factors.values())
+    rebuilt = share_from_stored(stored).tensors()
+    original = rounded.shares[0].tensors()
+    assert all(torch.equal(rebuilt[name], original[name]) for name in original)
+
+
+def test_a_versions_factors_are_one_compressed_file_naming_each_shares_corrections(home: Home) -> None:
+    two = mend_delta(FACTS[:2])
+    versions = open_home(home)
+    commit_delta(versions, two, run_id="r1", figures={})
+    shares = versions.store.shares("v0001")
+    versions.close()
+    assert [p.name for p in (home.store_dir / "factors").iterdir() if p.name != "README"] == ["v0001.safetensors.gz"]
+    assert [s.correction_ids for s in shares] == [s.correction_ids for s in two.shares]
+    assert store_is_clean(home.store_dir)
+
+
 def test_revert_of_a_correction_not_in_the_weights_fails_and_changes_nothing(home: Home, deltas) -> None:
     versions = open_home(home)
     commit_delta(versions, deltas["c1"], run_id="r1", figures={})
