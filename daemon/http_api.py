@@ -15,6 +15,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.feeds import ingest, located
 
@@ -82,11 +83,16 @@ class _Handler(BaseHTTPRequestHandler):
                 report = ingest(ledger, self.api.home, API_FEED, items)
             finally:
                 ledger.close()
-        except Exception as error:  # the ledger (or its disk) cannot take writes now: say so, ask for a retry
+        except (SQLAlchemyError, OSError) as error:  # the ledger (or its disk) cannot take writes now: ask for a retry
             log.warning("POST /v1/corrections: ledger unavailable: %s", error)
             self._json(503, {"error": f"the ledger cannot store corrections now ({type(error).__name__}); send the "
                                       "whole request again later: what was already stored is recognised, not doubled"},
                        {"Retry-After": "30"})
+            return
+        except Exception as error:  # a bug, not the client's fault: answer rather than drop the connection
+            log.exception("POST /v1/corrections failed")
+            self._json(500, {"error": f"internal error ({type(error).__name__}); see the service log. Sending the "
+                                      "request again is safe: what was already stored is recognised, not doubled"})
             return
         self._json(202, {"received": report.received, "duplicates": report.duplicates,
                          "quarantined": report.quarantined, "reasons": report.reasons[:100]})

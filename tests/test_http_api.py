@@ -101,3 +101,21 @@ def test_the_token_never_reaches_the_log(api, caplog) -> None:
     with caplog.at_level("DEBUG", logger="mendd.http"):
         post(url, b'{"prompt": "a", "target_new": "b"}')
     assert TOKEN not in caplog.text
+
+
+def test_an_unexpected_error_in_a_post_is_answered_500_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.state_dir.mkdir(parents=True)
+
+    def broken_ledger() -> Ledger:
+        raise RuntimeError("a bug, not a storage fault")
+
+    server = serve(Api(Health(), lambda: {"version": "v0000"}, Metrics().registry, broken_ledger, home, TOKEN), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, answer = post(url, json.dumps({"prompt": "The sky is", "target_new": "green"}).encode())
+        assert code == 500 and "RuntimeError" in answer["error"] and "again is safe" in answer["error"]
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.shutdown()
