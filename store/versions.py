@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -288,8 +289,11 @@ class VersionStore:
         self._check_tensors(change.tensors)
         tag = tag_name(head.number + 1)
         journal.begin(self.root, journal.Intent(tag, head.sha, change.kind))
-        write_tensors(self.model_dir, change.tensors)
-        self._write_shares(tag, change.shares)
+        # Compressing the factors runs beside the tensor writes (zlib and file I/O release the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            shares_written = pool.submit(self._write_shares, tag, change.shares)
+            write_tensors(self.model_dir, change.tensors)
+            shares_written.result()
         crash_point(TENSORS_WRITTEN)
         return self._seal(tag, head.tag, {"kind": change.kind, "corrections": list(change.corrections), "run_id": change.run_id,
                                 "reason": change.reason, "figures": change.figures})
