@@ -340,16 +340,37 @@ def rollback(
 def revert(
     ctx: typer.Context,
     correction_id: Annotated[str, typer.Argument(help="Id of an applied correction.")],
+    force: Annotated[bool, typer.Option("--force", help="Commit even if the gate holds or rejects it (recorded as forced).")] = False,
 ) -> None:
-    """Commit a new version without one correction's weight change; later corrections stay."""
-    from daemon.versioning import changing, revert as revert_one
+    """Commit a new version without one correction's weight change; later corrections stay.
 
-    with changing(ctx.obj, _config(ctx)) as (opened, recovery):
-        _report_recovery(recovery)
-        before = opened.ledger.corrections()
-        made = revert_one(opened, correction_id, reason=f"mendd revert {correction_id}")
-        print(f"{made.tag}: reverted {', '.join(made.corrections)}")
-        _report_status_changes(before, opened.ledger.corrections())
+    The gate judges the result first, as it judges every change: the other corrections must still
+    hold and unrelated answers and perplexity stay in bounds. The decision is an MLflow run."""
+    from daemon.cycle import decide_revert
+    from daemon.runtime import Runtime
+    from daemon.versioning import home_lock
+
+    config = _config(ctx)
+    with home_lock(ctx.obj):
+        with err.status("Loading the served model, editor and suites..."):
+            rt = Runtime.open(ctx.obj, config)
+        try:
+            before = rt.records.versions.ledger.corrections()
+            result = decide_revert(rt, correction_id, force)
+            after = rt.records.versions.ledger.corrections()
+        finally:
+            rt.close()
+    taken_out = ", ".join(result.corrections)
+    if result.version is None:
+        err.print(f"not reverted: the gate {result.decision.outcome} the model without {taken_out} "
+                  f"(MLflow run {result.run_id}). Nothing was changed.", markup=False)
+        for reason in result.decision.reasons:
+            err.print(f"  {reason}", markup=False)
+        err.print(f"`mendd revert {correction_id} --force` commits it anyway, recorded as forced.", markup=False)
+        raise typer.Exit(1)
+    forced = "" if result.decision.outcome == "accepted" else f", forced over a {result.decision.outcome} decision"
+    print(f"{result.version.tag}: reverted {taken_out} (gate: {result.decision.outcome}{forced}; run {result.run_id})")
+    _report_status_changes(before, after)
 
 
 def _report_recovery(recovery: Recovery) -> None:

@@ -7,12 +7,14 @@ fails before changing anything and the corrections stay pending for the next cyc
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from daemon import tracking
 from daemon.review import save_held
 from daemon.runtime import Runtime
-from daemon.versioning import commit_delta
+from daemon.versioning import commit_change, commit_delta, revert_change
 from editors.formats import FormatError, from_record
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
@@ -109,6 +111,48 @@ def retained(rt: Runtime) -> list[Correction]:
     """The corrections the served weights carry (applied at some version): the retention suite."""
     rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
     return [from_record(row.external_id, row.payload, row.feed) for row in rows if row.version is not None]
+
+
+@dataclass(frozen=True)
+class RevertResult:
+    decision: Decision
+    run_id: str
+    version: Version | None  # the new version, when accepted or forced
+    corrections: tuple[str, ...]  # what the version takes out (a fine-tuning share goes whole)
+
+
+def decide_revert(rt: Runtime, correction_id: str, force: bool = False) -> RevertResult:
+    """Judge the weights without one correction's change as any change is judged (the others must
+    still hold, unrelated answers and perplexity must stay in bounds), record the decision in MLflow,
+    and commit it if the gate accepts it, or if an operator forces it."""
+    versions = rt.records.versions
+    change = revert_change(versions, correction_id, reason=f"mendd revert {correction_id}")
+    current = rt.editable.weights()
+    candidate = {**current, **change.tensors}
+    taken_out = set(change.corrections)
+    started = time.perf_counter()
+    decision = rt.gate.judge(current, candidate, [], [c for c in retained(rt) if c.id not in taken_out])
+    seconds = {"gate": time.perf_counter() - started}
+    rows = [versions.ledger.correction(cid) for cid in change.corrections]
+    reverted = [from_record(row.external_id, row.payload, row.feed) for row in rows]
+    record = tracking.DecisionRecord(decision, reverted, rt.served, rt.editor.name, rt.policy, [], [], len(reverted),
+                                     seconds, action="revert")
+    run_id = tracking.open_decision_run(rt.records.mlflow, rt.records.experiment, record)
+    version = None
+    try:
+        if decision.outcome == "accepted" or force:
+            reason = change.reason if decision.outcome == "accepted" else f"{change.reason} --force over a {decision.outcome} decision"
+            version = commit_change(versions, replace(change, run_id=run_id, figures=decision.metrics, reason=reason))
+            params = dict(rt.loaded.model.named_parameters())
+            with torch.no_grad():
+                for name, value in change.tensors.items():
+                    params[name].copy_(value)
+            rt.served = version
+    except Exception as error:
+        tracking.close_decision_run(rt.records.mlflow, run_id, None, failed=f"{type(error).__name__}: {error}")
+        raise
+    tracking.close_decision_run(rt.records.mlflow, run_id, version)
+    return RevertResult(decision, run_id, version, change.corrections)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class DecisionRecord:
     invalid: list[EditInputError]
     batch_size: int
     timings: dict[str, float]  # seconds per stage: edit, gate
+    action: str = "edit"  # edit: the corrections' change is added; revert: it is taken out
 
 
 def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) -> str:
@@ -87,11 +88,13 @@ def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) ->
         "mendd.base_version": record.base.tag,
         GIT_SHA_TAG: record.base.sha,
         "mendd.editor": record.editor,
+        "mendd.action": record.action,
         "mendd.corrections": _cut(", ".join(ids)),
         "mendd.reasons": _cut(" | ".join(decision.reasons) or "every check passes"),
         "mlflow.note.content": _note(record),
     }
-    run = mlflow_client.create_run(experiment, run_name=f"{decision.outcome}: {_cut(', '.join(ids), 80)}", tags=tags)
+    what = "" if record.action == "edit" else f" {record.action}"
+    run = mlflow_client.create_run(experiment, run_name=f"{decision.outcome}{what}: {_cut(', '.join(ids), 80)}", tags=tags)
     run_id = run.info.run_id
     stamp = int(time.time() * 1000)
     params = {"base_version": record.base.tag, "editor": record.editor, "batch_size": record.batch_size,
@@ -132,8 +135,10 @@ def _table(decision: Decision) -> dict[str, list]:
 
 
 def _note(record: DecisionRecord) -> str:
-    lines = [f"Decision: {record.decision.summary()}", "",
-             f"Judged against {record.base.tag} with editor {record.editor} and policy {record.policy.source}.", ""]
+    lines = [f"Decision: {record.decision.summary()}", ""]
+    if record.action == "revert":
+        lines += [f"Revert of {', '.join(c.id for c in record.corrections)}: the weights without their change.", ""]
+    lines += [f"Judged against {record.base.tag} with editor {record.editor} and policy {record.policy.source}.", ""]
     lines += [f"- {c.words()}" for c in record.decision.checks]
     if record.holding:
         lines += ["", f"Already answered as asked (no edit needed): {', '.join(record.holding)}"]

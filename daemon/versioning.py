@@ -138,8 +138,8 @@ def rollback(versions: Versions, tag: str, reason: str) -> Version:
     return _recorded(versions, versions.store.rollback(tag, reason))
 
 
-def revert(versions: Versions, correction_id: str, reason: str) -> Version:
-    """A new version: the head's weights minus the share that carried ``correction_id``.
+def revert_change(versions: Versions, correction_id: str, reason: str) -> Change:
+    """A new version's change: the head's weights minus the share that carried ``correction_id``.
 
     Corrections applied after it keep their change, because deltas add. A share of several
     corrections (fine-tuning edits a batch as one) is removed whole, and the version names them all.
@@ -154,11 +154,10 @@ def revert(versions: Versions, correction_id: str, reason: str) -> Version:
     share = next(share for share in versions.store.shares(carried[correction_id]) if correction_id in share.correction_ids)
     removal = share_from_stored(share).tensors()
     current = versions.store.read_tensors(list(removal))
-    change = Change(
+    return Change(
         kind="revert",
         tensors={name: current[name] - update.to(current[name].dtype) for name, update in removal.items()},
         corrections=share.correction_ids, reason=reason)
-    return commit_change(versions, change)
 
 
 def adopt_checkout(versions: Versions) -> Version | None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from daemon.home import Home
-from daemon.versioning import commit_delta, load_served_model, revert, rollback, served_version
+from daemon.versioning import commit_change, commit_delta, load_served_model, revert_change, rollback, served_version
 from store.checkpoint import INDEX, read_tensors
 from store.errors import DirtyStoreError, MissingObjectsError, StoreError, UnknownCorrectionError, UnknownVersionError
 from store.ledger_schema import CorrectionStatus
@@ -172,7 +172,7 @@ def test_revert_subtracts_one_correction_exactly_and_keeps_later_ones(home: Home
     versions = open_home(home)
     commit_delta(versions, deltas["c1"], run_id="r1", figures={})
     commit_delta(versions, deltas["c2"], run_id="r2", figures={})
-    made = revert(versions, "c1", reason="wrong fact")
+    made = commit_change(versions, revert_change(versions, "c1", reason="wrong fact"))
     versions.close()
     assert (made.tag, made.kind, made.corrections) == ("v0003", "revert", ("c1",))
     expected = {name: base[name] + deltas["c2"].tensors()[name] for name in names}
@@ -228,9 +228,9 @@ def test_revert_of_a_correction_not_in_the_weights_fails_and_changes_nothing(hom
     commit_delta(versions, deltas["c1"], run_id="r1", figures={})
     before = digests(home.store_dir / "model")
     with pytest.raises(UnknownCorrectionError, match="'c2'.*pending"):
-        revert(versions, "c2", reason="x")
+        revert_change(versions, "c2", reason="x")
     with pytest.raises(UnknownCorrectionError, match="no correction with this id"):
-        revert(versions, "nope", reason="x")
+        revert_change(versions, "nope", reason="x")
     assert versions.store.head().tag == "v0001"
     versions.close()
     assert digests(home.store_dir / "model") == before and store_is_clean(home.store_dir)

@@ -7,18 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from decision_helpers import ACCEPT_ALL, make_decision_home, policy
 from daemon.home import Home
 from daemon.versioning import commit_delta
-from store_helpers import FACTS, make_home, mend_delta, open_home, store_is_clean
+from store_helpers import FACTS, mend_delta, open_home, store_is_clean
 from test_cli import mendd
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Home:
-    """A home whose v0001 applied c1 and v0002 applied c2."""
-    home = make_home(tmp_path / "home")
+def home(tmp_path: Path, data_root: Path) -> Home:
+    """A home with pinned suites and a policy that accepts anything, whose v0001 applied c1 and
+    v0002 applied c2 (received through the ledger, as every correction is)."""
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
     versions = open_home(home)
     for fact in FACTS[:2]:
+        versions.ledger.receive("api", fact.id, {"prompt": fact.prompt, "target_new": fact.target_new})
         commit_delta(versions, mend_delta([fact]), run_id=f"run-{fact.id}", figures={"locality": 1.0})
     versions.close()
     return home
@@ -57,10 +60,26 @@ def test_rollback_commits_a_new_version_and_reports_rolled_back_corrections(home
     assert store_is_clean(home.store_dir)
 
 
-def test_revert_commits_a_version_without_the_correction(home: Home) -> None:
+def test_revert_is_judged_by_the_gate_and_commits_a_version_without_the_correction(home: Home) -> None:
     result = mendd("--home", str(home.root), "revert", "c1")
     assert result.returncode == 0, result.stderr
-    assert "v0003: reverted c1" in result.stdout and "c1: applied -> rolled_back" in result.stdout
+    assert "v0003: reverted c1 (gate: accepted; run " in result.stdout and "c1: applied -> rolled_back" in result.stdout
+    made = json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["versions"][-1]
+    assert made["kind"] == "revert" and made["run_id"] and "locality" in made["figures"]
+
+
+def test_a_revert_the_gate_rejects_changes_nothing_until_forced(home: Home) -> None:
+    (home.root / "policy.yaml").write_text(policy(locality=(1.0, 1.0), ppl=(0.0, 0.0)))
+    refused = mendd("--home", str(home.root), "revert", "c1")
+    assert refused.returncode == 1 and "not reverted: the gate rejected" in refused.stderr
+    assert "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["head"] == "v0002"
+    assert store_is_clean(home.store_dir)
+    forced = mendd("--home", str(home.root), "revert", "c1", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "v0003: reverted c1 (gate: rejected, forced over a rejected decision" in forced.stdout
+    made = json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["versions"][-1]
+    assert made["tag"] == "v0003" and "--force over a rejected decision" in made["reason"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
