@@ -7,20 +7,19 @@ current head (deltas add, so later versions keep their corrections).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-
-from safetensors.torch import load_file, save_file
+from pathlib import Path
 
 from daemon import tracking
 from daemon.home import Home
 from daemon.runtime import Records
 from daemon.versioning import commit_delta, share_from_stored, share_to_stored
 from editors.types import Delta
+from store.checkpoint import read_metadata
 from store.errors import StoreError
 from store.ledger_schema import CorrectionStatus
-from store.versions import StoredShare, Version
+from store.versions import Version, read_shares, write_shares
 
 
 class ReviewError(StoreError):
@@ -42,32 +41,20 @@ class HeldDecision:
 
 def save_held(home: Home, run_id: str, delta: Delta) -> None:
     """Keep a held candidate's shares (low-rank factors, or dense for fine-tuning) until review."""
-    tensors, owners = {}, []
-    for i, share in enumerate(delta.shares):
-        stored = share_to_stored(share)
-        owners.append(list(stored.correction_ids))
-        tensors.update({f"{i}:{key}": t.contiguous() for key, t in stored.tensors.items()})
     home.held_dir.mkdir(parents=True, exist_ok=True)
-    partial = home.held_dir / f"{run_id}.tmp"
-    save_file(tensors, str(partial), metadata={"editor": delta.editor, "owners": json.dumps(owners)})
-    partial.replace(home.held_dir / f"{run_id}.safetensors")
+    write_shares(held_path(home, run_id), [share_to_stored(share) for share in delta.shares], {"editor": delta.editor})
 
 
 def load_held(home: Home, run_id: str) -> Delta:
-    path = home.held_dir / f"{run_id}.safetensors"
+    path = held_path(home, run_id)
     if not path.exists():
         raise ReviewError(f"no held candidate for run {run_id} at {path}; `mendd review list` shows what waits")
-    from safetensors import safe_open
+    shares = [share_from_stored(stored) for stored in read_shares(path)]
+    return Delta(editor=read_metadata(path)["editor"], shares=shares)
 
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    owners = json.loads(metadata["owners"])
-    shares = []
-    for i, ids in enumerate(owners):
-        mine = {key.split(":", 1)[1]: t for key, t in tensors.items() if key.split(":", 1)[0] == str(i)}
-        shares.append(share_from_stored(StoredShare(tuple(ids), mine)))
-    return Delta(editor=metadata["editor"], shares=shares)
+
+def held_path(home: Home, run_id: str) -> Path:
+    return home.held_dir / f"{run_id}.safetensors"
 
 
 def held(records: Records) -> list[HeldDecision]:
@@ -91,7 +78,7 @@ def approve(records: Records, run_id: str, who: str) -> Version:
     records.mlflow.set_tag(run_id, "mendd.settled_by", who)
     records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)
     records.mlflow.set_tag(run_id, tracking.GIT_SHA_TAG, version.sha)
-    (records.home.held_dir / f"{run_id}.safetensors").unlink(missing_ok=True)
+    held_path(records.home, run_id).unlink(missing_ok=True)
     return version
 
 
@@ -103,7 +90,7 @@ def reject(records: Records, run_id: str, who: str) -> list[str]:
                                  reason=f"rejected in review by {who}")
     records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "rejected")
     records.mlflow.set_tag(run_id, "mendd.settled_by", who)
-    (records.home.held_dir / f"{run_id}.safetensors").unlink(missing_ok=True)
+    held_path(records.home, run_id).unlink(missing_ok=True)
     return [row.external_id for row in rows]
 
 

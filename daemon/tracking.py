@@ -79,7 +79,7 @@ class DecisionRecord:
 
 def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) -> str:
     """Create the decision's run with all it knows before any commit; returns its id."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     decision = record.decision
     ids = [c.id for c in record.corrections]

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -237,14 +237,7 @@ class VersionStore:
     def shares(self, tag: str) -> list[StoredShare]:
         """The factors kept with version ``tag`` (empty for versions that applied none)."""
         path = self.factors_path(tag)
-        if not path.exists():
-            return []
-        tensors = read_tensor_file(path)
-        owners = json.loads(read_metadata(path)["shares"])
-        return [
-            StoredShare(tuple(ids), {key.split("/", 1)[1]: t for key, t in tensors.items() if key.split("/", 1)[0] == str(i)})
-            for i, ids in enumerate(owners)
-        ]
+        return read_shares(path) if path.exists() else []
 
     def factors_path(self, tag: str) -> Path:
         return self.factors_dir / f"{tag}{SUFFIX}{COMPRESSED}"
@@ -354,13 +347,8 @@ class VersionStore:
                     f"{shape} {dtype}; nothing was changed")
 
     def _write_shares(self, tag: str, shares: tuple[StoredShare, ...]) -> None:
-        """All of a version's shares in one file (one write and one fsync, however many corrections):
-        share i's tensors are named ``i/<tensor>/<part>``, its corrections listed in the metadata."""
-        if not shares:
-            return
-        tensors = {f"{i}/{key}": t for i, share in enumerate(shares) for key, t in share.tensors.items()}
-        write_tensor_file(self.factors_path(tag), tensors,
-                          metadata={"shares": json.dumps([list(share.correction_ids) for share in shares])})
+        if shares:
+            write_shares(self.factors_path(tag), shares)
 
     def _ensure_objects(self, target: Version) -> None:
         """Fail before touching anything if ``target``'s files are in neither cache nor remote:
@@ -406,6 +394,25 @@ class VersionStore:
         journal.finish(self.root)
         self.require_clean()
         return Recovery(action, intent.tag, tuple(removed))
+
+
+def write_shares(path: Path, shares: Sequence[StoredShare], metadata: dict[str, str] | None = None) -> None:
+    """Several shares in one safetensors file (one write and one fsync, however many corrections;
+    gzip-compressed if the name ends in .gz): share i's tensors are named ``i/<tensor>/<part>``, and
+    the metadata lists each share's corrections."""
+    tensors = {f"{i}/{key}": t for i, share in enumerate(shares) for key, t in share.tensors.items()}
+    owners = json.dumps([list(share.correction_ids) for share in shares])
+    write_tensor_file(path, tensors, metadata={**(metadata or {}), "shares": owners})
+
+
+def read_shares(path: Path) -> list[StoredShare]:
+    tensors = read_tensor_file(path)
+    owners = json.loads(read_metadata(path)["shares"])
+    grouped: list[dict[str, torch.Tensor]] = [{} for _ in owners]
+    for key, tensor in tensors.items():
+        index, name = key.split("/", 1)
+        grouped[int(index)][name] = tensor
+    return [StoredShare(tuple(ids), mine) for ids, mine in zip(owners, grouped)]
 
 
 def _message(meta: dict[str, Any]) -> str:
