@@ -21,8 +21,6 @@ _DATA_ENV = os.environ.get("MENDD_DATA")
 
 @pytest.fixture(scope="session")
 def data_root():
-    from pathlib import Path
-
     if _DATA_ENV:
         os.environ["MENDD_DATA"] = _DATA_ENV
     try:

@@ -11,7 +11,6 @@ from daemon import review, tracking
 from daemon.cycle import decide
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, REJECT_ALL, make_decision_home, open_runtime
-from store.ledger_schema import CorrectionStatus
 from test_cli import mendd
 
 
