@@ -1,4 +1,5 @@
 """One decision: propose a delta for a batch of pending corrections, judge it, record it, act on it.
+An operator's revert is decided the same way (:func:`decide_revert`).
 
 The order matters for the record: the MLflow run is written before anything is committed, so a
 version never exists without the run that allowed it. If the tracking backend is down, the step
