@@ -16,7 +16,6 @@ from daemon.home import Home
 from daemon.runtime import Records
 from daemon.versioning import commit_delta, share_from_stored, share_to_stored
 from editors.types import Delta
-from store.checkpoint import read_metadata
 from store.errors import StoreError
 from store.ledger_schema import CorrectionStatus
 from store.versions import Version, read_shares, write_shares
@@ -49,8 +48,8 @@ def load_held(home: Home, run_id: str) -> Delta:
     path = held_path(home, run_id)
     if not path.exists():
         raise ReviewError(f"no held candidate for run {run_id} at {path}; `mendd review list` shows what waits")
-    shares = [share_from_stored(stored) for stored in read_shares(path)]
-    return Delta(editor=read_metadata(path)["editor"], shares=shares)
+    stored, metadata = read_shares(path)
+    return Delta(editor=metadata["editor"], shares=[share_from_stored(share) for share in stored])
 
 
 def held_path(home: Home, run_id: str) -> Path:

@@ -72,10 +72,18 @@ def read_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    return read_tensor_file_with_metadata(path)[0]
+
+
+def read_tensor_file_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, from one read (one decompression for ``.gz``)."""
     if path.name.endswith(COMPRESSED):
-        return load(gzip.decompress(path.read_bytes()))
+        data = gzip.decompress(path.read_bytes())
+        # The safetensors layout: an 8-byte little-endian header length, then the JSON header.
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        return load(data), dict(header.get("__metadata__") or {})
     with safe_open(str(path), framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}
+        return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
 
 
 def tensor_layout(folder: Path, name: str) -> tuple[tuple[int, ...], str]:
@@ -91,16 +99,6 @@ def dtype_code(tensor: torch.Tensor) -> str:
 
 
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    if path.name.endswith(COMPRESSED):
-        # The safetensors layout: an 8-byte little-endian header length, then the JSON header.
-        data = gzip.decompress(path.read_bytes())
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-        return dict(header.get("__metadata__") or {})
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
 
 
 def tensor_names(folder: Path) -> list[str]:

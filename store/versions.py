@@ -33,8 +33,7 @@ from store.checkpoint import (
     SUFFIX,
     dtype_code,
     tensor_layout,
-    read_metadata,
-    read_tensor_file,
+    read_tensor_file_with_metadata,
     read_tensors,
     remove_partials,
     save_model,
@@ -237,7 +236,7 @@ class VersionStore:
     def shares(self, tag: str) -> list[StoredShare]:
         """The factors kept with version ``tag`` (empty for versions that applied none)."""
         path = self.factors_path(tag)
-        return read_shares(path) if path.exists() else []
+        return read_shares(path)[0] if path.exists() else []
 
     def factors_path(self, tag: str) -> Path:
         return self.factors_dir / f"{tag}{SUFFIX}{COMPRESSED}"
@@ -405,14 +404,15 @@ def write_shares(path: Path, shares: Sequence[StoredShare], metadata: dict[str, 
     write_tensor_file(path, tensors, metadata={**(metadata or {}), "shares": owners})
 
 
-def read_shares(path: Path) -> list[StoredShare]:
-    tensors = read_tensor_file(path)
-    owners = json.loads(read_metadata(path)["shares"])
+def read_shares(path: Path) -> tuple[list[StoredShare], dict[str, str]]:
+    """The shares of a file written by :func:`write_shares`, and its metadata."""
+    tensors, metadata = read_tensor_file_with_metadata(path)
+    owners = json.loads(metadata["shares"])
     grouped: list[dict[str, torch.Tensor]] = [{} for _ in owners]
     for key, tensor in tensors.items():
         index, name = key.split("/", 1)
         grouped[int(index)][name] = tensor
-    return [StoredShare(tuple(ids), mine) for ids, mine in zip(owners, grouped)]
+    return [StoredShare(tuple(ids), mine) for ids, mine in zip(owners, grouped)], metadata
 
 
 def _message(meta: dict[str, Any]) -> str:
