@@ -456,6 +456,8 @@ def train_editor(
     val_size: Annotated[int, typer.Option(min=1)] = TrainSettings.val_size,
     seed: int = TrainSettings.seed,
     general_locality: Annotated[bool, typer.Option(help="Also keep unrelated questions and running text unchanged (the training half of zsRE NQ and WikiText-2).")] = True,
+    projection_threshold: Annotated[Optional[float], typer.Option(min=0.0, help="Train through the null-space projection at this threshold (the service's editor.projection_threshold).")] = None,
+    init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Start from this editor file instead of the identity initialisation.")] = None,
 ) -> None:
     """Meta-train a MEND editor (resumable; logged to MLflow in the home)."""
     from daemon.editor_jobs import run_training
@@ -463,9 +465,10 @@ def train_editor(
     config = _config(ctx)
     home: Home = ctx.obj
     settings = TrainSettings(steps=steps, edits_per_step=edits_per_step, lr=lr, c_edit=c_edit, c_loc=c_loc,
-                             rank=rank, edit_lr=edit_lr, val_every=val_every, val_size=val_size, seed=seed)
+                             rank=rank, edit_lr=edit_lr, val_every=val_every, val_size=val_size, seed=seed,
+                             projection_threshold=projection_threshold)
     state = run_training(model or config.model, data, val, out, settings, config.mlflow.tracking_uri,
-                         home.mlflow_artifacts, err, config.editor.edit_layers, general_locality)
+                         home.mlflow_artifacts, err, config.editor.edit_layers, general_locality, init)
     print(json.dumps({"steps": state.step, "seconds": round(state.seconds, 1), "editor": str(out),
                       "validations": state.validations[-1:]}))
 

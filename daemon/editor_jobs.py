@@ -67,14 +67,28 @@ def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | 
 
 def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path, settings: TrainSettings,
                  tracking_uri: str, artifact_root: Path, console, edit_names: list[str] | None = None,
-                 general_locality: bool = True) -> TrainState:
-    """Train (resuming from `out` if a checkpoint is there), logging the run to MLflow."""
+                 general_locality: bool = True, init: Path | None = None) -> TrainState:
+    """Train (resuming from `out` if a checkpoint is there), logging the run to MLflow.
+
+    A new run starts from the editor file `init` when given (to continue training a shipped editor
+    under other settings), else from the identity initialisation.
+    """
     torch.manual_seed(settings.seed)
     loaded = load_model(model_spec)
     editable = Editable(loaded.model, loaded.tokenizer, edit_names)
     train_set = read_sets(data)
     val_set = read_sets([val], limit=settings.val_size) if val else []
-    editor = MendEditor.fresh(editable, rank=settings.rank, edit_lr=settings.edit_lr, model_spec=model_spec)
+    if init is not None:
+        editor = MendEditor.load(init, editable)
+    else:
+        editor = MendEditor.fresh(editable, rank=settings.rank, edit_lr=settings.edit_lr, model_spec=model_spec)
+    projectors = None
+    if settings.projection_threshold is not None:
+        from daemon.suite_files import preserved_covariance
+        from editors.projection import null_space_projectors
+
+        console.print("Measuring the preserved keys for the projection...")
+        projectors = null_space_projectors(preserved_covariance(editable, data_dir()), settings.projection_threshold)
     probes = make_probes(editable) if val_set else None
     # the training half of the unrelated sources; the measuring half is never trained on
     general = unrelated_prompts(data_dir(), 10_000, 10_000, half=1) if general_locality else None
@@ -89,7 +103,7 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
         run_file.write_text(run_id)
         for key, value in {**asdict(settings), "model": model_spec, "data": ",".join(map(str, data)),
                            "val": str(val), "edit_tensors": ",".join(editable.edit_names),
-                           "general_locality": general_locality}.items():
+                           "general_locality": general_locality, "init": str(init)}.items():
             client.log_param(run_id, key, value)
 
     def validate(ed: MendEditor) -> dict:
@@ -119,7 +133,7 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
                 pending.clear()
 
         state = train(editable, editor, train_set, settings, out, validate=validate if val_set else None,
-                      on_step=on_step, general=general)
+                      on_step=on_step, general=general, projectors=projectors)
     client.log_metric(run_id, "train_seconds", state.seconds)
     client.log_artifact(run_id, str(out))
     client.set_terminated(run_id)

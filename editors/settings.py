@@ -19,3 +19,6 @@ class TrainSettings:
     checkpoint_every: int = 100
     seed: int = 0
     grad_clip: float = 100.0
+    # train through the service's null-space projection (editors/projection.py), so the editor learns
+    # edits that still land once their input side is projected; None trains unprojected
+    projection_threshold: float | None = None

@@ -22,6 +22,7 @@ import torch
 from editors import scoring
 from editors.editable import Editable
 from editors.mend import MendEditor
+from editors.projection import project_update
 from editors.settings import TrainSettings
 from editors.types import Correction, LocalityPrompt
 
@@ -56,13 +57,19 @@ def locality_sequences(correction: Correction, unrelated: Correction, general: L
 
 
 def meta_loss(editable: Editable, editor: MendEditor, batch: list[Correction], unrelated: list[Correction],
-              settings: TrainSettings, general: list[LocalityPrompt] | None = None) -> tuple[torch.Tensor, StepLosses]:
-    """The MEND objective for one batch of edits; differentiable in the editor's parameters."""
+              settings: TrainSettings, general: list[LocalityPrompt] | None = None,
+              projectors: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, StepLosses]:
+    """The MEND objective for one batch of edits; differentiable in the editor's parameters.
+
+    With `projectors`, each update is projected as the service will project it before it is scored.
+    """
     shares = editor.factors(editable, batch)
     base = editable.weights()
     edited = dict(base)
     for share in shares:
         for name, update in share.items():
+            if projectors is not None:
+                update = project_update(update, projectors[name])
             edited[name] = edited[name] + update.dense()
 
     outer = editable.batch([pair for c in batch for pair in edit_sequences(c)])
@@ -85,11 +92,13 @@ def meta_loss(editable: Editable, editor: MendEditor, batch: list[Correction], u
 def train(editable: Editable, editor: MendEditor, train_set: list[Correction], settings: TrainSettings,
           checkpoint: Path, validate: Callable[[MendEditor], dict] | None = None,
           on_step: Callable[[TrainState, StepLosses], None] | None = None,
-          general: list[LocalityPrompt] | None = None) -> TrainState:
+          general: list[LocalityPrompt] | None = None,
+          projectors: dict[str, torch.Tensor] | None = None) -> TrainState:
     """Train (or resume from `checkpoint`) until settings.steps; returns the final state.
 
     `general` are unrelated prompts of other kinds (questions, running text) that the edits must
-    also leave alone; one joins each edit's locality batch.
+    also leave alone; one joins each edit's locality batch. `projectors` (per edited tensor) project
+    every update before it is scored, as the service does with `editor.projection` on.
     """
     network = editor.network
     optimizer = torch.optim.Adam([
@@ -111,7 +120,7 @@ def train(editable: Editable, editor: MendEditor, train_set: list[Correction], s
         batch = rng.sample(usable, settings.edits_per_step)
         unrelated = rng.sample(usable, settings.edits_per_step)
         others = rng.sample(general, settings.edits_per_step) if general else None
-        loss, losses = meta_loss(editable, editor, batch, unrelated, settings, others)
+        loss, losses = meta_loss(editable, editor, batch, unrelated, settings, others, projectors)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)

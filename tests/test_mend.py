@@ -104,6 +104,20 @@ def test_a_few_training_steps_lower_the_edit_loss(tiny: Editable) -> None:
     assert edit_loss() < 0.8 * before
 
 
+def test_training_through_the_projection_scores_the_projected_update(tiny: Editable) -> None:
+    editor = MendEditor.fresh(tiny, edit_lr=1e-2)
+    settings = TrainSettings(edits_per_step=3, rank=16)
+    unrelated = FACTS[1:] + FACTS[:1]
+    _, free = meta_loss(tiny, editor, FACTS, unrelated, settings)
+    nothing_passes = {t.name: torch.zeros(t.in_features, t.in_features) for t in tiny.anatomy.editable}
+    _, blocked = meta_loss(tiny, editor, FACTS, unrelated, settings, projectors=nothing_passes)
+    everything_passes = {t.name: torch.eye(t.in_features) for t in tiny.anatomy.editable}
+    _, open_ = meta_loss(tiny, editor, FACTS, unrelated, settings, projectors=everything_passes)
+    assert free.loc > 0 and blocked.loc == 0  # a projector that keeps nothing leaves the model as it was
+    assert blocked.edit > free.edit
+    assert open_.edit == pytest.approx(free.edit, rel=1e-5) and open_.loc == pytest.approx(free.loc, rel=1e-4)
+
+
 def test_training_resumes_from_its_checkpoint(tiny: Editable, tmp_path) -> None:
     checkpoint = tmp_path / "editor.safetensors"
     settings = TrainSettings(steps=4, edits_per_step=2, rank=8, checkpoint_every=2)
