@@ -404,15 +404,38 @@ def review_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     for d in waiting:
         tagged = f"  (tagged {d.review!r})" if d.review else ""
         print(f"{d.run_id}  {d.started:%Y-%m-%d %H:%M:%S}  on {d.base_version}  {d.corrections}{tagged}\n    {d.reasons}")
+        if d.note:
+            print(f"    approval refused: {d.note}")
 
 
 @review_app.command()
 def approve(ctx: typer.Context, run_id: RunId) -> None:
-    """Accept a held decision and commit it on top of the current version."""
-    from daemon.review import approve as approve_held
+    """Accept a held decision and commit it on top of the current version.
 
-    with _changing_records(ctx) as records:
-        version = approve_held(records, run_id, who="mendd review approve")
+    If versions were committed since it was judged, it is judged again on the head first (the model
+    is loaded for that); approval overrides a hold there, not a rejection (exit 1, nothing changed)."""
+    from daemon.cycle import rejudge_on_head
+    from daemon.review import RejectedOnHead
+    from daemon.review import approve as approve_held
+    from daemon.runtime import Runtime
+
+    opened: list[Runtime] = []
+
+    def rejudge(delta, corrections):
+        with err.status("The head moved since this was judged: loading the model to judge it again..."):
+            opened.append(Runtime.open(ctx.obj, config))
+        return rejudge_on_head(opened[0])(delta, corrections)
+
+    config = _config(ctx)
+    try:
+        with _changing_records(ctx) as records:
+            version = approve_held(records, run_id, who="mendd review approve", rejudge=rejudge)
+    except RejectedOnHead as refused:
+        err.print(f"not approved: {refused}", markup=False)
+        raise typer.Exit(1)
+    finally:
+        for rt in opened:
+            rt.close()
     print(f"{version.tag}: committed the held decision {run_id} ({', '.join(version.corrections)})")
 
 

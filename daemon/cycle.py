@@ -1,5 +1,6 @@
 """One decision: propose a delta for a batch of pending corrections, judge it, record it, act on it.
-An operator's revert is decided the same way (:func:`decide_revert`).
+An operator's revert is decided the same way (:func:`decide_revert`), and a held delta approved after
+the head moved is judged again on the head (:func:`rejudge_on_head`).
 
 The order matters for the record: the MLflow run is written before anything is committed, so a
 version never exists without the run that allowed it. If the tracking backend is down, the step
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from daemon import tracking
-from daemon.review import save_held
+from daemon.review import Rejudge, save_held
 from daemon.runtime import Runtime
 from daemon.versioning import commit_change, commit_delta, revert_change
 from editors.formats import FormatError, from_record
@@ -57,10 +58,8 @@ def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> Ste
 
     decision = run_id = version = None
     if edited:
-        current = rt.editable.weights()
-        candidate = {name: current[name] + change for name, change in delta.tensors().items()}
         started = time.perf_counter()
-        decision = rt.gate.judge(current, candidate, edited, retained(rt))
+        decision = _judge(rt, delta, edited)
         seconds["gate"] = time.perf_counter() - started
         crash_point(JUDGED)
         record = tracking.DecisionRecord(
@@ -106,6 +105,22 @@ def _act(rt: Runtime, decision: Decision, delta, run_id: str, keys: list[int], f
     except Exception as error:
         tracking.close_decision_run(client, run_id, None, failed=f"{type(error).__name__}: {error}")
         raise
+
+
+def _judge(rt: Runtime, delta, corrections: list[Correction]) -> Decision:
+    current = rt.editable.weights()
+    candidate = {name: current[name] + change for name, change in delta.tensors().items()}
+    return rt.gate.judge(current, candidate, corrections, retained(rt))
+
+
+def rejudge_on_head(rt: Runtime) -> Rejudge:
+    """Judge a held delta on the store's head, as a new decision would be judged there."""
+    def judge(delta, corrections: list[Correction]) -> Decision:
+        head = rt.records.versions.store.head()
+        if rt.served.tag != head.tag:
+            rt.load(head)
+        return _judge(rt, delta, corrections)
+    return judge
 
 
 def retained(rt: Runtime) -> list[Correction]:

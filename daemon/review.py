@@ -4,18 +4,26 @@ A person approves or rejects with `mendd review approve|reject RUN_ID`, or by se
 `mendd.review` to `approve`/`reject` on the run in the MLflow UI; :func:`settle_tagged` acts on
 those tags (the service calls it on every tick). Approving commits the held delta on top of the
 current head (deltas add, so later versions keep their corrections).
+
+A held decision's figures describe its delta on the version it was judged on. When the head has
+moved since, those figures no longer describe what approval would commit, so the delta is judged
+again on the head first (the figures are logged on the held run as `rejudged.*`); a person's
+approval overrides a hold, never a rejection.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon import tracking
 from daemon.home import Home
 from daemon.runtime import Records
 from daemon.versioning import commit_delta, share_from_stored, share_to_stored
-from editors.types import Delta
+from editors.formats import from_record
+from editors.types import Correction, Delta
+from policies.gate import Decision
 from store.errors import StoreError
 from store.ledger_schema import CorrectionStatus
 from store.versions import Version, read_shares, write_shares
@@ -23,6 +31,24 @@ from store.versions import Version, read_shares, write_shares
 
 class ReviewError(StoreError):
     """A review that cannot be carried out; nothing was changed."""
+
+
+class StaleReview(ReviewError):
+    """The head moved since the decision was judged, and nothing was given to judge it again with."""
+
+
+class RejectedOnHead(ReviewError):
+    """Judged again on the moved head, the held delta is rejected: approval cannot override that."""
+
+    def __init__(self, message: str, decision: Decision):
+        super().__init__(message)
+        self.decision = decision
+
+
+REVIEW_NOTE_TAG = "mendd.review_note"
+
+# judges a held delta and its corrections on the current head: the service's gate, model loaded
+Rejudge = Callable[[Delta, list[Correction]], Decision]
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,7 @@ class HeldDecision:
     corrections: str
     reasons: str
     review: str | None  # the reviewer's tag, if set but not yet acted on
+    note: str | None  # why an earlier approval was refused
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "started": self.started.isoformat()}
@@ -63,16 +90,31 @@ def held(records: Records) -> list[HeldDecision]:
         out.append(HeldDecision(
             run.info.run_id, datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc),
             tags.get("mendd.base_version", "?"), tags.get("mendd.corrections", ""), tags.get("mendd.reasons", ""),
-            tags.get(tracking.REVIEW_TAG)))
+            tags.get(tracking.REVIEW_TAG), tags.get(REVIEW_NOTE_TAG)))
     return out
 
 
-def approve(records: Records, run_id: str, who: str) -> Version:
-    """Commit a held candidate on top of the head; its corrections become applied."""
+def judged_on(records: Records, run_id: str) -> str:
+    return records.mlflow.get_run(run_id).data.tags.get("mendd.base_version", "?")
+
+
+def is_stale(records: Records, run_id: str) -> bool:
+    """Whether the head has moved since the held decision was judged."""
+    return judged_on(records, run_id) != records.versions.store.head().tag
+
+
+def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = None) -> Version:
+    """Commit a held candidate on top of the head; its corrections become applied.
+
+    If the head moved since it was judged, `rejudge` judges it on the head first (StaleReview
+    without one); a rejection there refuses the approval (RejectedOnHead) and changes nothing.
+    """
     _require_held(records, run_id)
     delta = load_held(records.home, run_id)
-    figures = records.mlflow.get_run(run_id).data.metrics
-    version = commit_delta(records.versions, delta, run_id=run_id, figures=dict(figures))
+    figures = dict(records.mlflow.get_run(run_id).data.metrics)
+    if is_stale(records, run_id):
+        figures = _judged_again(records, run_id, delta, rejudge)
+    version = commit_delta(records.versions, delta, run_id=run_id, figures=figures)
     records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "approved")
     records.mlflow.set_tag(run_id, "mendd.settled_by", who)
     records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)
@@ -84,7 +126,7 @@ def approve(records: Records, run_id: str, who: str) -> Version:
 def reject(records: Records, run_id: str, who: str) -> list[str]:
     """Reject a held candidate; its corrections become rejected (and may be submitted again)."""
     _require_held(records, run_id)
-    rows = [row for row in records.versions.ledger.corrections(CorrectionStatus.held) if row.run_id == run_id]
+    rows = _held_rows(records, run_id)
     records.versions.ledger.mark([row.key for row in rows], CorrectionStatus.rejected, run_id=run_id,
                                  reason=f"rejected in review by {who}")
     records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "rejected")
@@ -93,17 +135,50 @@ def reject(records: Records, run_id: str, who: str) -> list[str]:
     return [row.external_id for row in rows]
 
 
-def settle_tagged(records: Records) -> list[tuple[str, str, Version | None]]:
-    """Act on every held run whose `mendd.review` tag a person set in the UI: (run, action, version)."""
+def settle_tagged(records: Records, rejudge: Rejudge | None = None) -> list[tuple[str, str, Version | None]]:
+    """Act on every held run whose `mendd.review` tag a person set in the UI: (run, action, version).
+
+    An approval the gate rejects on the moved head is refused: the tag is removed and the reason
+    left on the run as `mendd.review_note`, so the UI shows why it is still held.
+    """
     done = []
     for decision in held(records):
         action = (decision.review or "").strip().lower()
         if action == "approve":
-            done.append((decision.run_id, "approved", approve(records, decision.run_id, "mlflow-ui tag")))
+            try:
+                done.append((decision.run_id, "approved", approve(records, decision.run_id, "mlflow-ui tag", rejudge)))
+            except RejectedOnHead as refused:
+                records.mlflow.delete_tag(decision.run_id, tracking.REVIEW_TAG)
+                records.mlflow.set_tag(decision.run_id, REVIEW_NOTE_TAG, tracking.cut(str(refused)))
+                done.append((decision.run_id, "refused", None))
         elif action == "reject":
             reject(records, decision.run_id, "mlflow-ui tag")
             done.append((decision.run_id, "rejected", None))
     return done
+
+
+def _held_rows(records: Records, run_id: str) -> list:
+    return [row for row in records.versions.ledger.corrections(CorrectionStatus.held) if row.run_id == run_id]
+
+
+def held_corrections(records: Records, run_id: str) -> list[Correction]:
+    return [from_record(row.external_id, row.payload, row.feed) for row in _held_rows(records, run_id)]
+
+
+def _judged_again(records: Records, run_id: str, delta: Delta, rejudge: Rejudge | None) -> dict[str, float]:
+    base, head = judged_on(records, run_id), records.versions.store.head().tag
+    if rejudge is None:
+        raise StaleReview(f"run {run_id} was judged on {base}, but the head is now {head}: it must be judged "
+                          "again on the head, with the model loaded; nothing was changed")
+    decision = rejudge(delta, held_corrections(records, run_id))
+    for name, value in decision.metrics.items():
+        records.mlflow.log_metric(run_id, f"rejudged.{name}", value)
+    records.mlflow.set_tag(run_id, "mendd.rejudged_on", head)
+    records.mlflow.set_tag(run_id, "mendd.rejudged", decision.outcome)
+    if decision.outcome == "rejected":
+        raise RejectedOnHead(f"run {run_id} was held on {base}; judged again on the head {head} it is rejected "
+                             f"({'; '.join(decision.reasons)}); nothing was changed", decision)
+    return decision.metrics
 
 
 def _require_held(records: Records, run_id: str) -> None:

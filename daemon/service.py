@@ -27,7 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon import systemd
 from daemon.config import MenddConfig, load_config
-from daemon.cycle import run_cycle
+from daemon.cycle import rejudge_on_head, run_cycle
 from daemon.feeds import FeedError, pull
 from daemon.health import Health
 from daemon.home import Home
@@ -189,7 +189,7 @@ class Service:
         """Settle tagged reviews, follow an operator's checkout, refresh health and metrics."""
         try:
             with home_lock(self.home):
-                settled = settle_tagged(self.rt.records)
+                settled = settle_tagged(self.rt.records, rejudge_on_head(self.rt))
                 changed = served_version(self.rt.records.versions, self.rt.served)
                 if changed is not None:
                     log.info("the store now holds %s (was serving %s): reloading", changed.tag, self.rt.served.tag)

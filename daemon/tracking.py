@@ -89,12 +89,12 @@ def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) ->
         GIT_SHA_TAG: record.base.sha,
         "mendd.editor": record.editor,
         "mendd.action": record.action,
-        "mendd.corrections": _cut(", ".join(ids)),
-        "mendd.reasons": _cut(" | ".join(decision.reasons) or "every check passes"),
+        "mendd.corrections": cut(", ".join(ids)),
+        "mendd.reasons": cut(" | ".join(decision.reasons) or "every check passes"),
         "mlflow.note.content": _note(record),
     }
     what = "" if record.action == "edit" else f" {record.action}"
-    run = mlflow_client.create_run(experiment, run_name=f"{decision.outcome}{what}: {_cut(', '.join(ids), 80)}", tags=tags)
+    run = mlflow_client.create_run(experiment, run_name=f"{decision.outcome}{what}: {cut(', '.join(ids), 80)}", tags=tags)
     run_id = run.info.run_id
     stamp = int(time.time() * 1000)
     params = {"base_version": record.base.tag, "editor": record.editor, "batch_size": record.batch_size,
@@ -117,7 +117,7 @@ def close_decision_run(mlflow_client, run_id: str, version: Version | None, fail
         mlflow_client.set_tag(run_id, VERSION_TAG, version.tag)
         mlflow_client.set_tag(run_id, GIT_SHA_TAG, version.sha)
     if failed:
-        mlflow_client.set_tag(run_id, "mendd.error", _cut(failed))
+        mlflow_client.set_tag(run_id, "mendd.error", cut(failed))
     mlflow_client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
@@ -147,5 +147,5 @@ def _note(record: DecisionRecord) -> str:
     return "\n".join(lines)
 
 
-def _cut(text: str, limit: int = MAX_TAG) -> str:
+def cut(text: str, limit: int = MAX_TAG) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon import review, tracking
-from daemon.cycle import decide
+from daemon.cycle import decide, rejudge_on_head
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, REJECT_ALL, make_decision_home, open_runtime
 from test_cli import mendd
@@ -100,6 +100,73 @@ def test_review_list_approve_and_reject_from_the_command_line(tmp_path: Path, da
     rejected = mendd("--home", str(home.root), "review", "reject", second.run_id)
     assert rejected.returncode == 0, rejected.stderr
     assert statuses(home) == {"c1": ("applied", "v0001"), "c2": ("rejected", None)}
+
+
+def held_twice_then_first_approved(home):
+    """Two decisions held on v0000, then the first approved: the second was judged on a head that moved."""
+    first, _ = decide_facts(home, FACTS[:1])
+    second, _ = decide_facts(home, FACTS[1:])
+    rt = open_runtime(home)
+    try:
+        assert review.approve(rt.records, first.run_id, "test").tag == "v0001"
+    finally:
+        rt.close()
+    return second.run_id
+
+
+def test_a_decision_held_on_an_older_head_is_not_approved_without_being_judged_again(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    stale = held_twice_then_first_approved(home)
+    rt = open_runtime(home)
+    try:
+        with pytest.raises(review.StaleReview, match="judged on v0000, but the head is now v0001"):
+            review.approve(rt.records, stale, "test")
+        assert rt.records.versions.store.head().tag == "v0001"
+    finally:
+        rt.close()
+    assert statuses(home)["c2"] == ("held", None)
+
+
+def test_approving_after_the_head_moved_commits_with_the_figures_judged_on_the_head(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    stale = held_twice_then_first_approved(home)
+    rt = open_runtime(home)
+    try:
+        version = review.approve(rt.records, stale, "test", rejudge=rejudge_on_head(rt))
+        run = rt.records.mlflow.get_run(stale)
+    finally:
+        rt.close()
+    assert version.tag == "v0002"
+    assert run.data.tags["mendd.rejudged_on"] == "v0001" and run.data.tags["mendd.rejudged"] == "held"
+    assert version.figures["reliability"] == run.data.metrics["rejudged.reliability"]
+    assert statuses(home)["c2"] == ("applied", "v0002")
+
+
+def test_an_approval_tag_the_gate_rejects_on_the_moved_head_is_refused_with_a_note(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    stale = held_twice_then_first_approved(home)
+    (home.root / "policy.yaml").write_text(REJECT_ALL)
+    rt = open_runtime(home)
+    try:
+        rt.records.mlflow.set_tag(stale, tracking.REVIEW_TAG, "approve")
+        settled = review.settle_tagged(rt.records, rejudge_on_head(rt))
+        tags = rt.records.mlflow.get_run(stale).data.tags
+        [waiting] = review.held(rt.records)
+        head = rt.records.versions.store.head().tag
+    finally:
+        rt.close()
+    assert settled == [(stale, "refused", None)]
+    assert tracking.REVIEW_TAG not in tags and "rejected" in waiting.note
+    assert head == "v0001" and statuses(home)["c2"] == ("held", None)
+
+
+def test_approving_a_stale_decision_from_the_command_line_judges_it_on_the_head(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    stale = held_twice_then_first_approved(home)
+    approved = mendd("--home", str(home.root), "review", "approve", stale)
+    assert approved.returncode == 0, approved.stderr
+    assert "v0002: committed the held decision" in approved.stdout
+    assert statuses(home)["c2"] == ("applied", "v0002")
 
 
 def test_approving_a_run_that_is_not_held_exits_2_and_changes_nothing(tmp_path: Path, data_root) -> None:
