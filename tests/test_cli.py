@@ -13,7 +13,8 @@ import pytest
 MENDD = Path(sys.executable).with_name("mendd")
 
 
-def mendd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def mendd(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    # The timeout only guards against a hang: a loaded machine runs these several times slower.
     # The autouse fixture has already removed the developer's MENDD_* variables from os.environ.
     return subprocess.run(
         [str(MENDD), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
