@@ -15,7 +15,7 @@ import torch
 
 from daemon import tracking
 from daemon.review import Rejudge, save_held
-from daemon.runtime import Runtime
+from daemon.runtime import Runtime, ledger_corrections
 from daemon.versioning import commit_change, commit_delta, revert_change
 from editors.formats import FormatError, from_record
 from editors.types import Correction, apply_delta
@@ -126,7 +126,7 @@ def rejudge_on_head(rt: Runtime) -> Rejudge:
 def retained(rt: Runtime) -> list[Correction]:
     """The corrections the served weights carry (applied at some version): the retention suite."""
     rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
-    return [from_record(row.external_id, row.payload, row.feed) for row in rows if row.version is not None]
+    return ledger_corrections(row for row in rows if row.version is not None)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def decide_revert(rt: Runtime, correction_id: str, force: bool = False) -> Rever
     decision = rt.gate.judge(current, candidate, [], [c for c in retained(rt) if c.id not in taken_out])
     seconds = {"gate": time.perf_counter() - started}
     rows = [versions.ledger.correction(cid) for cid in change.corrections]
-    reverted = [from_record(row.external_id, row.payload, row.feed) for row in rows]
+    reverted = ledger_corrections(rows)
     record = tracking.DecisionRecord(decision, reverted, rt.served, rt.editor.name, rt.policy, [], [], len(reverted),
                                      seconds, action="revert")
     run_id = tracking.open_decision_run(rt.records.mlflow, rt.records.experiment, record)

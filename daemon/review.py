@@ -12,19 +12,19 @@ approval overrides a hold, never a rejection.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from collections.abc import Callable
 from pathlib import Path
 
 from daemon import tracking
 from daemon.home import Home
-from daemon.runtime import Records
+from daemon.runtime import Records, ledger_corrections
 from daemon.versioning import commit_delta, share_from_stored, share_to_stored
-from editors.formats import from_record
 from editors.types import Correction, Delta
 from policies.gate import Decision
 from store.errors import StoreError
+from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
 from store.versions import Version, read_shares, write_shares
 
@@ -39,10 +39,6 @@ class StaleReview(ReviewError):
 
 class RejectedOnHead(ReviewError):
     """Judged again on the moved head, the held delta is rejected: approval cannot override that."""
-
-    def __init__(self, message: str, decision: Decision):
-        super().__init__(message)
-        self.decision = decision
 
 
 REVIEW_NOTE_TAG = "mendd.review_note"
@@ -94,15 +90,6 @@ def held(records: Records) -> list[HeldDecision]:
     return out
 
 
-def judged_on(records: Records, run_id: str) -> str:
-    return records.mlflow.get_run(run_id).data.tags.get("mendd.base_version", "?")
-
-
-def is_stale(records: Records, run_id: str) -> bool:
-    """Whether the head has moved since the held decision was judged."""
-    return judged_on(records, run_id) != records.versions.store.head().tag
-
-
 def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = None) -> Version:
     """Commit a held candidate on top of the head; its corrections become applied.
 
@@ -111,9 +98,9 @@ def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = N
     """
     _require_held(records, run_id)
     delta = load_held(records.home, run_id)
-    figures = dict(records.mlflow.get_run(run_id).data.metrics)
-    if is_stale(records, run_id):
-        figures = _judged_again(records, run_id, delta, rejudge)
+    run = records.mlflow.get_run(run_id)
+    base, head = run.data.tags.get("mendd.base_version", "?"), records.versions.store.head().tag
+    figures = dict(run.data.metrics) if base == head else _judged_again(records, run_id, delta, rejudge, base, head)
     version = commit_delta(records.versions, delta, run_id=run_id, figures=figures)
     records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "approved")
     records.mlflow.set_tag(run_id, "mendd.settled_by", who)
@@ -157,27 +144,24 @@ def settle_tagged(records: Records, rejudge: Rejudge | None = None) -> list[tupl
     return done
 
 
-def _held_rows(records: Records, run_id: str) -> list:
+def _held_rows(records: Records, run_id: str) -> list[LedgerCorrection]:
     return [row for row in records.versions.ledger.corrections(CorrectionStatus.held) if row.run_id == run_id]
 
 
-def held_corrections(records: Records, run_id: str) -> list[Correction]:
-    return [from_record(row.external_id, row.payload, row.feed) for row in _held_rows(records, run_id)]
-
-
-def _judged_again(records: Records, run_id: str, delta: Delta, rejudge: Rejudge | None) -> dict[str, float]:
-    base, head = judged_on(records, run_id), records.versions.store.head().tag
+def _judged_again(records: Records, run_id: str, delta: Delta, rejudge: Rejudge | None,
+                  base: str, head: str) -> dict[str, float]:
+    """The held delta judged on `head` (it was judged on `base`): the figures the version records."""
     if rejudge is None:
         raise StaleReview(f"run {run_id} was judged on {base}, but the head is now {head}: it must be judged "
                           "again on the head, with the model loaded; nothing was changed")
-    decision = rejudge(delta, held_corrections(records, run_id))
+    decision = rejudge(delta, ledger_corrections(_held_rows(records, run_id)))
     for name, value in decision.metrics.items():
         records.mlflow.log_metric(run_id, f"rejudged.{name}", value)
     records.mlflow.set_tag(run_id, "mendd.rejudged_on", head)
     records.mlflow.set_tag(run_id, "mendd.rejudged", decision.outcome)
     if decision.outcome == "rejected":
         raise RejectedOnHead(f"run {run_id} was held on {base}; judged again on the head {head} it is rejected "
-                             f"({'; '.join(decision.reasons)}); nothing was changed", decision)
+                             f"({'; '.join(decision.reasons)}); nothing was changed")
     return decision.metrics
 
 

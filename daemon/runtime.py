@@ -3,6 +3,7 @@ the ledger and the MLflow experiment. The service keeps one for its lifetime; a 
 one, uses it, and closes it."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,19 @@ from daemon.home import Home
 from daemon.suite_files import load_keys, load_suites
 from daemon.versioning import Versions, load_served_model, open_versions, recover
 from editors.editable import Editable
+from editors.formats import from_record
 from editors.registry import Editor, guarded, make_editor
+from editors.types import Correction
 from policies.gate import Gate
 from policies.policy import Policy, load_policy
+from store.ledger import LedgerCorrection
 from store.models import LoadedModel
 from store.versions import Version
+
+
+def ledger_corrections(rows: Iterable[LedgerCorrection]) -> list[Correction]:
+    """Ledger rows as the corrections they were received as."""
+    return [from_record(row.external_id, row.payload, row.feed) for row in rows]
 
 
 @dataclass
