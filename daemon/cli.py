@@ -527,6 +527,7 @@ def evaluate(
     model: Annotated[Optional[str], typer.Option(help="Model spec; default: the home's configured model.")] = None,
     projection: Annotated[Optional[bool], typer.Option(help="Project updates away from preserved keys; default: the home's editor.projection.")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="sum or least_squares; default: the home's editor.aggregation.")] = None,
+    aggregation_strength: Annotated[Optional[float], typer.Option(help="λ of least_squares (> 0); default: the home's editor.aggregation_strength.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Edit each record on the model and measure reliability, generalization and locality."""
@@ -537,9 +538,12 @@ def evaluate(
     aggregate = config.editor.aggregation if aggregation is None else aggregation
     if aggregate not in ("sum", "least_squares"):
         raise typer.BadParameter(f"{aggregate!r}: choose sum or least_squares", param_hint="--aggregation")
+    strength = config.editor.aggregation_strength if aggregation_strength is None else aggregation_strength
+    if strength <= 0:
+        raise typer.BadParameter(f"{strength}: λ must be greater than 0", param_hint="--aggregation-strength")
     report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err,
                       config.editor.edit_layers, config.editor.projection_threshold if project else None,
-                      config.editor.aggregation_strength if aggregate == "least_squares" else None)
+                      strength if aggregate == "least_squares" else None)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:

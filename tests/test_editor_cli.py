@@ -63,3 +63,10 @@ def test_eval_without_a_trained_editor_says_how_to_get_one(tiny_home: Path, data
                    "--limit", "1", env=data_env)
     assert result.returncode == 2
     assert "train-editor" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_refuses_a_least_squares_strength_that_is_not_positive(tiny_home: Path, data_root: Path, data_env: dict) -> None:
+    result = mendd("--home", str(tiny_home), "eval", "--data", str(data_root / "counterfact" / "val.json"),
+                   "--aggregation", "least_squares", "--aggregation-strength", "0", env=data_env)
+    assert result.returncode == 2
+    assert "--aggregation-strength" in result.stderr and "Traceback" not in result.stderr
