@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from daemon.config import EditorConfig
+from daemon.suite_files import preserved_covariance
 from editors.editable import Editable
 from editors.finetune import FineTuneEditor
 from editors.formats import load_corrections
-from editors.registry import make_editor
+from editors.registry import guarded, make_editor
 from editors.types import Correction
 from policies.gate import Gate
 from policies.policy import load_policy
@@ -113,7 +115,11 @@ def real_gate(smollm2, data_root) -> Gate:
 @pytest.mark.slow
 def test_good_mend_edits_of_the_default_model_are_accepted_and_overscaled_ones_rejected(smollm2, real_gate, data_root) -> None:
     records, _ = load_corrections(data_root / "counterfact" / "val.json", limit=4)
-    editor = make_editor("mend", smollm2, "smollm2-135m")
+    # the editor as the service runs it by default: the shipped MEND editor, updates projected away
+    # from the preserved keys (the shipped editor was trained through that projection)
+    defaults = EditorConfig()
+    editor = guarded(make_editor("mend", smollm2, "smollm2-135m"), smollm2, preserved_covariance(smollm2, data_root),
+                     defaults.projection_threshold, None)
     current = smollm2.weights()
     outcomes = []
     for record in records:
