@@ -9,6 +9,11 @@ from pathlib import Path
 from editors.types import LocalityPrompt
 
 
+# A WikiText sentence probe: ten words of context, the next four as the answer; short, since every
+# token costs a suffix pass.
+CONTEXT_WORDS, ANSWER_WORDS = 10, 4
+
+
 class DataNotFound(FileNotFoundError):
     pass
 
@@ -35,10 +40,9 @@ def unrelated_prompts(root: Path, n_questions: int = 150, n_sentences: int = 100
     questions = [LocalityPrompt(r["loc"], r["loc_ans"]) for r in zsre[half::2] if r.get("loc") and r.get("loc_ans")]
     rng = random.Random(seed)
     probes = rng.sample(questions, min(n_questions, len(questions)))
-    # ten words of context, the next four as the answer: short, since every token costs a suffix pass
-    sentences = [line.split() for line in wikitext_lines(root)[half::2] if len(line.split()) >= 14]
+    sentences = [words for line in wikitext_lines(root)[half::2] if len(words := line.split()) >= CONTEXT_WORDS + ANSWER_WORDS]
     for words in rng.sample(sentences, min(n_sentences, len(sentences))):
-        probes.append(LocalityPrompt(" ".join(words[:10]), " ".join(words[10:14])))
+        probes.append(LocalityPrompt(" ".join(words[:CONTEXT_WORDS]), " ".join(words[CONTEXT_WORDS:CONTEXT_WORDS + ANSWER_WORDS])))
     return probes
 
 
@@ -47,18 +51,30 @@ def wikitext_lines(root: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("=")]
 
 
-def wikitext_chunks(root: Path, tokenizer, n_chunks: int = 4, chunk_tokens: int = 128, offset_lines: int = 1000) -> list[list[int]]:
+def wikitext_chunks(root: Path, tokenizer, n_chunks: int = 4, chunk_tokens: int = 128) -> list[list[int]]:
     """Contiguous held-out text for perplexity, from a fixed place in WikiText-2's test split."""
+    return token_chunks(wikitext_lines(root)[1000:], tokenizer, n_chunks, chunk_tokens)
+
+
+def token_chunks(lines: list[str], tokenizer, n_chunks: int, chunk_tokens: int) -> list[list[int]]:
     ids: list[int] = []
-    for line in wikitext_lines(root)[offset_lines:]:
+    for line in lines:
         ids.extend(tokenizer(" " + line, add_special_tokens=False).input_ids)
         if len(ids) >= n_chunks * chunk_tokens:
             break
     return [ids[i * chunk_tokens : (i + 1) * chunk_tokens] for i in range(n_chunks)]
 
 
+def preserved_lines(root: Path) -> list[str]:
+    """WikiText-2 lines for the preserved keys: the training half (odd lines), past the perplexity
+    sample, less any line that repeats the opening of a measuring-half line (WikiText has repeats)."""
+    lines = wikitext_lines(root)
+    openings = {" ".join(words[:CONTEXT_WORDS]) for line in lines[0::2] if len(words := line.split()) >= CONTEXT_WORDS + ANSWER_WORDS}
+    return [line for line in lines[1::2][750:] if not any(opening in line for opening in openings)]
+
+
 def preserved_text(root: Path, tokenizer) -> tuple[list[tuple[str, str]], list[list[int]]]:
-    """Text whose keys an edit should not move: the training half of zsRE's questions and
-    WikiText-2 beyond the perplexity sample; never the sets a gate or an evaluation measures on."""
+    """Text whose keys an edit should not move: the training half of zsRE's questions and of
+    WikiText-2; never the sets a gate or an evaluation measures on."""
     questions = [(p.prompt, p.answer) for p in unrelated_prompts(root, 10_000, 0, half=1)]
-    return questions, wikitext_chunks(root, tokenizer, n_chunks=16, chunk_tokens=128, offset_lines=1500)
+    return questions, token_chunks(preserved_lines(root), tokenizer, n_chunks=16, chunk_tokens=128)

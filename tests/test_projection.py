@@ -6,6 +6,7 @@ import torch
 from editors.mend import MendEditor
 from editors.projection import key_covariance, null_space_projector, preserved_batches, projected
 from editors.types import Correction
+from policies.probes import preserved_lines, unrelated_prompts
 
 FACT = Correction("c1", "The capital of France is", "Rome")
 
@@ -58,3 +59,9 @@ def test_the_service_editor_proposes_factors_that_bfloat16_holds_exactly(tiny) -
     unrounded = projected(plain, tiny, covariance, 1e-2).propose(tiny, [FACT]).tensors()
     for name, change in delta.tensors().items():
         assert torch.allclose(change, unrounded[name], rtol=0, atol=1e-2 * unrounded[name].abs().max())
+
+
+def test_the_preserved_text_never_holds_a_sentence_the_locality_sets_measure(data_root) -> None:
+    measured = {p.prompt for p in unrelated_prompts(data_root, n_questions=0, n_sentences=10_000, half=0)}
+    preserved = preserved_lines(data_root)
+    assert preserved and not any(sentence in line for line in preserved for sentence in measured)
