@@ -75,10 +75,11 @@ class EditorConfig(_Section):
         "for while moving the preserved keys least; solved inside the projection's null space when that is on).",
     )
     aggregation_strength: float = Field(
-        1000.0, gt=0,
+        1500.0, gt=0,
         description="λ of least_squares: weight of leaving the preserved keys' outputs alone against meeting "
-        "the corrections' own; larger changes fewer unrelated answers and lands fewer edits (1000: chosen "
-        "on CounterFact val[1000:1160] in batches of 16, bench/results/README.md).",
+        "the corrections' own; larger changes fewer unrelated answers and lands fewer edits (1500: chosen "
+        "for the shipped editor on CounterFact val[1000:1160] in batches of 16, with editor.projection "
+        "false; bench/results/README.md).",
     )
 
 
