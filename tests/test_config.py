@@ -162,3 +162,36 @@ def test_batch_size_is_accepted_exactly_within_1_to_256(size: int) -> None:
         else:
             with pytest.raises(ConfigError, match=f"batch_size: {size} is not allowed"):
                 load_config(home)
+
+
+def readme_config_table() -> dict[str, str]:
+    """key -> its documented default, from the README's configuration table."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| key | default | allowed |") + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        key, default = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        rows[key.strip("`")] = default
+    return rows
+
+
+def documented_value(text: str):
+    word = text.split(" (")[0].strip("`")
+    return {"null": None, "true": True, "false": False}.get(word, word)
+
+
+def test_the_readme_states_every_default_the_code_has() -> None:
+    rows = readme_config_table()
+    assert "editor.aggregation_strength" in rows and "model" in rows
+    for key, text in rows.items():
+        section, *rest = key.split(".")
+        value = MenddConfig.model_fields[section].get_default(call_default_factory=True)
+        for name in rest:
+            value = getattr(value, name)
+        documented = documented_value(text)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(documented) == value, key
+        else:
+            assert documented == value, key
