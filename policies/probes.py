@@ -12,6 +12,8 @@ from editors.types import LocalityPrompt
 # A WikiText sentence probe: ten words of context, the next four as the answer; short, since every
 # token costs a suffix pass.
 CONTEXT_WORDS, ANSWER_WORDS = 10, 4
+# Where in WikiText-2's lines the perplexity sample starts, and the preserved text after it.
+PERPLEXITY_FROM_LINE, PRESERVED_FROM_LINE = 1000, 1500
 
 
 class DataNotFound(FileNotFoundError):
@@ -40,10 +42,14 @@ def unrelated_prompts(root: Path, n_questions: int = 150, n_sentences: int = 100
     questions = [LocalityPrompt(r["loc"], r["loc_ans"]) for r in zsre[half::2] if r.get("loc") and r.get("loc_ans")]
     rng = random.Random(seed)
     probes = rng.sample(questions, min(n_questions, len(questions)))
-    sentences = [words for line in wikitext_lines(root)[half::2] if len(words := line.split()) >= CONTEXT_WORDS + ANSWER_WORDS]
-    for words in rng.sample(sentences, min(n_sentences, len(sentences))):
-        probes.append(LocalityPrompt(" ".join(words[:CONTEXT_WORDS]), " ".join(words[CONTEXT_WORDS:CONTEXT_WORDS + ANSWER_WORDS])))
-    return probes
+    sentences = sentence_probes(wikitext_lines(root)[half::2])
+    return probes + rng.sample(sentences, min(n_sentences, len(sentences)))
+
+
+def sentence_probes(lines: list[str]) -> list[LocalityPrompt]:
+    """A probe from every line long enough: its first words as the prompt, the next as the answer."""
+    return [LocalityPrompt(" ".join(words[:CONTEXT_WORDS]), " ".join(words[CONTEXT_WORDS:CONTEXT_WORDS + ANSWER_WORDS]))
+            for line in lines if len(words := line.split()) >= CONTEXT_WORDS + ANSWER_WORDS]
 
 
 def wikitext_lines(root: Path) -> list[str]:
@@ -53,7 +59,7 @@ def wikitext_lines(root: Path) -> list[str]:
 
 def wikitext_chunks(root: Path, tokenizer, n_chunks: int = 4, chunk_tokens: int = 128) -> list[list[int]]:
     """Contiguous held-out text for perplexity, from a fixed place in WikiText-2's test split."""
-    return token_chunks(wikitext_lines(root)[1000:], tokenizer, n_chunks, chunk_tokens)
+    return token_chunks(wikitext_lines(root)[PERPLEXITY_FROM_LINE:], tokenizer, n_chunks, chunk_tokens)
 
 
 def token_chunks(lines: list[str], tokenizer, n_chunks: int, chunk_tokens: int) -> list[list[int]]:
@@ -69,8 +75,8 @@ def preserved_lines(root: Path) -> list[str]:
     """WikiText-2 lines for the preserved keys: the training half (odd lines), past the perplexity
     sample, less any line that repeats the opening of a measuring-half line (WikiText has repeats)."""
     lines = wikitext_lines(root)
-    openings = {" ".join(words[:CONTEXT_WORDS]) for line in lines[0::2] if len(words := line.split()) >= CONTEXT_WORDS + ANSWER_WORDS}
-    return [line for line in lines[1::2][750:] if not any(opening in line for opening in openings)]
+    openings = {probe.prompt for probe in sentence_probes(lines[0::2])}
+    return [line for line in lines[PRESERVED_FROM_LINE + 1 :: 2] if not any(opening in line for opening in openings)]
 
 
 def preserved_text(root: Path, tokenizer) -> tuple[list[tuple[str, str]], list[list[int]]]:
