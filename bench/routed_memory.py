@@ -1,0 +1,300 @@
+"""A routed memory of single MEND edits, measured offline at T corrections: the lever for issue #7.
+
+Summed into the weights, every accepted edit moves some unrelated answers, and the moves add up:
+after a few edits the served model's locality against the base model has used the gate's margin
+(`continual.py`). A routed memory (the GRACE / WISE idea) keeps the base weights for every query
+that is not about an edited fact, so the damage no longer grows with the number of edits. This
+benchmark measures that design before it is built into the service:
+
+- each correction is edited alone on the base model by the service's editor (the shipped MEND
+  network, the null-space projection, factors rounded for storage): one memory entry;
+- its key is the hidden state entering block --layer at the subject's last token of its prompt
+  (the prompt's last token when the subject is not in it), centred by the mean state of held-out
+  prompts and scaled to unit length;
+- a query (a prompt) goes to the entry whose key is most similar to any of its token states from
+  position 1 on (cosine), among the entries whose similarity reaches both τ and the entry's floor:
+  the best similarity its key reached on held-out unrelated prompts (the training halves of zsRE's
+  questions and of WikiText-2's sentences, never the measured sets). It then runs with that entry's
+  update and no other, else with the base weights. Every --taus value is measured.
+
+Measured with all T entries in the memory at once, as the issue asks of the final served model:
+reliability and generalization (every correction, and the accepted ones: those whose own prompt and
+rephrasings pass the gate's default reliability and generalization accept thresholds under routing),
+neighborhood (CounterFact's neighbour prompt against the base model), locality (the gate suite's
+733 prompts against the base model's argmax), ppl_drawdown (the gate's WikiText-2 sample; each chunk
+is routed as one query), acceptance, and how the routing went.
+
+    python bench/routed_memory.py [--n 1000] [--start 0] [--layer 8] [--taus 0.5 0.6 0.7 0.8 0.9]
+    python bench/routed_memory.py --start 1000 --n 200 --routing-only --layers 8 10 12 14 16 18
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from daemon.config import load_config
+from daemon.home import Home
+from daemon.provision import provision_home
+from daemon.runtime import Runtime
+from editors import scoring
+from editors.batching import TokenBatch
+from editors.editable import Editable
+from editors.formats import load_corrections
+from editors.types import Correction, LowRankUpdate
+from policies.policy import load_policy
+from policies.probes import data_dir, unrelated_prompts
+
+MODEL = "smollm2-135m"
+Entry = dict[str, LowRankUpdate]
+
+
+# -- routing (pure) -----------------------------------------------------------------------------
+
+def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    centred = states - centre
+    return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+def similarities(queries: list[torch.Tensor], keys: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """[queries, keys]: each key's best cosine with any of a query's token states ([positions, hidden])."""
+    owner = torch.cat([torch.full((len(q),), i) for i, q in enumerate(queries)])
+    per_position = unit(torch.cat(queries), centre) @ unit(keys, centre).T
+    return torch.full((len(queries), len(keys)), -2.0).scatter_reduce(
+        0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
+
+
+def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
+    own floor (its best similarity on prompts known to be unrelated: a key that resembles
+    everything must match more closely); -1 when none does."""
+    eligible = similarity >= torch.clamp(floors, min=tau)
+    score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
+    return torch.where(score > -3.0, best, torch.tensor(-1))
+
+
+# -- states ---------------------------------------------------------------------------------------
+
+def prompt_states(editable: Editable, prompts: list[str], layer: int) -> list[torch.Tensor]:
+    """Hidden states entering block `layer` at each prompt token from position 1 (position 0 is an
+    attention sink whose state says nothing about the prompt)."""
+    out = []
+    for i in range(0, len(prompts), 64):
+        part = prompts[i : i + 64]
+        batch = editable.batch([(p, "x") for p in part])
+        with torch.no_grad():
+            hidden = editable.model(input_ids=batch.input_ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        for row, prompt in enumerate(part):
+            n = len(editable.tokenizer(prompt, add_special_tokens=False).input_ids)
+            out.append(hidden[row, 1:max(n, 2)].clone())
+    return out
+
+
+def text_states(editable: Editable, chunks, layer: int) -> list[torch.Tensor]:
+    ids = torch.tensor([list(chunk) for chunk in chunks])
+    with torch.no_grad():
+        hidden = editable.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
+    return [h[1:].clone() for h in hidden]
+
+
+def key_position(tokenizer, correction: Correction) -> int:
+    """The subject's last token in the prompt (counted from position 1), else the prompt's last."""
+    prompt = correction.prompt
+    if correction.subject and correction.subject in prompt:
+        end = prompt.index(correction.subject) + len(correction.subject)
+        return max(len(tokenizer(prompt[:end], add_special_tokens=False).input_ids) - 2, 0)
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids) - 2
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def with_entry(base: dict[str, torch.Tensor], entry: Entry) -> dict[str, torch.Tensor]:
+    return {name: base[name] + update.dense() for name, update in entry.items()}
+
+
+Value = Callable[[list[int], dict | None], torch.Tensor]  # queries' values under some weights (None: base)
+
+
+class Served:
+    """A query set's values as the routed model serves them, for any routing: each (query, entry)
+    pair is computed once, one suffix pass per entry, and the base values once."""
+
+    def __init__(self, n: int, value: Value, entries: list[Entry | None], base: dict[str, torch.Tensor]):
+        self.value, self.entries, self.base = value, entries, base
+        self.base_values = torch.cat([value(idx, None) for idx in in_chunks(n)]) if n else torch.zeros(0)
+        self.known: dict[tuple[int, int], float] = {}
+
+    def under(self, routes: list[torch.Tensor]) -> None:
+        """Compute every (query, entry) pair these routings need."""
+        wanted: dict[int, set[int]] = {}
+        for chosen in routes:
+            for q, j in enumerate(chosen.tolist()):
+                if j >= 0 and (q, j) not in self.known:
+                    wanted.setdefault(j, set()).add(q)
+        for j, queries in wanted.items():
+            idx = sorted(queries)
+            weights = with_entry(self.base, self.entries[j]) if self.entries[j] else None
+            for q, v in zip(idx, self.value(idx, weights).tolist()):
+                self.known[(q, j)] = v
+
+    def values(self, chosen: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.known[(q, j)] if j >= 0 else self.base_values[q].item()
+                             for q, j in enumerate(chosen.tolist())])
+
+
+def in_chunks(n: int, size: int = 64):
+    for i in range(0, n, size):
+        yield list(range(i, min(i + size, n)))
+
+
+def per_correction_mean(values: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
+    total = torch.zeros(n).index_add(0, owners, values)
+    return total / torch.zeros(n).index_add(0, owners, torch.ones_like(values)).clamp(min=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1000, help="T: corrections in the memory")
+    parser.add_argument("--start", type=int, default=0, help="first CounterFact val record")
+    parser.add_argument("--layer", type=int, default=8, help="block whose entering hidden state keys the memory")
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--routing-only", action="store_true", help="only how queries route, for each of --layers")
+    parser.add_argument("--layers", type=int, nargs="+", default=None)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mendd-routed"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    home = Home(args.work / "home")
+    if not home.suites_path.exists():
+        provision_home(home, MODEL)
+    rt = Runtime.open(home, load_config(home))
+    editable, gate = rt.editable, rt.gate
+    records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.start + args.n)
+    records = records[args.start :]
+    held_out = [p.prompt for p in unrelated_prompts(data_dir(), 300, 300, half=1)]
+    queries = {
+        "reliability": [(c.prompt, c.target_new, i) for i, c in enumerate(records)],
+        "generalization": [(r, c.target_new, i) for i, c in enumerate(records) for r in c.rephrases],
+        "neighborhood": [(lp.prompt, lp.answer, i) for i, c in enumerate(records) for lp in c.locality_prompts[:1]],
+        "locality": [(p.prompt, p.answer, -1) for p in gate.suites.locality],
+    }
+    owners = {kind: torch.tensor([q[2] for q in qs]) for kind, qs in queries.items()}
+
+    def similarity_sets(layer: int) -> dict[str, torch.Tensor]:
+        centre = torch.cat(prompt_states(editable, held_out, layer)).mean(0)
+        edit_states = prompt_states(editable, [c.prompt for c in records], layer)
+        keys = torch.stack([s[min(key_position(editable.tokenizer, c), len(s) - 1)] for c, s in zip(records, edit_states)])
+        sims = {kind: similarities(prompt_states(editable, [q[0] for q in qs], layer), keys, centre) for kind, qs in queries.items()}
+        sims["held_out"] = similarities(prompt_states(editable, held_out, layer), keys, centre)
+        sims["text"] = similarities(text_states(editable, gate.suites.perplexity.chunks, layer), keys, centre)
+        return sims
+
+    def routing_figures(sims: dict[str, torch.Tensor], floors: torch.Tensor, tau: float) -> dict:
+        row = {}
+        for kind in ("reliability", "generalization"):
+            row[f"{kind}_to_own_entry"] = (choose(sims[kind], floors, tau) == owners[kind]).float().mean().item()
+        for kind in ("neighborhood", "locality", "text"):
+            row[f"{kind}_routed"] = (choose(sims[kind], floors, tau) >= 0).float().mean().item()
+        return {k: round(v, 4) for k, v in row.items()}
+
+    summary = {"bench": "routed_memory", "model": MODEL, "n": args.n, "start": args.start, "threads": args.threads}
+    if args.routing_only:  # every correction counts as an entry: how queries route, not what entries do
+        summary["routing_by_layer"] = {}
+        for layer in args.layers or [args.layer]:
+            sims = similarity_sets(layer)
+            floors = sims["held_out"].max(0).values
+            summary["routing_by_layer"][str(layer)] = {str(t): routing_figures(sims, floors, t) for t in args.taus}
+            print(f"layer {layer}: {json.dumps(summary['routing_by_layer'][str(layer)])}", file=sys.stderr, flush=True)
+        return finish(summary, args, started)
+
+    # -- the memory: one entry per correction, edited alone on the base model -----------------
+    entries: list[Entry | None] = []
+    edit_seconds = []
+    for i, correction in enumerate(records):
+        t0 = time.perf_counter()
+        delta = rt.editor.propose(editable, [correction])
+        edit_seconds.append(time.perf_counter() - t0)
+        entries.append(delta.shares[0].low_rank if delta.shares else None)  # None: already answered so
+        if i % 100 == 0:
+            print(f"edit {i}/{len(records)} {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+    sims = similarity_sets(args.layer)
+    live = torch.tensor([e is not None for e in entries])
+    for kind in sims:  # an entry with no update (the model already answered so) is not in the memory
+        sims[kind][:, ~live] = -2.0
+    floors = sims["held_out"].max(0).values
+    base = editable.weights()
+    references = [p.reference for p in gate.suites.locality]
+
+    def value_fn(kind: str) -> Value:
+        pairs = [(q[0], q[1]) for q in queries[kind]]
+
+        def value(idx: list[int], weights) -> torch.Tensor:
+            batch: TokenBatch = editable.batch([pairs[i] for i in idx])
+            rows, n = batch.row_of_answer, len(idx)
+            with torch.no_grad():
+                logits = editable.logits(batch, weights)
+                if kind == "locality":
+                    reference = torch.tensor([t for i in idx for t in references[i]])
+                    return scoring.per_row_mean((logits.argmax(-1) == reference).float(), rows, n)
+                if kind == "neighborhood":
+                    return scoring.agreement(editable.logits(batch), logits, rows, n)
+                return scoring.accuracy(logits, batch.answer_labels, rows, n)
+        return value
+
+    def text_nll(idx: list[int], weights) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([scoring.token_nll(editable.logits(_rows(gate.text, [i]), weights),
+                                                  _rows(gate.text, [i]).answer_labels).sum() for i in idx])
+
+    served = {kind: Served(len(qs), value_fn(kind), entries, base) for kind, qs in queries.items()}
+    served["text"] = Served(len(gate.text.lengths), text_nll, entries, base)
+    for kind, table in served.items():
+        table.under([choose(sims[kind], floors, tau) for tau in args.taus])
+        print(f"measured {kind} {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+
+    summary.update(layer=args.layer, edit_seconds_median=round(sorted(edit_seconds)[len(edit_seconds) // 2], 4),
+                   entries=int(live.sum()), by_tau={})
+    threshold = load_policy(None).threshold
+    n_tokens = gate.text.answer_labels.numel()
+    for tau in args.taus:
+        got = {kind: table.values(choose(sims[kind], floors, tau)) for kind, table in served.items()}
+        generalization_of = per_correction_mean(got["generalization"], owners["generalization"], len(records))
+        accepted = ((got["reliability"] >= threshold("reliability").accept)
+                    & (generalization_of >= threshold("generalization").accept))
+        row = {
+            "reliability": got["reliability"][accepted].mean().item(),
+            "generalization": got["generalization"][accepted[owners["generalization"]]].mean().item(),
+            "locality": got["locality"].mean().item(),
+            "ppl_drawdown": scoring.perplexity_change(got["text"].sum().item() / n_tokens, gate.suites.perplexity.base_nll),
+            "acceptance": accepted.float().mean().item(),
+            "reliability_all": got["reliability"].mean().item(),
+            "generalization_all": got["generalization"].mean().item(),
+            "neighborhood": got["neighborhood"].mean().item(),
+            **routing_figures(sims, floors, tau),
+        }
+        summary["by_tau"][str(tau)] = {k: round(v, 4) for k, v in row.items()}
+        print(f"tau {tau}: {json.dumps(summary['by_tau'][str(tau)])}", file=sys.stderr, flush=True)
+    return finish(summary, args, started)
+
+
+def _rows(batch: TokenBatch, idx: list[int]) -> TokenBatch:
+    return TokenBatch(batch.input_ids[idx], batch.labels[idx], batch.lengths[idx])
+
+
+def finish(summary: dict, args, started: float) -> None:
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
