@@ -42,10 +42,13 @@ from daemon.config import load_config
 from daemon.home import Home
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
+from daemon.suite_files import load_keys
 from editors import scoring
 from editors.batching import TokenBatch
 from editors.editable import Editable
 from editors.formats import load_corrections
+from editors.mend import MendEditor
+from editors.registry import guarded, pretrained_path
 from editors.types import Correction, LowRankUpdate
 from policies.policy import load_policy
 from policies.probes import data_dir, unrelated_prompts
@@ -163,6 +166,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=0, help="first CounterFact val record")
     parser.add_argument("--layer", type=int, default=8, help="block whose entering hidden state keys the memory")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--step-scale", type=float, default=1.0,
+                        help="multiplies the shipped editor's steps: a routed entry reaches only its own queries, "
+                             "so it can afford a larger step than an edit summed into the weights")
     parser.add_argument("--routing-only", action="store_true", help="only how queries route, for each of --layers")
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mendd-routed"))
@@ -177,6 +183,8 @@ def main() -> None:
         provision_home(home, MODEL)
     rt = Runtime.open(home, load_config(home))
     editable, gate = rt.editable, rt.gate
+    editor = guarded(MendEditor.load(pretrained_path(MODEL), editable, args.step_scale), editable, load_keys(home),
+                     rt.config.editor.projection_threshold, None)  # the service's editor, at this step scale
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.start + args.n)
     records = records[args.start :]
     held_out = [p.prompt for p in unrelated_prompts(data_dir(), 300, 300, half=1)]
@@ -205,7 +213,8 @@ def main() -> None:
             row[f"{kind}_routed"] = (choose(sims[kind], floors, tau) >= 0).float().mean().item()
         return {k: round(v, 4) for k, v in row.items()}
 
-    summary = {"bench": "routed_memory", "model": MODEL, "n": args.n, "start": args.start, "threads": args.threads}
+    summary = {"bench": "routed_memory", "model": MODEL, "n": args.n, "start": args.start, "step_scale": args.step_scale,
+               "threads": args.threads}
     if args.routing_only:  # every correction counts as an entry: how queries route, not what entries do
         summary["routing_by_layer"] = {}
         for layer in args.layers or [args.layer]:
@@ -220,7 +229,7 @@ def main() -> None:
     edit_seconds = []
     for i, correction in enumerate(records):
         t0 = time.perf_counter()
-        delta = rt.editor.propose(editable, [correction])
+        delta = editor.propose(editable, [correction])
         edit_seconds.append(time.perf_counter() - t0)
         entries.append(delta.shares[0].low_rank if delta.shares else None)  # None: already answered so
         if i % 100 == 0:
