@@ -155,11 +155,6 @@ def in_chunks(n: int, size: int = 64):
         yield list(range(i, min(i + size, n)))
 
 
-def per_correction_mean(values: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
-    total = torch.zeros(n).index_add(0, owners, values)
-    return total / torch.zeros(n).index_add(0, owners, torch.ones_like(values)).clamp(min=1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1000, help="T: corrections in the memory")
@@ -197,11 +192,12 @@ def main() -> None:
     owners = {kind: torch.tensor([q[2] for q in qs]) for kind, qs in queries.items()}
 
     def similarity_sets(layer: int) -> dict[str, torch.Tensor]:
-        centre = torch.cat(prompt_states(editable, held_out, layer)).mean(0)
+        held_out_states = prompt_states(editable, held_out, layer)
+        centre = torch.cat(held_out_states).mean(0)
         edit_states = prompt_states(editable, [c.prompt for c in records], layer)
         keys = torch.stack([s[min(key_position(editable.tokenizer, c), len(s) - 1)] for c, s in zip(records, edit_states)])
         sims = {kind: similarities(prompt_states(editable, [q[0] for q in qs], layer), keys, centre) for kind, qs in queries.items()}
-        sims["held_out"] = similarities(prompt_states(editable, held_out, layer), keys, centre)
+        sims["held_out"] = similarities(held_out_states, keys, centre)
         sims["text"] = similarities(text_states(editable, gate.suites.perplexity.chunks, layer), keys, centre)
         return sims
 
@@ -260,8 +256,8 @@ def main() -> None:
 
     def text_nll(idx: list[int], weights) -> torch.Tensor:
         with torch.no_grad():
-            return torch.stack([scoring.token_nll(editable.logits(_rows(gate.text, [i]), weights),
-                                                  _rows(gate.text, [i]).answer_labels).sum() for i in idx])
+            chunks = [_rows(gate.text, [i]) for i in idx]
+            return torch.stack([scoring.token_nll(editable.logits(chunk, weights), chunk.answer_labels).sum() for chunk in chunks])
 
     served = {kind: Served(len(qs), value_fn(kind), entries, base) for kind, qs in queries.items()}
     served["text"] = Served(len(gate.text.lengths), text_nll, entries, base)
@@ -275,7 +271,7 @@ def main() -> None:
     n_tokens = gate.text.answer_labels.numel()
     for tau in args.taus:
         got = {kind: table.values(choose(sims[kind], floors, tau)) for kind, table in served.items()}
-        generalization_of = per_correction_mean(got["generalization"], owners["generalization"], len(records))
+        generalization_of = scoring.per_row_mean(got["generalization"], owners["generalization"], len(records))
         accepted = ((got["reliability"] >= threshold("reliability").accept)
                     & (generalization_of >= threshold("generalization").accept))
         row = {
