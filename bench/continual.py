@@ -14,8 +14,10 @@ Rows (batches of --batch unless the row sets its own):
   mend         plain MEND, the default gate
   ft           the fine-tuning baseline, the default gate
   mendd-lsq    MEND with least-squares aggregation (editor.aggregation), the default gate
-  mendd        mendd's defaults (the best configuration): one correction per decision, updates
-               projected away from the preserved keys, the default gate; the reported `final`
+  mendd        mendd's defaults: one correction per decision, updates projected away from the
+               preserved keys, the default gate
+  mendd-routed editor.memory routed (editors/routing.py): each accepted correction kept as its own
+               update with a key, the weights unchanged; projection on, the default gate
 
 Resumable: each row's home and progress live under --work; run it again to go on where it stopped.
 Prints one JSON object, writes it and a PNG of the curves to --out, and logs both to MLflow.
@@ -45,7 +47,7 @@ from editors.formats import from_record, load_corrections
 from editors.registry import make_editor
 from editors.types import Correction, apply_delta
 from policies.editing_eval import served_accuracy
-from policies.gate import Gate
+from policies.gate import Gate, Weights
 from policies.policy import load_policy
 from policies.probes import data_dir
 from store.ledger_schema import CorrectionStatus
@@ -59,6 +61,7 @@ ROWS = {  # row -> settings for its home's mendd.yaml (batch_size: --batch unles
     "ft": {"editor": {"name": "ft", "projection": False}},
     "mendd-lsq": {"editor": {"aggregation": "least_squares", "aggregation_strength": 100.0, "projection": False}},
     "mendd": {"batch_size": 1},
+    "mendd-routed": {"editor": {"memory": "routed"}},
 }
 BEST = "mendd"
 
@@ -75,10 +78,11 @@ class Point:
     seconds: float  # wall time of the row so far (cycles and measurements)
 
 
-def measure(editable: Editable, gate: Gate, accepted: list[Correction], submitted: int, seconds: float) -> Point:
-    weights = editable.weights()
+def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Correction], submitted: int,
+            seconds: float) -> Point:
+    """The served model (`weights`, as the gate takes them) measured."""
     with torch.no_grad():
-        reliability, generalization = served_accuracy(editable, accepted)
+        reliability, generalization = served_accuracy(editable, accepted, weights)
         locality, _ = gate.locality(weights)
         ppl = gate.ppl_drawdown(weights)
     return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
@@ -127,7 +131,8 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
             while ledger.pending(1):
                 run_cycle(rt)
             accepted = _accepted(rt)
-            point = measure(rt.editable, rt.gate, accepted, end, progress.seconds + time.perf_counter() - chunk_started)
+            point = measure(rt.editable, rt.gate, rt.served_weights(), accepted, end,
+                            progress.seconds + time.perf_counter() - chunk_started)
             progress.add(point)
             say(row, point)
     finally:
@@ -157,7 +162,8 @@ def run_ungated(row: str, work: Path, template: Home, records: list[Correction],
         chunk = records[start : start + args.every]
         for i in range(0, len(chunk), args.batch):
             apply_delta(loaded.model, editor.propose(editable, chunk[i : i + args.batch]))
-        point = measure(editable, gate, records[: start + len(chunk)], start + len(chunk), time.perf_counter() - started)
+        point = measure(editable, gate, editable.weights(), records[: start + len(chunk)], start + len(chunk),
+                        time.perf_counter() - started)
         progress.add(point)
         say(row, point)
     return progress.points

@@ -45,73 +45,16 @@ from daemon.runtime import Runtime
 from daemon.suite_files import load_keys
 from editors import scoring
 from editors.batching import TokenBatch
-from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.mend import MendEditor
 from editors.registry import guarded, pretrained_path
-from editors.types import Correction, LowRankUpdate
+from editors.routing import choose, key_position, prompt_states, query_states, similarities, unit
+from editors.types import LowRankUpdate
 from policies.policy import load_policy
 from policies.probes import data_dir, unrelated_prompts
 
 MODEL = "smollm2-135m"
 Entry = dict[str, LowRankUpdate]
-
-
-# -- routing (pure) -----------------------------------------------------------------------------
-
-def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    centred = states - centre
-    return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-
-
-def similarities(queries: list[torch.Tensor], keys: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """[queries, keys]: each key's best cosine with any of a query's token states ([positions, hidden])."""
-    owner = torch.cat([torch.full((len(q),), i) for i, q in enumerate(queries)])
-    per_position = unit(torch.cat(queries), centre) @ unit(keys, centre).T
-    return torch.full((len(queries), len(keys)), -2.0).scatter_reduce(
-        0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
-
-
-def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
-    own floor (its best similarity on prompts known to be unrelated: a key that resembles
-    everything must match more closely); -1 when none does."""
-    eligible = similarity >= torch.clamp(floors, min=tau)
-    score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
-    return torch.where(score > -3.0, best, torch.tensor(-1))
-
-
-# -- states ---------------------------------------------------------------------------------------
-
-def prompt_states(editable: Editable, prompts: list[str], layer: int) -> list[torch.Tensor]:
-    """Hidden states entering block `layer` at each prompt token from position 1 (position 0 is an
-    attention sink whose state says nothing about the prompt)."""
-    out = []
-    for i in range(0, len(prompts), 64):
-        part = prompts[i : i + 64]
-        batch = editable.batch([(p, "x") for p in part])
-        with torch.no_grad():
-            hidden = editable.model(input_ids=batch.input_ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
-        for row, prompt in enumerate(part):
-            n = len(editable.tokenizer(prompt, add_special_tokens=False).input_ids)
-            out.append(hidden[row, 1:max(n, 2)].clone())
-    return out
-
-
-def text_states(editable: Editable, chunks, layer: int) -> list[torch.Tensor]:
-    ids = torch.tensor([list(chunk) for chunk in chunks])
-    with torch.no_grad():
-        hidden = editable.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
-    return [h[1:].clone() for h in hidden]
-
-
-def key_position(tokenizer, correction: Correction) -> int:
-    """The subject's last token in the prompt (counted from position 1), else the prompt's last."""
-    prompt = correction.prompt
-    if correction.subject and correction.subject in prompt:
-        end = prompt.index(correction.subject) + len(correction.subject)
-        return max(len(tokenizer(prompt[:end], add_special_tokens=False).input_ids) - 2, 0)
-    return len(tokenizer(prompt, add_special_tokens=False).input_ids) - 2
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -195,10 +138,13 @@ def main() -> None:
         held_out_states = prompt_states(editable, held_out, layer)
         centre = torch.cat(held_out_states).mean(0)
         edit_states = prompt_states(editable, [c.prompt for c in records], layer)
-        keys = torch.stack([s[min(key_position(editable.tokenizer, c), len(s) - 1)] for c, s in zip(records, edit_states)])
+        keys = unit(torch.stack([s[min(key_position(editable.tokenizer, c), len(s) - 1)]
+                                 for c, s in zip(records, edit_states)]), centre)
         sims = {kind: similarities(prompt_states(editable, [q[0] for q in qs], layer), keys, centre) for kind, qs in queries.items()}
         sims["held_out"] = similarities(held_out_states, keys, centre)
-        sims["text"] = similarities(text_states(editable, gate.suites.perplexity.chunks, layer), keys, centre)
+        with torch.no_grad():
+            text = query_states(editable.states_at(gate.text, layer), gate.text)
+        sims["text"] = similarities(text, keys, centre)
         return sims
 
     def routing_figures(sims: dict[str, torch.Tensor], floors: torch.Tensor, tau: float) -> dict:

@@ -81,6 +81,34 @@ class EditorConfig(_Section):
         "for the shipped editor on CounterFact val[1000:1160] in batches of 16, with editor.projection "
         "false; bench/results/README.md).",
     )
+    memory: Literal["weights", "routed"] = Field(
+        "weights",
+        description="Where accepted edits go: weights (each added to the model's weights) or routed (each kept as "
+        "its own update with a key, the weights left as they are; a query runs with the one update whose key it "
+        "matches, else with the unchanged weights; see editors/routing.py). A routed version is served by mendd, "
+        "which reads model/memory/; a plain Hugging Face loader of model/ serves the base weights.",
+    )
+    routing_layer: int = Field(
+        8, ge=1,
+        description="editor.memory routed: the block whose entering hidden state keys the memory; at most the "
+        "first edited block (8 for SmolLM2-135M, chosen on CounterFact val[1000:1200]).",
+    )
+    routing_tau: float = Field(
+        0.8, ge=-1, le=1,
+        description="editor.memory routed: the least cosine similarity at which an entry serves a query (0.8: "
+        "chosen on CounterFact val[1000:1919] at step scale 1.6); larger changes fewer unrelated answers and "
+        "reaches fewer rephrasings.",
+    )
+    step_scale: float | None = Field(
+        None, gt=0,
+        description="Multiplies the MEND editor's learned steps; null = 1.0 for weights, 1.6 for routed (an "
+        "entry reaches only its own queries, so it can afford a larger step; chosen on CounterFact val[1000:1300]).",
+    )
+
+    def mend_step_scale(self) -> float:
+        if self.step_scale is not None:
+            return self.step_scale
+        return 1.6 if self.memory == "routed" else 1.0
 
 
 class HttpConfig(_Section):

@@ -16,8 +16,9 @@ import torch
 from daemon import tracking
 from daemon.review import Rejudge, save_held
 from daemon.runtime import Runtime, ledger_corrections
-from daemon.versioning import commit_change, commit_delta, revert_change
+from daemon.versioning import commit_change, commit_delta, commit_entries, memory_chunk, revert_change
 from editors.formats import FormatError, from_record
+from editors.routing import Routed
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
 from store.crash import JUDGED, PROPOSED, TRACKED, crash_point
@@ -79,24 +80,31 @@ def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> Ste
                     reason=f"already answered as asked by {rt.served.tag}; no weight change")
     if decision is not None:
         started = time.perf_counter()
-        version = _act(rt, decision, delta, run_id, [by_id[c.id].key for c in edited], final)
+        version = _act(rt, decision, delta, edited, run_id, [by_id[c.id].key for c in edited], final)
         seconds["commit"] = time.perf_counter() - started
     return StepResult(decision, run_id, version, [c.id for c in edited], list(delta.holding),
                       [e.correction_id for e in delta.invalid] + [row.external_id for row, _ in unreadable], seconds)
 
 
-def _act(rt: Runtime, decision: Decision, delta, run_id: str, keys: list[int], final: bool) -> Version | None:
+def _act(rt: Runtime, decision: Decision, delta, corrections: list[Correction], run_id: str, keys: list[int],
+         final: bool) -> Version | None:
     ledger = rt.records.versions.ledger
     client = rt.records.mlflow
     try:
         if decision.outcome == "accepted":
-            version = commit_delta(rt.records.versions, delta, run_id=run_id, figures=decision.metrics)
-            apply_delta(rt.loaded.model, delta)  # the prefix cache stays valid: only edited layers change
+            if rt.memory is not None:
+                entries = rt.entries(delta, corrections)
+                version = commit_entries(rt.records.versions, rt.memory, entries, run_id=run_id, figures=decision.metrics)
+                rt.memory = rt.memory.plus(entries)
+            else:
+                version = commit_delta(rt.records.versions, delta, run_id=run_id, figures=decision.metrics)
+                apply_delta(rt.loaded.model, delta)  # the prefix cache stays valid: only edited layers change
             rt.served = version
             tracking.close_decision_run(client, run_id, version)
             return version
         if decision.outcome == "held":
-            save_held(rt.home, run_id, delta)
+            routed = memory_chunk(rt.memory, rt.entries(delta, corrections)) if rt.memory is not None else None
+            save_held(rt.home, run_id, delta, routed)
             ledger.mark(keys, CorrectionStatus.held, run_id=run_id, reason=decision.summary())
         elif final:
             ledger.mark(keys, CorrectionStatus.rejected, run_id=run_id, reason=decision.summary())
@@ -108,9 +116,7 @@ def _act(rt: Runtime, decision: Decision, delta, run_id: str, keys: list[int], f
 
 
 def _judge(rt: Runtime, delta, corrections: list[Correction]) -> Decision:
-    current = rt.editable.weights()
-    candidate = {name: current[name] + change for name, change in delta.tensors().items()}
-    return rt.gate.judge(current, candidate, corrections, retained(rt))
+    return rt.gate.judge(rt.served_weights(), rt.with_delta(delta, corrections), corrections, retained(rt))
 
 
 def rejudge_on_head(rt: Runtime) -> Rejudge:
@@ -143,9 +149,10 @@ def decide_revert(rt: Runtime, correction_id: str, force: bool = False) -> Rever
     and commit it if the gate accepts it, or if an operator forces it."""
     versions = rt.records.versions
     change = revert_change(versions, correction_id, reason=f"mendd revert {correction_id}")
-    current = rt.editable.weights()
-    candidate = {**current, **change.tensors}
     taken_out = set(change.corrections)
+    current = rt.served_weights()
+    weights = {**rt.editable.weights(), **change.tensors}
+    candidate = Routed(rt.memory.without(taken_out), weights) if rt.memory is not None else weights
     started = time.perf_counter()
     decision = rt.gate.judge(current, candidate, [], [c for c in retained(rt) if c.id not in taken_out])
     seconds = {"gate": time.perf_counter() - started}
@@ -163,6 +170,8 @@ def decide_revert(rt: Runtime, correction_id: str, force: bool = False) -> Rever
             with torch.no_grad():
                 for name, value in change.tensors.items():
                     params[name].copy_(value)
+            if rt.memory is not None:
+                rt.memory = rt.memory.without(taken_out)
             rt.served = version
     except Exception as error:
         tracking.close_decision_run(rt.records.mlflow, run_id, None, failed=f"{type(error).__name__}: {error}")

@@ -68,6 +68,11 @@ class Home:
         return self.root / "suites" / "keys.safetensors"
 
     @property
+    def routing_path(self) -> Path:
+        """Held-out prompts' states at the routing block: the routed memory's centre and key floors."""
+        return self.root / "suites" / "routing.safetensors"
+
+    @property
     def held_dir(self) -> Path:
         """Candidate deltas of held decisions, waiting for a person: <run id>.safetensors."""
         return self.state_dir / "held"

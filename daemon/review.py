@@ -20,13 +20,13 @@ from pathlib import Path
 from daemon import tracking
 from daemon.home import Home
 from daemon.runtime import Records, ledger_corrections
-from daemon.versioning import commit_delta, share_from_stored, share_to_stored
+from daemon.versioning import commit_chunk, commit_delta, is_routed, share_from_stored, share_to_stored
 from editors.types import Correction, Delta
 from policies.gate import Decision
 from store.errors import StoreError
 from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
-from store.versions import Version, read_shares, write_shares
+from store.versions import MemoryChunk, Version, read_memory_chunk, read_shares, write_shares
 
 
 class ReviewError(StoreError):
@@ -61,10 +61,12 @@ class HeldDecision:
         return {**self.__dict__, "started": self.started.isoformat()}
 
 
-def save_held(home: Home, run_id: str, delta: Delta) -> None:
-    """Keep a held candidate's shares (low-rank factors, or dense for fine-tuning) until review."""
+def save_held(home: Home, run_id: str, delta: Delta, routed: MemoryChunk | None = None) -> None:
+    """Keep a held candidate's shares (low-rank factors, or dense for fine-tuning) until review; a
+    routed candidate's as the memory chunk approval commits."""
     home.held_dir.mkdir(parents=True, exist_ok=True)
-    write_shares(held_path(home, run_id), [share_to_stored(share) for share in delta.shares], {"editor": delta.editor})
+    chunk = routed or MemoryChunk(tuple(share_to_stored(share) for share in delta.shares))
+    write_shares(held_path(home, run_id), chunk.shares, {**chunk.metadata, "editor": delta.editor}, chunk.common)
 
 
 def load_held(home: Home, run_id: str) -> Delta:
@@ -101,7 +103,11 @@ def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = N
     run = records.mlflow.get_run(run_id)
     base, head = run.data.tags.get("mendd.base_version", "?"), records.versions.store.head().tag
     figures = dict(run.data.metrics) if base == head else _judged_again(records, run_id, delta, rejudge, base, head)
-    version = commit_delta(records.versions, delta, run_id=run_id, figures=figures)
+    chunk = read_memory_chunk(held_path(records.home, run_id))
+    if is_routed(chunk):
+        version = commit_chunk(records.versions, chunk, run_id=run_id, figures=figures)
+    else:
+        version = commit_delta(records.versions, delta, run_id=run_id, figures=figures)
     records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "approved")
     records.mlflow.set_tag(run_id, "mendd.settled_by", who)
     records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)

@@ -8,15 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import tracking
-from daemon.config import MenddConfig
+from daemon.config import ConfigError, MenddConfig
 from daemon.home import Home
-from daemon.suite_files import load_keys, load_suites
-from daemon.versioning import Versions, load_served_model, open_versions, recover
+from daemon.suite_files import load_keys, load_suites, routing_reference
+from daemon.versioning import Versions, load_served_model, open_versions, recover, stored_memory
+from editors import routing
 from editors.editable import Editable
 from editors.formats import from_record
 from editors.registry import Editor, guarded, make_editor
-from editors.types import Correction
-from policies.gate import Gate
+from editors.routing import Entry, Memory, Reference, Routed
+from editors.types import Correction, Delta
+from policies.gate import Gate, Weights
 from policies.policy import Policy, load_policy
 from store.ledger import LedgerCorrection
 from store.models import LoadedModel
@@ -70,6 +72,8 @@ class Runtime:
     editable: Editable = field(init=False)
     editor: Editor = field(init=False)
     gate: Gate = field(init=False)
+    memory: Memory | None = field(init=False)  # the routed memory served (editor.memory routed), else None
+    reference: Reference | None = field(init=False)
 
     @classmethod
     def open(cls, home: Home, config: MenddConfig) -> "Runtime":
@@ -92,13 +96,48 @@ class Runtime:
         self.loaded = load_served_model(self.records.versions)
         self.editable = Editable(self.loaded.model, self.loaded.tokenizer, self.config.editor.edit_layers)
         settings = self.config.editor
-        editor = make_editor(settings.name, self.editable, self.config.model, settings.path)
+        self.memory = self.reference = None
+        if settings.memory == "routed":
+            self._open_memory()
+        elif self.records.versions.store.memory_chunks():
+            raise ConfigError(
+                f"the store's model/ holds a routed memory ({self.records.versions.store.memory_dir}), but "
+                "editor.memory is weights: set editor.memory: routed to serve it")
+        editor = make_editor(settings.name, self.editable, self.config.model, settings.path, settings.mend_step_scale())
         lsq = settings.aggregation == "least_squares"
         self.editor = guarded(editor, self.editable, load_keys(self.home) if settings.projection or lsq else None,
                               settings.projection_threshold if settings.projection else None,
                               settings.aggregation_strength if lsq else None)
         self.gate = Gate(self.editable, load_suites(self.home), self.policy)
         self.served = version
+
+    def _open_memory(self) -> None:
+        settings = self.config.editor
+        if settings.name != "mend":
+            raise ConfigError(f"editor.memory routed keeps each correction's own update, which only the mend editor "
+                              f"gives; editor.name is {settings.name}")
+        if settings.routing_layer > self.editable.anatomy.first:
+            raise ConfigError(
+                f"editor.routing_layer is {settings.routing_layer}, after the first edited block "
+                f"({self.editable.anatomy.first}): keys must be read before any edited block")
+        self.reference = routing_reference(self.home, self.editable, settings.routing_layer)
+        self.memory = stored_memory(self.records.versions, settings.routing_layer, settings.routing_tau, self.reference)
+
+    def served_weights(self) -> Weights:
+        """The served model's weights as the gate takes them."""
+        return Routed(self.memory) if self.memory is not None else self.editable.weights()
+
+    def with_delta(self, delta: Delta, corrections: list[Correction]) -> Weights:
+        """The served weights plus `delta`: summed in, or as new routed entries."""
+        if self.memory is not None:
+            return Routed(self.memory.plus(self.entries(delta, corrections)))
+        current = self.editable.weights()
+        return {name: current[name] + change for name, change in delta.tensors().items()}
+
+    def entries(self, delta: Delta, corrections: list[Correction]) -> list[Entry]:
+        """A delta's per-correction updates as routed-memory entries."""
+        return routing.entries(self.editable, [(share.correction_ids[0], share.low_rank) for share in delta.shares],
+                               corrections, self.reference)
 
     def use_policy(self, policy: Policy) -> None:
         self.policy = policy

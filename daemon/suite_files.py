@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 from daemon.home import Home
 from editors.editable import Editable
 from editors.projection import key_covariance, preserved_batches
-from policies.probes import DataNotFound, data_dir, preserved_text
+from editors.routing import Reference, reference
+from policies.probes import DataNotFound, data_dir, preserved_text, unrelated_prompts
+from store.checkpoint import read_tensor_file_with_metadata, write_tensor_file
 from policies.suites import Suites, pin, references
 
 
@@ -50,6 +52,26 @@ def load_keys(home: Home) -> dict[str, torch.Tensor]:
         raise SuitesError(f"no preserved-key statistics at {home.keys_path} (editor.projection is on): pin them with "
                           f"`mendd --home {home.root} suites pin`, or set editor.projection: false")
     return load_file(str(home.keys_path))
+
+
+def routing_reference(home: Home, editable: Editable, layer: int) -> Reference:
+    """The routed memory's reference at `layer`, pinned in the home on first use from held-out
+    unrelated prompts (the training halves of zsRE's questions and WikiText-2's sentences, never a
+    gate suite's) with the model as it is then (the base: routed versions never change the weights)."""
+    if home.routing_path.exists():
+        tensors, metadata = read_tensor_file_with_metadata(home.routing_path)
+        if int(metadata["layer"]) == layer:
+            return Reference(layer, tensors["centre"], tensors["unit_states"], int(metadata["prompts"]))
+    try:
+        root = data_dir()
+    except DataNotFound as error:
+        raise SuitesError(f"cannot pin the routed memory's reference states: {error}") from None
+    prompts = [p.prompt for p in unrelated_prompts(root, n_questions=300, n_sentences=300, half=1)]
+    ref = reference(editable, prompts, layer)
+    home.routing_path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensor_file(home.routing_path, {"centre": ref.centre.contiguous(), "unit_states": ref.unit_states.contiguous()},
+                      metadata={"layer": str(layer), "prompts": str(ref.prompts)})
+    return ref
 
 
 def write_suites(home: Home, suites: Suites) -> None:

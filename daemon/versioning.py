@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,13 +18,14 @@ from filelock import FileLock, Timeout
 
 from daemon.config import MenddConfig
 from daemon.home import Home
+from editors.routing import Entry, Memory, Reference
 from editors.types import Delta, LowRankUpdate, Share
 from store.crash import BEFORE_LEDGER, crash_point
 from store.errors import StoreError, UnknownCorrectionError
 from store.ledger import Ledger
 from store.lineage import in_effect
 from store.models import LoadedModel, load_model
-from store.versions import Change, Recovery, StoredShare, Version, VersionStore
+from store.versions import Change, MemoryChunk, Recovery, StoredShare, Version, VersionStore
 
 LOCK_TIMEOUT_S = 60.0
 
@@ -129,6 +130,57 @@ def edit_change(versions: Versions, delta: Delta, *, run_id: str | None, figures
         corrections=tuple(delta.correction_ids), run_id=run_id, figures=figures)
 
 
+def commit_entries(versions: Versions, memory: Memory, entries: list[Entry], *, run_id: str | None,
+                   figures: dict[str, float]) -> Version:
+    """A new version: the head's routed memory plus ``entries`` (the weights unchanged), as the
+    chunk ``model/memory/<tag>``."""
+    return commit_chunk(versions, memory_chunk(memory, entries), run_id=run_id, figures=figures)
+
+
+def commit_chunk(versions: Versions, chunk: MemoryChunk, *, run_id: str | None, figures: dict[str, float]) -> Version:
+    corrections = tuple(cid for share in chunk.shares for cid in share.correction_ids)
+    return commit_change(versions, Change(kind="edit", tensors={}, corrections=corrections, run_id=run_id,
+                                          figures=figures, memory_added=chunk))
+
+
+def memory_chunk(memory: Memory, entries: list[Entry]) -> MemoryChunk:
+    """New entries as stored: their shares, the memory's centre, its block and τ."""
+    return MemoryChunk(tuple(entry_to_stored(e) for e in entries), {"centre": memory.centre.float().contiguous()},
+                       {"layer": str(memory.layer), "tau": str(memory.tau)})
+
+
+def is_routed(chunk: MemoryChunk) -> bool:
+    return "layer" in chunk.metadata
+
+
+def stored_memory(versions: Versions, layer: int, tau: float, reference: Reference) -> Memory:
+    """The routed memory in the store's model/, served at `tau`; empty (centred by `reference`) when
+    no version has added entries yet."""
+    chunks = versions.store.memory_chunks()
+    if not chunks:
+        return Memory(layer, tau, reference.centre)
+    first = chunks[0][1]
+    if int(first.metadata["layer"]) != layer:
+        raise StoreError(
+            f"the routed memory in {versions.store.memory_dir} is keyed at block {first.metadata['layer']}, but "
+            f"editor.routing_layer is {layer}; set it back to {first.metadata['layer']} (keys made at one block "
+            "cannot be compared with states at another)")
+    entries = tuple(entry_from_stored(share) for _, chunk in chunks for share in chunk.shares)
+    return Memory(layer, tau, first.common["centre"], entries)
+
+
+def entry_to_stored(entry: Entry) -> StoredShare:
+    """An entry as a share's tensors plus ``route/key`` and ``route/floor``."""
+    stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
+    return StoredShare(stored.correction_ids, {**stored.tensors, "route/key": entry.key.float().contiguous(),
+                                               "route/floor": torch.tensor(entry.floor, dtype=torch.float64)})
+
+
+def entry_from_stored(stored: StoredShare) -> Entry:
+    share = share_from_stored(stored)
+    return Entry(stored.correction_ids[0], stored.tensors["route/key"], stored.tensors["route/floor"].item(), share.low_rank)
+
+
 def commit_change(versions: Versions, change: Change) -> Version:
     """Commit ``change`` to the store, then bring the ledger into agreement."""
     return _recorded(versions, versions.store.commit(change))
@@ -151,6 +203,11 @@ def revert_change(versions: Versions, correction_id: str, reason: str) -> Change
         raise UnknownCorrectionError(
             f"correction {correction_id!r} is not in the weights of the current version {head.tag} ({status}); "
             "nothing was changed")
+    chunk = dict(versions.store.memory_chunks()).get(carried[correction_id])
+    if chunk is not None:  # a routed entry: its chunk is rewritten without it
+        kept = tuple(s for s in chunk.shares if correction_id not in s.correction_ids)
+        return Change(kind="revert", tensors={}, corrections=(correction_id,), reason=reason,
+                      memory_rewritten={carried[correction_id]: replace(chunk, shares=kept)})
     share = next(share for share in versions.store.shares(carried[correction_id]) if correction_id in share.correction_ids)
     removal = share_from_stored(share).tensors()
     current = versions.store.read_tensors(list(removal))

@@ -77,8 +77,8 @@ class Anatomy(nn.Module):
         return f"blocks.{int(index) - self.first}.{tail}"
 
     @torch.no_grad()
-    def prefix_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states entering the first edited block, [batch, seq, hidden]."""
+    def states_entering(self, input_ids: torch.Tensor, block: int) -> torch.Tensor:
+        """Hidden states entering `block` (the first edited one: the prefix states), [batch, seq, hidden]."""
         captured: list[torch.Tensor] = []
 
         def grab(_module, args, kwargs):
@@ -87,7 +87,7 @@ class Anatomy(nn.Module):
 
         model = self.model[0]
         blocks, _, _, _ = _parts(model)
-        handle = blocks[self.first].register_forward_pre_hook(grab, with_kwargs=True)
+        handle = blocks[block].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             model(input_ids=input_ids, use_cache=False)
         except _StopForward:
@@ -117,9 +117,29 @@ class Anatomy(nn.Module):
         renamed = {self.to_suffix(name): tensor for name, tensor in weights.items()}
         return functional_call(self, renamed, (hidden, positions), strict=False)
 
+    def run_per_row(self, hidden: torch.Tensor, positions: torch.Tensor | None,
+                    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The suffix (with `weights` as `run` takes them) plus a low-rank change of its own for each
+        row: per tensor name, inputs [batch, rank, in] and outputs [batch, rank, out], so row b's ΔW
+        is outputs[b]ᵀ inputs[b]."""
+        modules = {e.name: e.module for e in self.editable}
+        handles = [modules[name].register_forward_hook(_adds_low_rank(*pair)) for name, pair in factors.items()]
+        try:
+            return self.run(hidden, positions, weights)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def current_weights(self) -> dict[str, torch.Tensor]:
         params = dict(self.model[0].named_parameters())
         return {e.name: params[e.name] for e in self.editable}
+
+
+def _adds_low_rank(inputs: torch.Tensor, outputs: torch.Tensor):
+    def hook(_module, args, output):
+        return output + torch.einsum("bsk,bko->bso", torch.einsum("bsi,bki->bsk", args[0], inputs), outputs)
+    return hook
 
 
 def _is_linear_like(module: nn.Module) -> bool:

@@ -8,6 +8,7 @@ from torch import nn
 
 from editors.anatomy import Anatomy, default_edit_modules
 from editors.batching import TokenBatch, make_batch
+from editors.routing import Routed, route, row_factors
 
 
 class Editable:
@@ -22,46 +23,57 @@ class Editable:
         config = model.config
         self.max_positions = getattr(config, "max_position_embeddings", None) or config.n_positions
         self.hidden_size = getattr(config, "hidden_size", None) or config.n_embd
-        self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._caches: dict[int, OrderedDict[tuple[int, ...], torch.Tensor]] = {}  # block -> sequence -> states
         self._cache_size = cache_size
 
     def batch(self, pairs: list[tuple[str, str]]) -> TokenBatch:
         return make_batch(self.tokenizer, pairs)
 
     def prefix_states(self, batch: TokenBatch) -> torch.Tensor:
-        """[batch, seq, hidden]; cached per unpadded sequence, so a prompt seen before costs nothing.
+        """[batch, seq, hidden] entering the first edited block; cached per unpadded sequence, so a
+        prompt seen before costs nothing.
 
         With cache_size 0 nothing is kept and every call runs the prefix: the uncached reference
         that benchmarks compare against.
         """
+        return self.states_at(batch, self.anatomy.first)
+
+    def states_at(self, batch: TokenBatch, block: int) -> torch.Tensor:
+        """[batch, seq, hidden] entering `block` (at most the first edited one), cached as prefix_states is."""
+        cache = self._caches.setdefault(block, OrderedDict())
         keys = [tuple(row[:n].tolist()) for row, n in zip(batch.input_ids, batch.lengths)]
-        found = {key: self._cache[key] for key in keys if key in self._cache}
+        found = {key: cache[key] for key in keys if key in cache}
         missing = [i for i, key in enumerate(keys) if key not in found]
         if missing:
-            fresh = self.anatomy.prefix_states(batch.input_ids[missing])
+            fresh = self.anatomy.states_entering(batch.input_ids[missing], block)
             for i, states in zip(missing, fresh):
                 found[keys[i]] = states[: len(keys[i])].clone()
-                self._remember(keys[i], found[keys[i]])
+                self._remember(cache, keys[i], found[keys[i]])
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], self.hidden_size)
         for i, key in enumerate(keys):
-            if key in self._cache:
-                self._cache.move_to_end(key)
+            if key in cache:
+                cache.move_to_end(key)
             out[i, : len(key)] = found[key]
         return out
 
-    def logits(self, batch: TokenBatch, weights: dict[str, torch.Tensor] | None = None,
+    def logits(self, batch: TokenBatch, weights: dict[str, torch.Tensor] | Routed | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits at `positions` (default: the answer positions), with optional replacement weights."""
+        """Logits at `positions` (default: the answer positions), with optional replacement weights,
+        or as a routed memory serves each row."""
         positions = batch.answer_positions if positions is None else positions
-        return self.anatomy.run(self.prefix_states(batch), positions, weights)
+        hidden = self.prefix_states(batch)
+        if isinstance(weights, Routed):
+            chosen = route(weights.memory, self.states_at(batch, weights.memory.layer), batch)
+            return self.anatomy.run_per_row(hidden, positions, row_factors(weights.memory, chosen), weights.weights)
+        return self.anatomy.run(hidden, positions, weights)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.anatomy.current_weights()
 
     def clear_cache(self) -> None:
-        self._cache.clear()
+        self._caches.clear()
 
-    def _remember(self, key: tuple[int, ...], states: torch.Tensor) -> None:
-        self._cache[key] = states
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+    def _remember(self, cache: OrderedDict, key: tuple[int, ...], states: torch.Tensor) -> None:
+        cache[key] = states
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)

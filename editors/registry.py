@@ -28,7 +28,8 @@ def pretrained_path(model_spec: str) -> Path:
     return PRETRAINED_DIR / f"{model_spec}.safetensors"
 
 
-def make_editor(name: str, editable: Editable, model_spec: str, path: Path | None = None) -> Editor:
+def make_editor(name: str, editable: Editable, model_spec: str, path: Path | None = None,
+                step_scale: float = 1.0) -> Editor:
     if name == "ft":
         return FineTuneEditor()
     if name == "none":
@@ -41,7 +42,7 @@ def make_editor(name: str, editable: Editable, model_spec: str, path: Path | Non
             f"no MEND editor for model {model_spec!r} at {path}: train one with "
             f"`mendd train-editor --out {path}` or choose --editor ft"
         )
-    return MendEditor.load(path, editable)
+    return MendEditor.load(path, editable, step_scale)
 
 
 def guarded(editor: Editor, editable: Editable, preserved: dict | None, projection_threshold: float | None,

@@ -20,12 +20,13 @@ import torch
 from editors import scoring
 from editors.batching import TokenBatch, text_batch
 from editors.editable import Editable
+from editors.routing import Routed
 from editors.types import Correction
 from policies.policy import Policy, Threshold
 from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes
 
 Outcome = Literal["accepted", "held", "rejected"]
-Weights = dict[str, torch.Tensor]
+Weights = dict[str, torch.Tensor] | Routed  # replacement weights, or a routed memory on the model's own
 
 
 @dataclass(frozen=True)

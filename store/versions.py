@@ -30,6 +30,7 @@ from store import dvcrepo, journal
 from store.dvcrepo import DvcRepo
 from store.checkpoint import (
     COMPRESSED,
+    fsync_dir,
     SUFFIX,
     dtype_code,
     tensor_layout,
@@ -46,6 +47,7 @@ from store.errors import DirtyStoreError, MissingObjectsError, StoreError, Unkno
 from store.git import changed_paths, git, git_ok
 
 MODEL = "model"
+MEMORY = "memory"  # inside model/: a routed memory's chunks, one per version that added entries
 FACTORS = "factors"
 MODEL_DVC = f"{MODEL}.dvc"
 FACTORS_DVC = f"{FACTORS}.dvc"
@@ -91,12 +93,25 @@ class StoredShare:
 
 
 @dataclass(frozen=True)
+class MemoryChunk:
+    """Entries of a routed memory that one version added, as plain tensors (the daemon decides what
+    they mean): one share per entry, tensors common to the chunk, and string metadata."""
+
+    shares: tuple[StoredShare, ...]
+    common: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Change:
-    """What a new edit or revert version holds: the new values of the tensors it changes."""
+    """What a new edit or revert version holds: the new values of the tensors it changes, and the
+    routed-memory chunks it adds (``model/memory/<its tag>``) or rewrites (by name; None removes one)."""
 
     kind: Literal["edit", "revert"]
     tensors: dict[str, torch.Tensor]
     shares: tuple[StoredShare, ...] = ()
+    memory_added: MemoryChunk | None = None
+    memory_rewritten: dict[str, MemoryChunk | None] = field(default_factory=dict)
     corrections: tuple[str, ...] = ()
     run_id: str | None = None
     reason: str = ""
@@ -238,6 +253,31 @@ class VersionStore:
         path = self.factors_path(tag)
         return read_shares(path)[0] if path.exists() else []
 
+    @property
+    def memory_dir(self) -> Path:
+        return self.model_dir / MEMORY
+
+    def memory_chunks(self) -> list[tuple[str, MemoryChunk]]:
+        """The routed memory in the workspace's model/ (the head's, once the store is clean), oldest chunk first."""
+        if not self.memory_dir.exists():
+            return []
+        return [(path.name[: -len(SUFFIX)], read_memory_chunk(path)) for path in sorted(self.memory_dir.glob(f"v*{SUFFIX}"))]
+
+    def _write_memory(self, tag: str, change: Change) -> None:
+        chunks = dict(change.memory_rewritten)
+        if change.memory_added is not None:
+            chunks[tag] = change.memory_added
+        if not chunks:
+            return
+        self.memory_dir.mkdir(exist_ok=True)
+        for name, chunk in chunks.items():
+            path = self.memory_dir / f"{name}{SUFFIX}"
+            if chunk is None or not chunk.shares:
+                path.unlink(missing_ok=True)
+            else:
+                write_shares(path, chunk.shares, chunk.metadata, chunk.common)
+        fsync_dir(self.memory_dir)
+
     def factors_path(self, tag: str) -> Path:
         return self.factors_dir / f"{tag}{SUFFIX}{COMPRESSED}"
 
@@ -285,6 +325,7 @@ class VersionStore:
         with ThreadPoolExecutor(max_workers=1) as pool:
             shares_written = pool.submit(self._write_shares, tag, change.shares)
             write_tensors(self.model_dir, change.tensors)
+            self._write_memory(tag, change)
             shares_written.result()
         crash_point(TENSORS_WRITTEN)
         return self._seal(tag, head.tag, {"kind": change.kind, "corrections": list(change.corrections), "run_id": change.run_id,
@@ -395,24 +436,40 @@ class VersionStore:
         return Recovery(action, intent.tag, tuple(removed))
 
 
-def write_shares(path: Path, shares: Sequence[StoredShare], metadata: dict[str, str] | None = None) -> None:
+def write_shares(path: Path, shares: Sequence[StoredShare], metadata: dict[str, str] | None = None,
+                 common: dict[str, torch.Tensor] | None = None) -> None:
     """Several shares in one safetensors file (one write and one fsync, however many corrections;
-    gzip-compressed if the name ends in .gz): share i's tensors are named ``i/<tensor>/<part>``, and
-    the metadata lists each share's corrections."""
+    gzip-compressed if the name ends in .gz): share i's tensors are named ``i/<tensor>/<part>``,
+    tensors common to all of them ``common/<name>``, and the metadata lists each share's corrections."""
     tensors = {f"{i}/{key}": t for i, share in enumerate(shares) for key, t in share.tensors.items()}
+    tensors.update({f"{COMMON}/{name}": t for name, t in (common or {}).items()})
     owners = json.dumps([list(share.correction_ids) for share in shares])
     write_tensor_file(path, tensors, metadata={**(metadata or {}), "shares": owners})
 
 
 def read_shares(path: Path) -> tuple[list[StoredShare], dict[str, str]]:
     """The shares of a file written by :func:`write_shares`, and its metadata."""
+    chunk = read_memory_chunk(path)
+    return list(chunk.shares), chunk.metadata
+
+
+def read_memory_chunk(path: Path) -> MemoryChunk:
+    """A file written by :func:`write_shares`: its shares, common tensors and metadata."""
     tensors, metadata = read_tensor_file_with_metadata(path)
     owners = json.loads(metadata["shares"])
     grouped: list[dict[str, torch.Tensor]] = [{} for _ in owners]
+    common: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         index, name = key.split("/", 1)
-        grouped[int(index)][name] = tensor
-    return [StoredShare(tuple(ids), mine) for ids, mine in zip(owners, grouped)], metadata
+        if index == COMMON:
+            common[name] = tensor
+        else:
+            grouped[int(index)][name] = tensor
+    shares = tuple(StoredShare(tuple(ids), mine) for ids, mine in zip(owners, grouped))
+    return MemoryChunk(shares, common, metadata)
+
+
+COMMON = "common"
 
 
 def _message(meta: dict[str, Any]) -> str:

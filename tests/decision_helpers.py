@@ -33,10 +33,14 @@ HOLD_ALL = policy(reliability=(1.0, 0.0))  # a fresh editor's edit never reaches
 REJECT_ALL = policy(reliability=(1.0, 1.0))
 
 
-def make_decision_home(root: Path, policy_text: str, data_root: Path) -> Home:
+ROUTED = {"memory": "routed", "routing_layer": 1}  # tiny-llama's first edited block is 1
+
+
+def make_decision_home(root: Path, policy_text: str, data_root: Path, editor: dict | None = None) -> Home:
+    """`editor`: settings of mendd.yaml's editor section beside the fresh editor's path."""
     loaded = load_model("tiny-llama")
     home = provision_home(Home(root), "tiny-llama", loaded, data_root=data_root,
-                          settings={"editor": {"path": "editor.safetensors"}, "policy": "policy.yaml"})
+                          settings={"editor": {"path": "editor.safetensors", **(editor or {})}, "policy": "policy.yaml"})
     MendEditor.fresh(Editable(loaded.model, loaded.tokenizer), edit_lr=1e-2).network.save(root / "editor.safetensors")
     (root / "policy.yaml").write_text(policy_text)
     return home

@@ -1,0 +1,196 @@
+"""A routed memory of edits (the GRACE / WISE idea): the lever that keeps 1,000 edits from adding up.
+
+Summed into the weights, every accepted edit moves some unrelated answers, and the moves add up
+until the gate's locality margin is spent. In a routed memory each accepted correction stays its own
+low-rank update (an entry) with a key, the base weights never change, and a query runs with the one
+update whose key it matches, or with the base weights when it matches none:
+
+- key: the hidden state entering block `layer` at the subject's last prompt token. It is computed
+  before any edited block, so routing never depends on the memory itself;
+- similarity: the cosine between the key and a query's token states from position 1 on (position 0
+  is an attention sink), both centred by the mean state of held-out prompts; a query takes its best
+  position;
+- an entry fires when the similarity reaches both τ and the entry's floor: the best similarity its
+  key reached on held-out unrelated prompts, so a key that resembles everything must match more
+  closely; of the entries that fire, the most similar one serves the query.
+
+Measured offline first (bench/routed_memory.py, bench/results/README.md), then built here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from editors.batching import IGNORE, TokenBatch
+from editors.types import Correction, LowRankUpdate
+
+NONE = -1  # a query that no entry serves
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One accepted correction in the memory."""
+
+    correction_id: str
+    key: torch.Tensor  # [hidden], as the model computes it (not centred)
+    floor: float  # its best similarity on held-out unrelated prompts
+    update: dict[str, LowRankUpdate]  # tensor name -> the correction's own low-rank change
+
+
+@dataclass(frozen=True)
+class Memory:
+    layer: int  # the block whose entering hidden state keys the memory
+    tau: float
+    centre: torch.Tensor  # [hidden]: mean state of held-out prompts at `layer`
+    entries: tuple[Entry, ...] = ()
+
+    def plus(self, entries: list[Entry]) -> "Memory":
+        return Memory(self.layer, self.tau, self.centre, self.entries + tuple(entries))
+
+    def without(self, correction_ids: set[str]) -> "Memory":
+        kept = tuple(e for e in self.entries if e.correction_id not in correction_ids)
+        return Memory(self.layer, self.tau, self.centre, kept)
+
+    @cached_property
+    def unit_keys(self) -> torch.Tensor:
+        if not self.entries:
+            return torch.zeros(0, self.centre.numel())
+        return unit(torch.stack([e.key for e in self.entries]), self.centre)
+
+    @cached_property
+    def floors(self) -> torch.Tensor:
+        return torch.tensor([e.floor for e in self.entries])
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A routed model's weights as Editable.logits takes them: the model's own weights (or
+    replacements for some, as a dict of weights), plus for each query the update of the entry it
+    routes to."""
+
+    memory: Memory
+    weights: dict[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What routing needs from held-out unrelated prompts at one layer: their mean state (the
+    centre) and their centred unit states (for each new key's floor)."""
+
+    layer: int
+    centre: torch.Tensor  # [hidden]
+    unit_states: torch.Tensor  # [states, hidden]
+    prompts: int = field(default=0)  # how many prompts gave them
+
+    def floor(self, key: torch.Tensor) -> float:
+        return (self.unit_states.float() @ unit(key, self.centre)).max().item()
+
+
+# -- routing (pure) -----------------------------------------------------------------------------
+
+def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    centred = states - centre
+    return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """[queries, keys]: each key's best cosine with any of a query's token states ([positions, hidden])."""
+    if not queries:
+        return torch.zeros(0, len(unit_keys))
+    owner = torch.cat([torch.full((len(q),), i) for i, q in enumerate(queries)])
+    per_position = unit(torch.cat(queries), centre) @ unit_keys.T
+    return torch.full((len(queries), len(unit_keys)), -2.0).scatter_reduce(
+        0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
+
+
+def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
+    own floor; NONE when none does."""
+    if similarity.shape[1] == 0:
+        return torch.full((similarity.shape[0],), NONE)
+    eligible = similarity >= torch.clamp(floors, min=tau)
+    score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
+    return torch.where(score > -3.0, best, torch.tensor(NONE))
+
+
+def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
+    """Each row's states a query is routed on: its prompt tokens from position 1. Running text
+    (a one-token prompt, as text_batch makes) is routed on all of it."""
+    out = []
+    for row, length, labels in zip(states, batch.lengths.tolist(), batch.labels):
+        answers = (labels != IGNORE).nonzero()
+        last = answers[0, 0].item() if len(answers) else length - 1  # the last prompt token
+        if last == 0:
+            last = length - 1
+        out.append(row[1 : max(last + 1, 2)])
+    return out
+
+
+def route(memory: Memory, states: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """[batch]: the entry serving each row (NONE: the base weights)."""
+    sims = similarities(query_states(states, batch), memory.unit_keys, memory.centre)
+    return choose(sims, memory.floors, memory.tau)
+
+
+def row_factors(memory: Memory, chosen: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per edited tensor, the chosen entries' factors stacked per row and zero-padded to one rank:
+    inputs [batch, rank, in] and outputs·scale [batch, rank, out]; a row served by no entry gets zeros."""
+    served = [memory.entries[j] for j in chosen.tolist() if j != NONE]
+    names = sorted({name for entry in served for name in entry.update})
+    out = {}
+    for name in names:
+        updates = [memory.entries[j].update.get(name) if j != NONE else None for j in chosen.tolist()]
+        some = next(u for u in updates if u is not None)
+        rank = max(len(u.inputs) for u in updates if u is not None)
+        inputs = torch.zeros(len(updates), rank, some.inputs.shape[1])
+        outputs = torch.zeros(len(updates), rank, some.outputs.shape[1])
+        for row, update in enumerate(updates):
+            if update is not None:
+                inputs[row, : len(update.inputs)] = update.inputs
+                outputs[row, : len(update.outputs)] = update.outputs * update.scale
+        out[name] = (inputs, outputs)
+    return out
+
+
+def key_position(tokenizer, correction: Correction) -> int:
+    """Where a correction's key is read, counted from position 1: the subject's last token in the
+    prompt, else the prompt's last token."""
+    prompt = correction.prompt
+    if correction.subject and correction.subject in prompt:
+        end = prompt.index(correction.subject) + len(correction.subject)
+        return max(len(tokenizer(prompt[:end], add_special_tokens=False).input_ids) - 2, 0)
+    return max(len(tokenizer(prompt, add_special_tokens=False).input_ids) - 2, 0)
+
+
+# -- building entries (runs the model's prefix) --------------------------------------------------
+
+def prompt_states(editable, prompts: list[str], layer: int, chunk: int = 64) -> list[torch.Tensor]:
+    """Each prompt's states entering block `layer`, from position 1 (as queries are routed)."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(prompts), chunk):
+        batch = editable.batch([(p, "x") for p in prompts[start : start + chunk]])
+        with torch.no_grad():
+            out.extend(query_states(editable.states_at(batch, layer), batch))
+    return out
+
+
+def reference(editable, prompts: list[str], layer: int) -> Reference:
+    """The centre and held-out unit states for `layer`, from prompts known to be unrelated."""
+    states = torch.cat(prompt_states(editable, prompts, layer))
+    centre = states.mean(0)
+    return Reference(layer, centre, unit(states, centre), len(prompts))
+
+
+def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], corrections: list[Correction],
+            ref: Reference) -> list[Entry]:
+    """Memory entries for a delta's per-correction updates: each one's key and floor."""
+    by_id = {c.id: c for c in corrections}
+    ordered = [by_id[cid] for cid, _ in shares]
+    states = prompt_states(editable, [c.prompt for c in ordered], ref.layer)
+    out = []
+    for (cid, update), correction, row in zip(shares, ordered, states):
+        key = row[min(key_position(editable.tokenizer, correction), len(row) - 1)]
+        out.append(Entry(cid, key.clone(), ref.floor(key), update))
+    return out

@@ -1,0 +1,179 @@
+"""The routed memory (editor.memory: routed): each accepted correction kept as its own update with a
+key; a query runs with the update whose key it matches, else with the unchanged weights. The
+routing rule, the routed model's logits, and routed versions through the real cycle and store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from daemon.config import ConfigError
+from daemon.cycle import decide, decide_revert
+from daemon.feeds import enqueue
+from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
+from editors import routing
+from editors.routing import NONE, Entry, Memory, Routed
+from editors.types import Correction, LowRankUpdate
+from store.checkpoint import read_tensor_file
+from store_helpers import tool
+from test_cli import mendd
+
+
+# -- the rule --------------------------------------------------------------------------------------
+
+def test_a_query_goes_to_the_most_similar_entry_that_reaches_tau_and_its_floor() -> None:
+    similarity = torch.tensor([[0.9, 0.95, 0.2], [0.5, 0.6, 0.7], [0.85, 0.1, 0.99]])
+    floors = torch.tensor([0.0, 0.0, 0.995])  # the third key resembles everything: it must match closely
+    assert routing.choose(similarity, floors, tau=0.8).tolist() == [1, NONE, 0]
+
+
+def test_with_no_entries_every_query_keeps_the_base_weights() -> None:
+    assert routing.choose(torch.zeros(3, 0), torch.zeros(0), 0.5).tolist() == [NONE] * 3
+
+
+def test_a_query_is_routed_on_its_prompt_tokens_and_running_text_on_all_of_it(tiny) -> None:
+    batch = tiny.batch([("a b c d", "e f")])
+    states = torch.arange(batch.input_ids.shape[1]).float().unsqueeze(0).unsqueeze(-1).expand(1, -1, 4)
+    prompt_length = len(tiny.tokenizer("a b c d", add_special_tokens=False).input_ids)
+    [query] = routing.query_states(states, batch)
+    assert query[:, 0].tolist() == list(range(1, prompt_length))
+
+
+# -- the routed model --------------------------------------------------------------------------
+
+def _one_entry(tiny, tau: float) -> tuple[Memory, dict, Correction]:
+    torch.manual_seed(0)
+    name = tiny.edit_names[0]
+    tensor = next(e for e in tiny.anatomy.editable if e.name == name)
+    update = {name: LowRankUpdate(torch.randn(2, tensor.in_features), torch.randn(2, tensor.out_features), 0.5)}
+    correction = Correction("a", "The capital of France is", "Rome", subject="France")
+    ref = routing.reference(tiny, ["Hello there my friend", "What is the time now", "A cat sat on a mat"], 1)
+    [entry] = routing.entries(tiny, [("a", update)], [correction], ref)
+    memory = Memory(1, tau, ref.centre, (Entry("a", entry.key, -1.0, update),))
+    return memory, {name: tiny.weights()[name] + update[name].dense()}, correction
+
+
+def test_a_routed_query_runs_with_its_entry_and_any_other_with_the_base_weights(tiny) -> None:
+    memory, edited, correction = _one_entry(tiny, tau=0.99)
+    batch = tiny.batch([(correction.prompt, correction.target_new), ("Some unrelated thing", "x")])
+    assert routing.route(memory, tiny.states_at(batch, 1), batch).tolist() == [0, NONE]
+    routed, rows = tiny.logits(batch, Routed(memory)), batch.row_of_answer
+    torch.testing.assert_close(routed[rows == 0], tiny.logits(batch, edited)[rows == 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed[rows == 1], tiny.logits(batch)[rows == 1], atol=0, rtol=0)
+
+
+# -- routed versions ---------------------------------------------------------------------------
+
+def _decide(home, facts=FACTS):
+    rt = open_runtime(home)
+    try:
+        enqueue(rt.records.versions.ledger, facts, "test")
+        return decide(rt, rt.records.versions.ledger.pending(10))
+    finally:
+        rt.close()
+
+
+def _model_files(home) -> dict[str, bytes]:
+    model = home.store_dir / "model"
+    return {p.name: p.read_bytes() for p in model.glob("*.safetensors")}
+
+
+def test_an_accepted_routed_decision_adds_a_memory_chunk_and_leaves_the_weights(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, ROUTED)
+    before = _model_files(home)
+    result = _decide(home)
+    assert result.decision.outcome == "accepted" and result.version.tag == "v0001"
+    assert _model_files(home) == before
+    chunk = read_tensor_file(home.store_dir / "model" / "memory" / "v0001.safetensors")
+    assert {"0/route/key", "1/route/key", "common/centre"} <= set(chunk)
+    rt = open_runtime(home)  # a new process serves the same memory
+    try:
+        assert [e.correction_id for e in rt.memory.entries] == ["c1", "c2"]
+        assert rt.memory.layer == 1
+    finally:
+        rt.close()
+
+
+def test_a_routed_edit_lands_where_its_key_matches(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, ROUTED)
+    _decide(home)
+    rt = open_runtime(home)
+    try:
+        batch = rt.editable.batch([(c.prompt, c.target_new) for c in FACTS])
+        served, base = rt.editable.logits(batch, rt.served_weights()), rt.editable.logits(batch)
+    finally:
+        rt.close()
+    assert routing.route(rt.memory, rt.editable.states_at(batch, 1), batch).tolist() == [0, 1]
+    assert not torch.allclose(served, base)  # each prompt runs with its own entry's update
+
+
+def test_reverting_a_routed_correction_rewrites_its_chunk_without_it(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, ROUTED)
+    _decide(home)
+    rt = open_runtime(home)
+    try:
+        result = decide_revert(rt, "c1")
+        served = [e.correction_id for e in rt.memory.entries]
+    finally:
+        rt.close()
+    assert result.version.tag == "v0002" and served == ["c2"]
+    rt = open_runtime(home)
+    try:
+        assert [e.correction_id for e in rt.memory.entries] == ["c2"]
+    finally:
+        rt.close()
+
+
+def test_rolling_back_restores_the_memory_of_the_version_rolled_back_to(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, ROUTED)
+    _decide(home, FACTS[:1])
+    _decide(home, FACTS[1:])
+    rolled = mendd("--home", str(home.root), "rollback", "v0001")
+    assert rolled.returncode == 0, rolled.stderr
+    assert sorted(p.name for p in (home.store_dir / "model" / "memory").glob("v*")) == ["v0001.safetensors"]
+    tool(home.store_dir, "git", "checkout", "v0002", "--", "model.dvc")  # an operator's own way back
+    tool(home.store_dir, "dvc", "checkout")
+    rt = open_runtime(home)
+    try:
+        assert [e.correction_id for e in rt.memory.entries] == ["c1", "c2"]
+        assert rt.served.restores == "v0002"
+    finally:
+        rt.close()
+
+
+def test_a_held_routed_decision_is_approved_into_a_memory_chunk(tmp_path: Path, data_root) -> None:
+    from daemon import review
+
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root, ROUTED)
+    result = _decide(home)
+    assert result.decision.outcome == "held"
+    rt = open_runtime(home)
+    try:
+        version = review.approve(rt.records, result.run_id, "test")
+    finally:
+        rt.close()
+    assert (home.store_dir / "model" / "memory" / f"{version.tag}.safetensors").exists()
+    rt = open_runtime(home)
+    try:
+        assert [e.correction_id for e in rt.memory.entries] == ["c1", "c2"]
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("editor, message", [
+    ({**ROUTED, "routing_layer": 3}, "after the first edited block"),
+    ({**ROUTED, "name": "ft"}, "only the mend editor"),
+])
+def test_a_routed_setting_that_cannot_work_stops_the_start(tmp_path: Path, data_root, editor, message) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, editor)
+    with pytest.raises(ConfigError, match=message):
+        open_runtime(home)
+
+
+def test_a_store_with_a_routed_memory_is_not_served_as_plain_weights(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, ROUTED)
+    _decide(home)
+    home.config_path.write_text(home.config_path.read_text().replace('memory: "routed"', 'memory: "weights"'))
+    with pytest.raises(ConfigError, match="set editor.memory: routed"):
+        open_runtime(home)
