@@ -44,7 +44,7 @@ from daemon.provision import provision_home
 from daemon.runtime import Runtime
 from daemon.suite_files import load_keys
 from editors import scoring
-from editors.batching import TokenBatch
+from editors.batching import TokenBatch, rows_of
 from editors.formats import load_corrections
 from editors.mend import MendEditor
 from editors.registry import guarded, pretrained_path
@@ -202,7 +202,7 @@ def main() -> None:
 
     def text_nll(idx: list[int], weights) -> torch.Tensor:
         with torch.no_grad():
-            chunks = [_rows(gate.text, [i]) for i in idx]
+            chunks = [rows_of(gate.text, [i]) for i in idx]
             return torch.stack([scoring.token_nll(editable.logits(chunk, weights), chunk.answer_labels).sum() for chunk in chunks])
 
     served = {kind: Served(len(qs), value_fn(kind), entries, base) for kind, qs in queries.items()}
@@ -234,10 +234,6 @@ def main() -> None:
         summary["by_tau"][str(tau)] = {k: round(v, 4) for k, v in row.items()}
         print(f"tau {tau}: {json.dumps(summary['by_tau'][str(tau)])}", file=sys.stderr, flush=True)
     return finish(summary, args, started)
-
-
-def _rows(batch: TokenBatch, idx: list[int]) -> TokenBatch:
-    return TokenBatch(batch.input_ids[idx], batch.labels[idx], batch.lengths[idx])
 
 
 def finish(summary: dict, args, started: float) -> None:

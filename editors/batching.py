@@ -68,6 +68,11 @@ def batch_from_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Toke
     return TokenBatch(input_ids=input_ids, labels=labels, lengths=lengths)
 
 
+def rows_of(batch: TokenBatch, rows: slice | list[int]) -> TokenBatch:
+    """Some rows of a batch, padding kept (a routed row is judged as it was batched)."""
+    return TokenBatch(batch.input_ids[rows], batch.labels[rows], batch.lengths[rows])
+
+
 def text_batch(chunks) -> TokenBatch:
     """Running text as a TokenBatch: the first token is the prompt, every later token an answer."""
     return batch_from_ids([(list(chunk[:1]), list(chunk[1:])) for chunk in chunks], pad_id=0)

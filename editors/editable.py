@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 from editors.anatomy import Anatomy, default_edit_modules
-from editors.batching import TokenBatch, make_batch
+from editors.batching import TokenBatch, make_batch, rows_of
 from editors.routing import Routed, route, row_factors
+
+
+ROUTED_ROWS = 64  # rows per routed suffix pass: each row's factors are padded to the largest rank
 
 
 class Editable:
@@ -61,11 +64,15 @@ class Editable:
         """Logits at `positions` (default: the answer positions), with optional replacement weights,
         or as a routed memory serves each row."""
         positions = batch.answer_positions if positions is None else positions
-        hidden = self.prefix_states(batch)
-        if isinstance(weights, Routed):
-            chosen = route(weights.memory, self.states_at(batch, weights.memory.layer), batch)
-            return self.anatomy.run_per_row(hidden, positions, row_factors(weights.memory, chosen), weights.weights)
-        return self.anatomy.run(hidden, positions, weights)
+        if isinstance(weights, Routed):  # in row chunks: each row carries its own factors
+            return torch.cat([self._routed_logits(rows_of(batch, rows), positions[rows], weights)
+                              for rows in _chunks(len(batch.lengths), ROUTED_ROWS)])
+        return self.anatomy.run(self.prefix_states(batch), positions, weights)
+
+    def _routed_logits(self, batch: TokenBatch, positions: torch.Tensor, routed: Routed) -> torch.Tensor:
+        chosen = route(routed.memory, self.states_at(batch, routed.memory.layer), batch)
+        factors = row_factors(routed.memory, chosen)
+        return self.anatomy.run_per_row(self.prefix_states(batch), positions, factors, routed.weights)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.anatomy.current_weights()
@@ -77,3 +84,7 @@ class Editable:
         cache[key] = states
         while len(cache) > self._cache_size:
             cache.popitem(last=False)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
