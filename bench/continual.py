@@ -63,7 +63,7 @@ ROWS = {  # row -> settings for its home's mendd.yaml (batch_size: --batch unles
     "mendd": {"batch_size": 1},
     "mendd-routed": {"editor": {"memory": "routed"}},
 }
-BEST = "mendd"
+BEST = "mendd-routed"
 
 
 @dataclass(frozen=True)

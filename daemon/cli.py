@@ -229,6 +229,39 @@ def cycle(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 
 @app.command()
+def ask(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="The text the served model continues.")],
+    tokens: Annotated[int, typer.Option(min=1, max=512, help="How many tokens to generate (greedy).")] = 12,
+    as_json: JsonFlag = False,
+) -> None:
+    """What the served version says: its greedy continuation of PROMPT, and with editor.memory routed,
+    which correction's entry served it."""
+    from daemon.runtime import Runtime
+    from daemon.versioning import home_lock
+    from editors.routing import NONE
+    from editors.serving import continuation, serving_entry
+
+    config = _config(ctx)
+    with home_lock(ctx.obj):
+        with err.status("Loading the served model..."):
+            rt = Runtime.open(ctx.obj, config)
+    try:
+        text = continuation(rt.editable, prompt, tokens, rt.memory)
+        chosen = serving_entry(rt.editable, prompt, rt.memory) if rt.memory is not None else NONE
+        served_by = rt.memory.entries[chosen].correction_id if chosen != NONE else None
+        version = rt.served.tag
+    finally:
+        rt.close()
+    if text is None:
+        raise typer.BadParameter("the prompt is empty once tokenized", param_hint="PROMPT")
+    if as_json:
+        print(json.dumps({"version": version, "prompt": prompt, "continuation": text, "served_by": served_by}))
+        return
+    print(f"{version}: {prompt} [{text}]" + (f"  (entry of {served_by})" if served_by else ""))
+
+
+@app.command()
 def submit(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Corrections: mendd JSONL, CounterFact, zsRE or MQuAKE.")],

@@ -11,8 +11,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from daemon.config import load_config
 from daemon.cycle import CycleReport, run_cycle
 from daemon.feeds import ingest, located
@@ -20,6 +18,7 @@ from daemon.home import Home
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
 from daemon.versioning import home_lock
+from editors.serving import continuation
 
 DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
 DEMO_MODEL = "smollm2-135m"
@@ -68,14 +67,5 @@ def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleRep
 
 def answers(rt: Runtime, prompts: dict[str, str], tokens: int = 6) -> dict[str, str]:
     """Greedy continuations of each prompt by the served model."""
-    tokenizer, model = rt.loaded.tokenizer, rt.loaded.model
-    out = {}
-    with torch.inference_mode():
-        for cid, prompt in prompts.items():
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            if ids.shape[1] == 0:
-                continue
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-                                       pad_token_id=tokenizer.eos_token_id)
-            out[cid] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    return out
+    found = {cid: continuation(rt.editable, prompt, tokens, rt.memory) for cid, prompt in prompts.items()}
+    return {cid: text for cid, text in found.items() if text is not None}

@@ -7,6 +7,8 @@ real token never sees padding and its hidden state does not depend on what it is
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +125,17 @@ class Anatomy(nn.Module):
         """The suffix (with `weights` as `run` takes them) plus a low-rank change of its own for each
         row: per tensor name, inputs [batch, rank, in] and outputs [batch, rank, out], so row b's ΔW
         is outputs[b]ᵀ inputs[b]."""
+        with self.adding(factors):
+            return self.run(hidden, positions, weights)
+
+    @contextmanager
+    def adding(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """While inside, each named tensor's module adds its row's low-rank change to its output
+        (inputs [batch, rank, in], outputs [batch, rank, out]), in this suffix or the whole model."""
         modules = {e.name: e.module for e in self.editable}
         handles = [modules[name].register_forward_hook(_adds_low_rank(*pair)) for name, pair in factors.items()]
         try:
-            return self.run(hidden, positions, weights)
+            yield
         finally:
             for handle in handles:
                 handle.remove()

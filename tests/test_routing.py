@@ -177,3 +177,25 @@ def test_a_store_with_a_routed_memory_is_not_served_as_plain_weights(tmp_path: P
     home.config_path.write_text(home.config_path.read_text().replace('memory: "routed"', 'memory: "weights"'))
     with pytest.raises(ConfigError, match="set editor.memory: routed"):
         open_runtime(home)
+
+
+def test_generation_serves_a_routed_prompt_with_its_entry_and_others_with_the_weights(tiny) -> None:
+    from editors.serving import continuation
+
+    memory, _, correction = _one_entry(tiny, tau=0.99)
+    unrelated = "Some unrelated thing"
+    assert continuation(tiny, correction.prompt, 8, memory) != continuation(tiny, correction.prompt, 8)
+    assert continuation(tiny, unrelated, 8, memory) == continuation(tiny, unrelated, 8)
+
+
+def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) -> None:
+    import json
+
+    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, ROUTED)
+    _decide(home)
+    asked = mendd("--home", str(home.root), "ask", FACTS[0].prompt, "--tokens", "3", "--json")
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert (answer["version"], answer["served_by"]) == ("v0001", "c1") and answer["continuation"]
+    unrelated = json.loads(mendd("--home", str(home.root), "ask", "Zebras graze on", "--json").stdout)
+    assert unrelated["served_by"] is None
