@@ -1,7 +1,7 @@
 """Prompt+answer pairs as right-padded token batches with the positions that predict the answer."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,6 +14,7 @@ class TokenBatch:
     labels: torch.Tensor  # [batch, seq]: labels[b, t] is the answer token predicted at t, else IGNORE
 
     lengths: torch.Tensor  # [batch]: real tokens per row
+    running_text: bool = False  # text_batch: a routed memory routes each row on all of it, not on a prompt
 
     @property
     def real_positions(self) -> torch.Tensor:
@@ -70,12 +71,13 @@ def batch_from_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Toke
 
 def rows_of(batch: TokenBatch, rows: slice | list[int]) -> TokenBatch:
     """Some rows of a batch, padding kept (a routed row is judged as it was batched)."""
-    return TokenBatch(batch.input_ids[rows], batch.labels[rows], batch.lengths[rows])
+    return TokenBatch(batch.input_ids[rows], batch.labels[rows], batch.lengths[rows], batch.running_text)
 
 
 def text_batch(chunks) -> TokenBatch:
     """Running text as a TokenBatch: the first token is the prompt, every later token an answer."""
-    return batch_from_ids([(list(chunk[:1]), list(chunk[1:])) for chunk in chunks], pad_id=0)
+    batch = batch_from_ids([(list(chunk[:1]), list(chunk[1:])) for chunk in chunks], pad_id=0)
+    return replace(batch, running_text=True)
 
 
 def _pad_id(tokenizer) -> int:

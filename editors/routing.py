@@ -116,15 +116,16 @@ def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float) -> torch.
 
 
 def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
-    """Each row's states a query is routed on: its prompt tokens from position 1. Running text
-    (a one-token prompt, as text_batch makes) is routed on all of it."""
+    """Each row's states a query is routed on: its prompt's tokens from position 1 (position 0
+    alone for a one-token prompt); running text (text_batch) on all of it from position 1."""
     out = []
     for row, length, labels in zip(states, batch.lengths.tolist(), batch.labels):
+        if batch.running_text:
+            out.append(row[1:length])
+            continue
         answers = (labels != IGNORE).nonzero()
-        last = answers[0, 0].item() if len(answers) else length - 1  # the last prompt token
-        if last == 0:
-            last = length - 1
-        out.append(row[1 : max(last + 1, 2)])
+        last = answers[0, 0].item() if len(answers) else length - 1  # the prompt's last token
+        out.append(row[1 : last + 1] if last >= 1 else row[:1])
     return out
 
 
@@ -155,8 +156,8 @@ def row_factors(memory: Memory, chosen: torch.Tensor) -> dict[str, tuple[torch.T
 
 
 def key_position(tokenizer, correction: Correction) -> int:
-    """Where a correction's key is read, counted from position 1: the subject's last token in the
-    prompt, else the prompt's last token."""
+    """Where a correction's key is read among its query states (counted from position 1): the
+    subject's last token in the prompt, else the prompt's last token."""
     prompt = correction.prompt
     if correction.subject and correction.subject in prompt:
         end = prompt.index(correction.subject) + len(correction.subject)

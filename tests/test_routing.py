@@ -33,11 +33,17 @@ def test_with_no_entries_every_query_keeps_the_base_weights() -> None:
 
 
 def test_a_query_is_routed_on_its_prompt_tokens_and_running_text_on_all_of_it(tiny) -> None:
-    batch = tiny.batch([("a b c d", "e f")])
-    states = torch.arange(batch.input_ids.shape[1]).float().unsqueeze(0).unsqueeze(-1).expand(1, -1, 4)
+    from editors.batching import text_batch
+
+    def positions(batch) -> list[list[int]]:
+        states = torch.arange(batch.input_ids.shape[1]).float().view(1, -1, 1).expand(len(batch.lengths), -1, 4)
+        return [q[:, 0].int().tolist() for q in routing.query_states(states, batch)]
+
     prompt_length = len(tiny.tokenizer("a b c d", add_special_tokens=False).input_ids)
-    [query] = routing.query_states(states, batch)
-    assert query[:, 0].tolist() == list(range(1, prompt_length))
+    assert positions(tiny.batch([("a b c d", "e f")])) == [list(range(1, prompt_length))]
+    assert positions(text_batch([(5, 6, 7, 8, 9)])) == [[1, 2, 3, 4]]
+    one_token = tiny.tokenizer.decode([5])
+    assert positions(tiny.batch([(one_token, "e f")])) == [[0]]  # never the answer's states
 
 
 # -- the routed model --------------------------------------------------------------------------
