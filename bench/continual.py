@@ -14,10 +14,12 @@ Rows (batches of --batch unless the row sets its own):
   mend         plain MEND, the default gate
   ft           the fine-tuning baseline, the default gate
   mendd-lsq    MEND with least-squares aggregation (editor.aggregation), the default gate
-  mendd        mendd's defaults: one correction per decision, updates projected away from the
+  mendd-weights  editor.memory weights (edits summed into the weights; called `mendd` before the
+               routed memory was built): one correction per decision, updates projected away from the
                preserved keys, the default gate
-  mendd-routed editor.memory routed (editors/routing.py): each accepted correction kept as its own
-               update with a key, the weights unchanged; projection on, the default gate
+  mendd-routed mendd's defaults for SmolLM2 (`mendd init` writes them): editor.memory routed
+               (editors/routing.py), each accepted correction kept as its own update with a key, the
+               weights unchanged; projection on, the default gate; the reported `final`
 
 Resumable: each row's home and progress live under --work; run it again to go on where it stopped.
 Prints one JSON object, writes it and a PNG of the curves to --out, and logs both to MLflow.
@@ -55,12 +57,13 @@ from store.models import load_model
 
 MODEL = "smollm2-135m"
 FEED = "continual"
+WEIGHTS = {"memory": "weights"}
 ROWS = {  # row -> settings for its home's mendd.yaml (batch_size: --batch unless set here)
-    "mend-nogate": {"editor": {"name": "mend", "projection": False}},
-    "mend": {"editor": {"name": "mend", "projection": False}},
-    "ft": {"editor": {"name": "ft", "projection": False}},
-    "mendd-lsq": {"editor": {"aggregation": "least_squares", "aggregation_strength": 100.0, "projection": False}},
-    "mendd": {"batch_size": 1},
+    "mend-nogate": {"editor": {"name": "mend", "projection": False, **WEIGHTS}},
+    "mend": {"editor": {"name": "mend", "projection": False, **WEIGHTS}},
+    "ft": {"editor": {"name": "ft", "projection": False, **WEIGHTS}},
+    "mendd-lsq": {"editor": {"aggregation": "least_squares", "aggregation_strength": 100.0, "projection": False, **WEIGHTS}},
+    "mendd-weights": {"batch_size": 1, "editor": WEIGHTS},
     "mendd-routed": {"editor": {"memory": "routed"}},
 }
 BEST = "mendd-routed"

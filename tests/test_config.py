@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.config import ConfigError, MenddConfig, load_config
-from daemon.home import Home
+from daemon.home import Home, init_home
 
 
 def home_with(tmp_path: Path, text: str) -> Home:
@@ -195,3 +195,15 @@ def test_the_readme_states_every_default_the_code_has() -> None:
             assert float(documented) == value, key
         else:
             assert documented == value, key
+
+
+def test_init_writes_the_routed_memory_for_the_default_model_and_the_plain_defaults_for_others(tmp_path: Path) -> None:
+    smol = load_config(init_home(Home(tmp_path / "smol"), "smollm2-135m"))
+    tiny = load_config(init_home(Home(tmp_path / "tiny"), "tiny-llama"))
+    assert (smol.editor.memory, smol.batch_size, smol.editor.mend_step_scale()) == ("routed", 10, 1.6)
+    assert (tiny.editor.memory, tiny.batch_size, tiny.editor.mend_step_scale()) == ("weights", 1, 1.0)
+
+
+def test_a_home_made_by_code_keeps_the_profile_under_its_own_settings(tmp_path: Path) -> None:
+    config = load_config(init_home(Home(tmp_path / "h"), "smollm2-135m", settings={"batch_size": 2}))
+    assert (config.editor.memory, config.batch_size) == ("routed", 2)

@@ -60,7 +60,7 @@ def test_init_with_force_rewrites_the_config(tmp_path: Path) -> None:
     home = init_home(Home(tmp_path), "tiny-llama")
     home.config_path.write_text("batch_size: 3\n")
     init_home(home, "smollm2-135m", force=True)
-    assert load_config(home).batch_size == 1
+    assert load_config(home).batch_size == 10  # smollm2-135m's profile, not the 3 written by hand
     assert not list(tmp_path.glob("*.tmp"))
 
 
