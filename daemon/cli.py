@@ -136,7 +136,8 @@ def _pin(home: Home, config: MenddConfig, loaded, version: str, data: Path | Non
     editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
     try:
         with err.status("Pinning the regression suites from the base model..."):
-            suites = pin_suites(home, editable, config.model, version, data)
+            routed = config.editor.routing_layer if config.editor.memory == "routed" else None
+            suites = pin_suites(home, editable, config.model, version, data, routed)
     except SuitesError as error:
         err.print(f"[yellow]warning:[/] {escape(str(error))}\nPin them later: mendd suites pin --data DIR")
         return

@@ -99,6 +99,7 @@ def _act(rt: Runtime, decision: Decision, delta, corrections: list[Correction], 
             else:
                 version = commit_delta(rt.records.versions, delta, run_id=run_id, figures=decision.metrics)
                 apply_delta(rt.loaded.model, delta)  # the prefix cache stays valid: only edited layers change
+                rt.editable.weights_changed()
             rt.served = version
             tracking.close_decision_run(client, run_id, version)
             return version
@@ -170,6 +171,7 @@ def decide_revert(rt: Runtime, correction_id: str, force: bool = False) -> Rever
             with torch.no_grad():
                 for name, value in change.tensors.items():
                     params[name].copy_(value)
+            rt.editable.weights_changed()
             if rt.memory is not None:
                 rt.memory = rt.memory.without(taken_out)
             rt.served = version

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from daemon.config import load_config
 from daemon.home import Home, init_home
 from daemon.suite_files import pin_suites
 from daemon.versioning import create_versions
@@ -23,10 +24,15 @@ def provision_home(home: Home, model_spec: str, loaded: LoadedModel | None = Non
     loaded = loaded or load_model(model_spec)
     init_home(home, model_spec, settings=settings)
     base = create_versions(home, loaded.model, loaded.tokenizer, model_spec)
+    editor = load_config(home).editor
+    routing_layer = editor.routing_layer if editor.memory == "routed" else None
     if suites_from is None:
-        pin_suites(home, Editable(loaded.model, loaded.tokenizer), model_spec, base.tag, data_root)
+        pin_suites(home, Editable(loaded.model, loaded.tokenizer), model_spec, base.tag, data_root, routing_layer)
     else:
-        for source, target in ((suites_from.suites_path, home.suites_path), (suites_from.keys_path, home.keys_path)):
+        copies = [(suites_from.suites_path, home.suites_path), (suites_from.keys_path, home.keys_path)]
+        if suites_from.routing_path.exists():  # else the routing reference is pinned on first use
+            copies.append((suites_from.routing_path, home.routing_path))
+        for source, target in copies:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     return home

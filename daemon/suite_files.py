@@ -20,8 +20,10 @@ class SuitesError(Exception):
     """The suites cannot be read or extended; the message says why and what to do."""
 
 
-def pin_suites(home: Home, editable: Editable, model: str, version: str, root: Path | None = None) -> Suites:
-    """Pin the default suites from the model as it is now (the base) and write them to the home."""
+def pin_suites(home: Home, editable: Editable, model: str, version: str, root: Path | None = None,
+               routing_layer: int | None = None) -> Suites:
+    """Pin the default suites from the model as it is now (the base) and write them to the home;
+    with `routing_layer`, the routed memory's reference at that block too."""
     try:
         root = root or data_dir()
     except DataNotFound as error:
@@ -30,6 +32,8 @@ def pin_suites(home: Home, editable: Editable, model: str, version: str, root: P
     suites = pin(editable, model, version, root)
     write_suites(home, suites)
     pin_keys(home, editable, root)
+    if routing_layer is not None:
+        pin_routing(home, editable, root, routing_layer)
     return suites
 
 
@@ -55,9 +59,8 @@ def load_keys(home: Home) -> dict[str, torch.Tensor]:
 
 
 def routing_reference(home: Home, editable: Editable, layer: int) -> Reference:
-    """The routed memory's reference at `layer`, pinned in the home on first use from held-out
-    unrelated prompts (the training halves of zsRE's questions and WikiText-2's sentences, never a
-    gate suite's) with the model as it is then (the base: routed versions never change the weights)."""
+    """The routed memory's reference at `layer`: as pinned in the home, or pinned now (from the
+    editing data) when it is missing or was pinned at another block."""
     if home.routing_path.exists():
         tensors, metadata = read_tensor_file_with_metadata(home.routing_path)
         if int(metadata["layer"]) == layer:
@@ -66,6 +69,13 @@ def routing_reference(home: Home, editable: Editable, layer: int) -> Reference:
         root = data_dir()
     except DataNotFound as error:
         raise SuitesError(f"cannot pin the routed memory's reference states: {error}") from None
+    return pin_routing(home, editable, root, layer)
+
+
+def pin_routing(home: Home, editable: Editable, root: Path, layer: int) -> Reference:
+    """Pin the routed memory's reference: held-out unrelated prompts' states at `layer` (the
+    training halves of zsRE's questions and WikiText-2's sentences, never a gate suite's) with the
+    model as it is now (the base: routed versions never change the weights)."""
     prompts = [p.prompt for p in unrelated_prompts(root, n_questions=300, n_sentences=300, half=1)]
     ref = reference(editable, prompts, layer)
     home.routing_path.parent.mkdir(parents=True, exist_ok=True)

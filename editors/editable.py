@@ -12,6 +12,7 @@ from editors.routing import Routed, route, row_factors
 
 
 ROUTED_ROWS = 64  # rows per routed suffix pass: each row's factors are padded to the largest rank
+ROUTED_OUTPUTS_BYTES = 2 * 1024**3  # routed logits kept for reuse (SmolLM2: ~200 KB per answer token)
 
 
 class Editable:
@@ -28,6 +29,7 @@ class Editable:
         self.hidden_size = getattr(config, "hidden_size", None) or config.n_embd
         self._caches: dict[int, OrderedDict[tuple[int, ...], torch.Tensor]] = {}  # block -> sequence -> states
         self._cache_size = cache_size
+        self._outputs = RoutedOutputs()
 
     def batch(self, pairs: list[tuple[str, str]]) -> TokenBatch:
         return make_batch(self.tokenizer, pairs)
@@ -64,21 +66,43 @@ class Editable:
         """Logits at `positions` (default: the answer positions), with optional replacement weights,
         or as a routed memory serves each row."""
         positions = batch.answer_positions if positions is None else positions
-        if isinstance(weights, Routed):  # in row chunks: each row carries its own factors
-            return torch.cat([self._routed_logits(rows_of(batch, rows), positions[rows], weights)
-                              for rows in _chunks(len(batch.lengths), ROUTED_ROWS)])
+        if isinstance(weights, Routed):
+            return self._routed_logits(batch, positions, weights)
         return self.anatomy.run(self.prefix_states(batch), positions, weights)
 
     def _routed_logits(self, batch: TokenBatch, positions: torch.Tensor, routed: Routed) -> torch.Tensor:
-        chosen = route(routed.memory, self.states_at(batch, routed.memory.layer), batch)
-        factors = row_factors(routed.memory, chosen)
-        return self.anatomy.run_per_row(self.prefix_states(batch), positions, factors, routed.weights)
+        """Each row as the entry it routes to serves it. On the model's own weights a (row, entry)
+        pair is computed once: a gate's current and candidate memories share all but the new
+        entries, and decision after decision asks for the same pairs."""
+        memory = routed.memory
+        parts = [rows_of(batch, rows) for rows in _chunks(len(batch.lengths), ROUTED_ROWS)]
+        chosen = torch.cat([route(memory, self.states_at(part, memory.layer), part) for part in parts])
+        entries = [memory.entries[j] if j >= 0 else None for j in chosen.tolist()]
+        keys = [(tuple(ids[:n].tolist()), tuple(where.nonzero()[:, 0].tolist()), id(entry))
+                for ids, n, where, entry in zip(batch.input_ids, batch.lengths, positions, entries)]
+        found = {} if routed.weights is not None else {i: self._outputs.get(key, entries[i]) for i, key in enumerate(keys)}
+        missing = [i for i in range(len(keys)) if found.get(i) is None]
+        for part in (missing[start : start + ROUTED_ROWS] for start in range(0, len(missing), ROUTED_ROWS)):
+            sub = rows_of(batch, part)
+            factors = row_factors(memory, chosen[part])
+            logits = self.anatomy.run_per_row(self.prefix_states(sub), positions[part], factors, routed.weights)
+            for i, rows in zip(part, logits.split(positions[part].sum(1).tolist())):
+                found[i] = rows
+                if routed.weights is None:
+                    self._outputs.put(keys[i], entries[i], rows)
+        return torch.cat([found[i] for i in range(len(keys))])
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.anatomy.current_weights()
 
     def clear_cache(self) -> None:
         self._caches.clear()
+        self._outputs.clear()
+
+    def weights_changed(self) -> None:
+        """The model's own weights were changed in place: forget routed outputs computed on them
+        (prefix states stay valid: only edited blocks change)."""
+        self._outputs.clear()
 
     def _remember(self, cache: OrderedDict, key: tuple[int, ...], states: torch.Tensor) -> None:
         cache[key] = states
@@ -88,3 +112,36 @@ class Editable:
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class RoutedOutputs:
+    """Logits of (row, entry) pairs on the model's own weights, least recently used dropped first
+    beyond a byte budget. An entry is keyed by identity and kept alive by its value, so a key
+    never names another entry."""
+
+    def __init__(self, budget_bytes: int = ROUTED_OUTPUTS_BYTES):
+        self.budget = budget_bytes
+        self.bytes = 0
+        self._kept: OrderedDict[tuple, tuple[object, torch.Tensor]] = OrderedDict()
+
+    def get(self, key: tuple, entry) -> torch.Tensor | None:
+        kept = self._kept.get(key)
+        if kept is None or kept[0] is not entry:
+            return None
+        self._kept.move_to_end(key)
+        return kept[1]
+
+    def put(self, key: tuple, entry, logits: torch.Tensor) -> None:
+        logits = logits.detach()
+        if key in self._kept:
+            old = self._kept.pop(key)[1]
+            self.bytes -= old.numel() * old.element_size()
+        self._kept[key] = (entry, logits)
+        self.bytes += logits.numel() * logits.element_size()
+        while self.bytes > self.budget and self._kept:
+            _, (_, dropped) = self._kept.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self.bytes = 0

@@ -69,6 +69,25 @@ def test_a_routed_query_runs_with_its_entry_and_any_other_with_the_base_weights(
     torch.testing.assert_close(routed[rows == 1], tiny.logits(batch)[rows == 1], atol=0, rtol=0)
 
 
+def test_a_row_and_entry_computed_once_is_not_computed_again_until_the_weights_change(tiny) -> None:
+    memory, _, correction = _one_entry(tiny, tau=0.99)
+    batch = tiny.batch([(correction.prompt, correction.target_new), ("Some unrelated thing", "x")])
+    tiny.weights_changed()
+    first = tiny.logits(batch, Routed(memory))
+    runs = []
+    real = tiny.anatomy.run_per_row
+    tiny.anatomy.run_per_row = lambda *args: runs.append(len(args[0])) or real(*args)
+    try:
+        torch.testing.assert_close(tiny.logits(batch, Routed(memory)), first, atol=0, rtol=0)
+        assert runs == []
+        tiny.logits(batch, Routed(memory, weights=tiny.weights()))  # replacement weights: never kept
+        tiny.weights_changed()
+        tiny.logits(batch, Routed(memory))
+    finally:
+        tiny.anatomy.run_per_row = real
+    assert runs == [2, 2]
+
+
 # -- routed versions ---------------------------------------------------------------------------
 
 def _decide(home, facts=FACTS):
