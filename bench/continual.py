@@ -188,6 +188,7 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
         axis.axhline(bars[metric], color="grey", linestyle="--", linewidth=1)
         if metric == "ppl_drawdown":  # a collapsed row reaches 1e9 and more: log scale past 1%
             axis.set_yscale("symlog", linthresh=0.01)
+            axis.set_ylim(bottom=-0.01)
         axis.set_title(metric)
         axis.set_xlabel("corrections submitted")
     axes[0].legend()

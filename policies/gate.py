@@ -1,7 +1,8 @@
 """The gate: may this candidate change be committed?
 
-It compares the current weights with the candidate weights (both for the editable tensors only)
-on four questions: do the new corrections hold (reliability, generalization), do the earlier ones
+It compares the current weights with the candidate weights (both for the editable tensors only,
+or, with a routed memory, the current memory and the memory plus the new entries: each prompt is
+judged as the entry it routes to will serve it) on four questions: do the new corrections hold (reliability, generalization), do the earlier ones
 still hold (retention), are unrelated answers unchanged from the base model (locality), and did
 perplexity move (ppl_drawdown). Each measure is checked against the policy: all accept thresholds
 met -> accepted; all hold thresholds met -> held for a person; otherwise rejected, with the failing
