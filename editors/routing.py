@@ -18,7 +18,7 @@ Measured offline first (bench/routed_memory.py, bench/results/README.md), then b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -82,7 +82,7 @@ class Reference:
     layer: int
     centre: torch.Tensor  # [hidden]
     unit_states: torch.Tensor  # [states, hidden]
-    prompts: int = field(default=0)  # how many prompts gave them
+    prompts: int = 0  # how many prompts gave them
 
     def floor(self, key: torch.Tensor) -> float:
         return (self.unit_states.float() @ unit(key, self.centre)).max().item()
