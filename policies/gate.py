@@ -90,6 +90,12 @@ def decide(checks: list[Check]) -> Outcome:
     return "held" if "hold" in outcomes else "accepted"
 
 
+def share(values: torch.Tensor) -> float:
+    """The mean of per-prompt values in float64: 9 of 10 is exactly the 0.9 a policy writes (in
+    float32 it is 0.89999998, which misses an accept threshold of 0.9)."""
+    return values.double().mean().item()
+
+
 def check(name: str, value: float | None, n: int, threshold: Threshold) -> Check:
     if value is None:
         return Check(name, None, n, threshold, "skipped")
@@ -143,7 +149,7 @@ class Gate:
                 scores[kind] = None
                 continue
             _, accuracy, examples = self._targets(current, candidate, [(c.id, prompt, c.target_new) for c, prompt in pairs], kind)
-            scores[kind] = accuracy.mean().item()
+            scores[kind] = share(accuracy)
             rows.extend(examples)
         n_rephrases = sum(len(c.rephrases) for c in corrections)
         return {"reliability": scores["edit"], "generalization": scores["rephrase"], "n_rephrases": n_rephrases}, rows
@@ -156,7 +162,7 @@ class Gate:
         held_before = before >= 1.0
         if not held_before.any():
             return (None, 0), []
-        kept = (after[held_before] >= 1.0).float().mean().item()
+        kept = share((after[held_before] >= 1.0).float())
         lost = [e for e, was in zip(examples, held_before.tolist()) if was and not e.passed]
         return (kept, int(held_before.sum())), lost
 
@@ -187,7 +193,7 @@ class Gate:
                 probe = probes[i]
                 rows.append(Example("locality", "", probe.prompt, probe.answer, self._decode(reference[mine]),
                                     self._decode(after[mine]), False))
-        return torch.cat(agreements).mean().item(), rows
+        return share(torch.cat(agreements)), rows
 
     def ppl_drawdown(self, candidate: Weights) -> float:
         logits = self.editable.logits(self.text, candidate)

@@ -12,7 +12,7 @@ from editors.finetune import FineTuneEditor
 from editors.formats import load_corrections
 from editors.registry import guarded, make_editor
 from editors.types import Correction
-from policies.gate import Gate
+from policies.gate import Gate, check, share
 from policies.policy import load_policy
 from policies.suites import Suites, pin, references
 
@@ -50,6 +50,11 @@ def test_suites_survive_a_json_round_trip_and_extending_skips_repeats(tiny_suite
     assert again == tiny_suites
     grown = again.extended([again.locality[0]])
     assert len(grown.locality) == len(again.locality)
+
+
+def test_nine_of_ten_corrections_landing_meets_an_accept_threshold_of_ninety_percent() -> None:
+    nine_of_ten = share(torch.tensor([1.0] * 9 + [0.0]))
+    assert check("reliability", nine_of_ten, 10, load_policy().threshold("reliability")).outcome == "pass"
 
 
 def test_an_unchanged_model_passes_locality_and_perplexity(tiny, tiny_gate) -> None:
