@@ -99,7 +99,7 @@ class Runtime:
         self.memory = self.reference = None
         if settings.memory == "routed":
             self._open_memory()
-        elif self.records.versions.store.memory_chunks():
+        elif self.records.versions.store.has_memory():
             raise ConfigError(
                 f"the store's model/ holds a routed memory ({self.records.versions.store.memory_dir}), but "
                 "editor.memory is weights: set editor.memory: routed to serve it")
@@ -113,9 +113,10 @@ class Runtime:
 
     def _open_memory(self) -> None:
         settings = self.config.editor
-        if settings.name != "mend":
+        if settings.name != "mend" or settings.aggregation != "sum":
             raise ConfigError(f"editor.memory routed keeps each correction's own update, which only the mend editor "
-                              f"gives; editor.name is {settings.name}")
+                              f"with editor.aggregation sum gives; editor.name is {settings.name}, editor.aggregation "
+                              f"is {settings.aggregation}")
         if settings.routing_layer > self.editable.anatomy.first:
             raise ConfigError(
                 f"editor.routing_layer is {settings.routing_layer}, after the first edited block "

@@ -257,6 +257,9 @@ class VersionStore:
     def memory_dir(self) -> Path:
         return self.model_dir / MEMORY
 
+    def has_memory(self) -> bool:
+        return self.memory_dir.exists() and any(self.memory_dir.glob(f"v*{SUFFIX}"))
+
     def memory_chunks(self) -> list[tuple[str, MemoryChunk]]:
         """The routed memory in the workspace's model/ (the head's, once the store is clean), oldest chunk first."""
         if not self.memory_dir.exists():

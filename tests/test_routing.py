@@ -189,6 +189,7 @@ def test_a_held_routed_decision_is_approved_into_a_memory_chunk(tmp_path: Path, 
 @pytest.mark.parametrize("editor, message", [
     ({**ROUTED, "routing_layer": 3}, "after the first edited block"),
     ({**ROUTED, "name": "ft"}, "only the mend editor"),
+    ({**ROUTED, "aggregation": "least_squares"}, "editor.aggregation sum"),
 ])
 def test_a_routed_setting_that_cannot_work_stops_the_start(tmp_path: Path, data_root, editor, message) -> None:
     home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root, editor)
