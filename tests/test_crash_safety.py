@@ -74,6 +74,20 @@ def test_a_commit_killed_at_any_step_recovers_to_the_old_or_the_new_version(
     assert head == ("v0000" if point in UNDONE else "v0001")
 
 
+@pytest.mark.parametrize("point", COMMIT_POINTS)
+def test_a_routed_commit_killed_at_any_step_leaves_the_memory_of_the_old_or_the_new_version(
+        tmp_path: Path, point: str, model_digests) -> None:
+    home = make_home(tmp_path / "home")
+    killed = run_child(home, "routed", point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with changing(home, load_config(home)) as (versions, _recovery):
+        head = versions.store.head().tag
+        chunks = [name for name, _ in versions.store.memory_chunks()]
+    assert store_is_clean(home.store_dir)
+    assert (head, chunks) == (("v0000", []) if point in UNDONE else ("v0001", ["v0001"]))
+    assert digests(home.store_dir / "model") == model_digests["v0000"]  # weight files never change
+
+
 def test_a_rollback_killed_between_checkout_and_commit_is_undone(tmp_path: Path, model_digests) -> None:
     home = make_home(tmp_path / "home")
     assert run_child(home, "edit", None).returncode == 0
