@@ -31,6 +31,14 @@ def run_child(home: Home, action: str, crash_at: str | None) -> subprocess.Compl
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+def killed_home(tmp_path: Path, action: str, point: str) -> Home:
+    """A new home whose child was killed at `point` of `action`."""
+    home = make_home(tmp_path / "home")
+    killed = run_child(home, action, point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return home
+
+
 @pytest.fixture(scope="module")
 def model_digests(tmp_path_factory) -> dict[str, dict[str, str]]:
     """The files of v0000 and of v0001 (c1 applied), from a child that was not killed."""
@@ -65,9 +73,7 @@ def assert_consistent(home: Home, model_digests: dict[str, dict[str, str]]) -> s
 @pytest.mark.parametrize("point", COMMIT_POINTS)
 def test_a_commit_killed_at_any_step_recovers_to_the_old_or_the_new_version(
         tmp_path: Path, point: str, model_digests) -> None:
-    home = make_home(tmp_path / "home")
-    killed = run_child(home, "edit", point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    home = killed_home(tmp_path, "edit", point)
     with changing(home, load_config(home)) as (_versions, recovery):
         assert recovery.action == ("undone" if point in UNDONE else "none" if point == "before-ledger" else "completed")
     head = assert_consistent(home, model_digests)
@@ -77,9 +83,7 @@ def test_a_commit_killed_at_any_step_recovers_to_the_old_or_the_new_version(
 @pytest.mark.parametrize("point", COMMIT_POINTS)
 def test_a_routed_commit_killed_at_any_step_leaves_the_memory_of_the_old_or_the_new_version(
         tmp_path: Path, point: str, model_digests) -> None:
-    home = make_home(tmp_path / "home")
-    killed = run_child(home, "routed", point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    home = killed_home(tmp_path, "routed", point)
     with changing(home, load_config(home)) as (versions, _recovery):
         head = versions.store.head().tag
         chunks = [name for name, _ in versions.store.memory_chunks()]
