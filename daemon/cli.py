@@ -248,8 +248,8 @@ def ask(
         with err.status("Loading the served model..."):
             rt = Runtime.open(ctx.obj, config)
     try:
-        text = continuation(rt.editable, prompt, tokens, rt.memory)
         chosen = serving_entry(rt.editable, prompt, rt.memory) if rt.memory is not None else NONE
+        text = continuation(rt.editable, prompt, tokens, rt.memory, chosen)
         served_by = rt.memory.entries[chosen].correction_id if chosen != NONE else None
         version = rt.served.tag
     finally:

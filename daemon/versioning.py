@@ -203,7 +203,7 @@ def revert_change(versions: Versions, correction_id: str, reason: str) -> Change
         raise UnknownCorrectionError(
             f"correction {correction_id!r} is not in the weights of the current version {head.tag} ({status}); "
             "nothing was changed")
-    chunk = dict(versions.store.memory_chunks()).get(carried[correction_id])
+    chunk = versions.store.memory_chunk(carried[correction_id])
     if chunk is not None:  # a routed entry: its chunk is rewritten without it
         kept = tuple(s for s in chunk.shares if correction_id not in s.correction_ids)
         return Change(kind="revert", tensors={}, corrections=(correction_id,), reason=reason,

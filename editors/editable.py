@@ -82,7 +82,7 @@ class Editable:
                 for ids, n, where, entry in zip(batch.input_ids, batch.lengths, positions, entries)]
         found = {} if routed.weights is not None else {i: self._outputs.get(key, entries[i]) for i, key in enumerate(keys)}
         missing = [i for i in range(len(keys)) if found.get(i) is None]
-        for part in (missing[start : start + ROUTED_ROWS] for start in range(0, len(missing), ROUTED_ROWS)):
+        for part in (missing[rows] for rows in _chunks(len(missing), ROUTED_ROWS)):
             sub = rows_of(batch, part)
             factors = row_factors(memory, chosen[part])
             logits = self.anatomy.run_per_row(self.prefix_states(sub), positions[part], factors, routed.weights)
@@ -134,14 +134,16 @@ class RoutedOutputs:
     def put(self, key: tuple, entry, logits: torch.Tensor) -> None:
         logits = logits.detach()
         if key in self._kept:
-            old = self._kept.pop(key)[1]
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(self._kept.pop(key)[1])
         self._kept[key] = (entry, logits)
-        self.bytes += logits.numel() * logits.element_size()
+        self.bytes += _nbytes(logits)
         while self.bytes > self.budget and self._kept:
-            _, (_, dropped) = self._kept.popitem(last=False)
-            self.bytes -= dropped.numel() * dropped.element_size()
+            self.bytes -= _nbytes(self._kept.popitem(last=False)[1][1])
 
     def clear(self) -> None:
         self._kept.clear()
         self.bytes = 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -11,15 +11,18 @@ from editors.editable import Editable
 from editors.routing import NONE, Memory, route, row_factors
 
 
-def continuation(editable: Editable, prompt: str, tokens: int = 6, memory: Memory | None = None) -> str | None:
-    """The greedy continuation of `prompt` (None for an empty one)."""
+def continuation(editable: Editable, prompt: str, tokens: int = 6, memory: Memory | None = None,
+                 entry: int | None = None) -> str | None:
+    """The greedy continuation of `prompt` (None for an empty one); with a memory, by the entry that
+    serves it (`entry`, when the caller has routed it already)."""
     tokenizer, model = editable.tokenizer, editable.model
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         return None
     factors = {}
     if memory is not None:
-        factors = row_factors(memory, torch.tensor([serving_entry(editable, prompt, memory)]))
+        chosen = serving_entry(editable, prompt, memory) if entry is None else entry
+        factors = row_factors(memory, torch.tensor([chosen]))
     with torch.inference_mode(), editable.anatomy.adding(factors):
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
                                    pad_token_id=tokenizer.eos_token_id)

@@ -266,6 +266,11 @@ class VersionStore:
             return []
         return [(path.name[: -len(SUFFIX)], read_memory_chunk(path)) for path in sorted(self.memory_dir.glob(f"v*{SUFFIX}"))]
 
+    def memory_chunk(self, tag: str) -> MemoryChunk | None:
+        """The entries version `tag` added that the workspace still holds; None if it added none."""
+        path = self.memory_dir / f"{tag}{SUFFIX}"
+        return read_memory_chunk(path) if path.exists() else None
+
     def _write_memory(self, tag: str, change: Change) -> None:
         chunks = dict(change.memory_rewritten)
         if change.memory_added is not None:
