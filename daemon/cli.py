@@ -624,7 +624,7 @@ def suites_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 @suites_app.command("pin")
 def suites_pin(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Option(help="The editing data folder; default: $MENDD_DATA or ../shared/data.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The editing data folder; default: $MENDD_DATA, else the data shipped with mendd (policies/data).")] = None,
 ) -> None:
     """(Re)pin the suites from the base version v0000 (replaces the default suites; operator additions are dropped)."""
     from daemon.suite_files import SuitesError

@@ -28,7 +28,7 @@ def pin_suites(home: Home, editable: Editable, model: str, version: str, root: P
         root = root or data_dir()
     except DataNotFound as error:
         raise SuitesError(f"cannot pin the regression suites: {error}. They are built from ROME's known "
-                          "facts, zsRE's questions and WikiText-2 (see ../shared/data/README).") from None
+                          "facts, zsRE's questions and WikiText-2 (see policies/data/README.md).") from None
     suites = pin(editable, model, version, root)
     write_suites(home, suites)
     pin_keys(home, editable, root)

@@ -1,4 +1,4 @@
-"""Fixed probe sets read from the shared editing data: unrelated prompts and held-out text."""
+"""Fixed probe sets read from the editing data: unrelated prompts and held-out text."""
 from __future__ import annotations
 
 import json
@@ -20,15 +20,18 @@ class DataNotFound(FileNotFoundError):
     pass
 
 
+# The editing data the repository carries (package data: `mendd init` pins the suites from it).
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"
+
+
 def data_dir() -> Path:
-    """$MENDD_DATA, else ../shared/data beside the checkout (where the shared data lives)."""
+    """$MENDD_DATA (a folder laid out as policies/data), else the data shipped with mendd."""
     env = os.environ.get("MENDD_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for candidate in candidates:
-        if (candidate / "counterfact").is_dir():
-            return candidate
-    raise DataNotFound(f"editing data not found (looked in {', '.join(map(str, candidates))}); set MENDD_DATA")
+    candidate = Path(env) if env else BUNDLED_DATA
+    if (candidate / "wikitext2").is_dir():
+        return candidate
+    where = f"MENDD_DATA={env}" if env else f"{candidate} (shipped with mendd; is the installation complete?)"
+    raise DataNotFound(f"editing data not found in {where}")
 
 
 def unrelated_prompts(root: Path, n_questions: int = 150, n_sentences: int = 100, seed: int = 0,

@@ -92,7 +92,7 @@ def known_facts(root: Path) -> list[tuple[str, str]]:
 
 
 def pin(editable: Editable, model: str, version: str, root: Path, n_facts: int = 1000, seed: int = 0) -> Suites:
-    """Build the default suites from the shared data with the model as it is now (the base).
+    """Build the default suites from the editing data with the model as it is now (the base).
 
     Facts are kept only where the model's argmax already gives every token of the true object:
     the suite then guards answers that are right, which is what an operator fears to lose.

@@ -15,20 +15,12 @@ def clean_mendd_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-# Read before the autouse fixture clears MENDD_* variables: where the shared editing data lives.
-_DATA_ENV = os.environ.get("MENDD_DATA")
-
-
 @pytest.fixture(scope="session")
 def data_root():
-    if _DATA_ENV:
-        os.environ["MENDD_DATA"] = _DATA_ENV
-    try:
-        from policies.probes import data_dir
+    """The editing data the repository carries (a developer's MENDD_DATA does not change it)."""
+    from policies.probes import BUNDLED_DATA
 
-        return data_dir()
-    finally:
-        os.environ.pop("MENDD_DATA", None)
+    return BUNDLED_DATA
 
 
 @pytest.fixture(scope="session")
