@@ -121,12 +121,21 @@ def close_decision_run(mlflow_client, run_id: str, version: Version | None, fail
     mlflow_client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
-def held_runs(mlflow_client, experiment: str) -> list:
-    """Held decisions not yet settled, oldest first."""
-    runs = mlflow_client.search_runs(
-        [experiment], filter_string=f"tags.`{DECISION_TAG}` = 'held'", order_by=["attributes.start_time ASC"],
-        max_results=1000)
-    return [run for run in runs if SETTLED_TAG not in run.data.tags]
+def held_runs(mlflow_client, experiment: str, page_size: int = 1000) -> list:
+    """Held decisions not yet settled, oldest first: all of them, a page at a time.
+
+    Settled runs keep their `held` tag, so the search asks for runs without the settled tag: asking
+    for every held run would fill the pages with settled ones and push waiting ones out.
+    """
+    unsettled = f"tags.`{DECISION_TAG}` = 'held' AND tags.`{SETTLED_TAG}` IS NULL"
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment], filter_string=unsettled, order_by=["attributes.start_time ASC"],
+                                         max_results=page_size, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def _table(decision: Decision) -> dict[str, list]:
