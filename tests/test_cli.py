@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 MENDD = Path(sys.executable).with_name("mendd")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def mendd(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -28,12 +31,60 @@ def home(tmp_path: Path) -> Path:
     return root
 
 
-def test_help_lists_every_command() -> None:
+def registered_commands() -> dict[str, set[str]]:
+    """Every command path the `mendd` app registers ("review list"), with its options."""
+    from typer.core import TyperGroup
+    from typer.main import get_command
+
+    from daemon.cli import app
+
+    def walk(group, prefix: tuple[str, ...]):
+        for name, command in group.commands.items():
+            if isinstance(command, TyperGroup):
+                yield from walk(command, (*prefix, name))
+            else:
+                yield " ".join((*prefix, name)), {o for p in command.params for o in p.opts if o.startswith("--")}
+
+    return dict(walk(get_command(app), ()))
+
+
+def readme_commands() -> dict[str, set[str]]:
+    """Every command path in the README's command table, with the options it documents there."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index("| command | what it does |") + 2
+    documented: dict[str, set[str]] = {}
+    for row in lines[start:]:
+        if not row.startswith("|"):
+            break
+        # One cell may name several commands: `mendd review list [--json]`, `review approve RUN_ID`
+        for usage in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            words = usage.removeprefix("mendd ").split()
+            path = list(itertools.takewhile(lambda w: re.fullmatch(r"[a-z][a-z-]*", w), words))
+            documented[" ".join(path)] = set(re.findall(r"--[a-z][a-z-]*", usage))
+    return documented
+
+
+def test_help_lists_exactly_the_registered_commands() -> None:
     result = mendd("--help")
     assert result.returncode == 0
-    for command in ("init", "demo", "run", "cycle", "submit", "status", "versions", "rollback",
-                    "revert", "review", "train-editor", "eval", "ui"):
-        assert command in result.stdout
+    box = result.stdout.split("─ Commands ─", 1)[1].split("╰", 1)[0]
+    # A command's name starts its row; wrapped help text continues under the description column.
+    listed = re.findall(r"^│ ([a-z][a-z-]*) ", box, re.MULTILINE)
+    assert sorted(listed) == sorted({path.split()[0] for path in registered_commands()})
+
+
+def test_the_readme_command_table_documents_exactly_the_registered_commands() -> None:
+    assert sorted(readme_commands()) == sorted(registered_commands())
+
+
+def test_the_readme_command_table_names_only_options_the_commands_have() -> None:
+    registered = registered_commands()
+    for path, options in readme_commands().items():
+        assert options <= registered.get(path, set()), path
+
+
+def test_the_registered_commands_include_ask_suites_and_export_editor() -> None:
+    assert {"ask", "suites show", "suites pin", "suites add", "export-editor"} <= set(registered_commands())
 
 
 def test_python_dash_m_daemon_is_the_same_cli() -> None:
