@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from daemon.config import ConfigError, MenddConfig, load_config
 from daemon.home import Home, init_home
@@ -164,6 +167,9 @@ def test_batch_size_is_accepted_exactly_within_1_to_256(size: int) -> None:
                 load_config(home)
 
 
+REQUIRED = "required"
+
+
 def readme_config_table() -> dict[str, str]:
     """key -> its documented default, from the README's configuration table."""
     lines = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").splitlines()
@@ -178,23 +184,39 @@ def readme_config_table() -> dict[str, str]:
 
 
 def documented_value(text: str):
-    word = text.split(" (")[0].strip("`")
-    return {"null": None, "true": True, "false": False}.get(word, word)
+    """The value a default cell states before its explanation: `8742`, null, `[]`, required."""
+    return yaml.safe_load(text.split(" (")[0].strip("`"))
 
 
-def test_the_readme_states_every_default_the_code_has() -> None:
-    rows = readme_config_table()
-    assert "editor.aggregation_strength" in rows and "model" in rows
-    for key, text in rows.items():
-        section, *rest = key.split(".")
-        value = MenddConfig.model_fields[section].get_default(call_default_factory=True)
-        for name in rest:
-            value = getattr(value, name)
+def is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def code_defaults(section: type[BaseModel] = MenddConfig, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> default of every key the configuration model has; a list of sections (feeds)
+    is a key itself, and its items' keys are `feeds[].name`."""
+    found: dict[str, object] = {}
+    for name, field in section.model_fields.items():
+        key = prefix + name
+        if is_section(field.annotation):
+            found.update(code_defaults(field.annotation, key + "."))
+            continue
+        found[key] = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
+        if get_origin(field.annotation) is list and is_section(item := get_args(field.annotation)[0]):
+            found.update(code_defaults(item, key + "[]."))
+    return found
+
+
+def test_the_readme_configuration_table_has_exactly_the_keys_the_code_has() -> None:
+    assert sorted(readme_config_table()) == sorted(code_defaults())
+
+
+def test_the_readme_configuration_table_states_the_default_the_code_has_for_every_key() -> None:
+    defaults = code_defaults()
+    for key, text in readme_config_table().items():
         documented = documented_value(text)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            assert float(documented) == value, key
-        else:
-            assert documented == value, key
+        # The types too: 1 == True and 1 == 1.0, but `true` is not a count and `1` is not a fraction.
+        assert (documented, type(documented)) == (defaults[key], type(defaults[key])), key
 
 
 def test_init_writes_the_routed_memory_for_the_default_model_and_the_plain_defaults_for_others(tmp_path: Path) -> None:
