@@ -155,7 +155,8 @@ class FeedConfig(_Section):
         "auto", description="Record format; auto detects it per record.")
     interval_s: float = Field(60.0, gt=0, description="Seconds between pulls.")
     timeout_s: float = Field(30.0, gt=0, description="HTTP timeout per request.")
-    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest file or response body read in one pull.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description=(
+        "Most bytes one pull reads: of a JSONL file from its cursor (whole lines), a JSON array file or a response body."))
 
     @model_validator(mode="after")
     def _has_source(self) -> "FeedConfig":

@@ -3,6 +3,7 @@ the ledger (good ones pending, bad ones quarantined with their reason), then mov
 
 - file: a JSON or JSONL file; the cursor is the last position stored (and the file's identity, so a
   replaced or truncated file is read from the start; the ledger recognises records it already has).
+  JSONL is read on from the cursor, at most max_bytes of whole lines a pull; a JSON array is read whole.
 - dir: a drop folder; each new file is ingested, then moved to done/ (or quarantine/ when nothing
   in it could be read).
 - http: GET of a JSON/JSONL URL with If-None-Match and `since=<cursor>`; the server names the next
@@ -29,7 +30,7 @@ import requests
 
 from daemon.config import FeedConfig
 from daemon.home import Home
-from editors.formats import FormatError, content_id, read_stream, to_record
+from editors.formats import FormatError, content_id, is_json_array, read_stream, to_record
 from editors.types import Correction
 from store.crash import FEED_STORED, crash_point
 from store.ledger import Ledger
@@ -119,23 +120,61 @@ def pull_file(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
     except FileNotFoundError:
         raise FeedError(f"feed {feed.name}: {path} does not exist") from None
     cursor = json.loads(ledger.cursor(feed.name) or "{}")
-    same_file = cursor.get("inode") == stat.st_ino and stat.st_size >= cursor.get("size", 0)
+    same_file = cursor.get("inode") == stat.st_ino and stat.st_size >= max(cursor.get("size", 0), cursor.get("offset", 0))
     if same_file and cursor.get("size") == stat.st_size and cursor.get("mtime") == stat.st_mtime:
         return IntakeReport(feed.name)  # unchanged since the last pull
-    after = cursor.get("position", 0) if same_file else 0
-    if stat.st_size > feed.max_bytes:
-        raise FeedError(f"feed {feed.name}: {path} is {stat.st_size} bytes, over max_bytes {feed.max_bytes}")
+    if not same_file:
+        cursor = {}
+    # JSONL is read from where the last pull ended (`offset`, `line` lines in); `position` is the
+    # last line stored, which a crash part-way through a pull leaves ahead of `line`.
+    offset, first, position = cursor.get("offset", 0), cursor.get("line", 0), cursor.get("position", 0)
     report = IntakeReport(feed.name)
-    position = after
     with open(path, "rb") as handle:
-        for batch in _batches(read_stream(handle, feed.format, f"feed:{feed.name}", after), CURSOR_EVERY):
+        if is_json_array(handle):  # parsed whole, so a pull reads all of it
+            if stat.st_size > feed.max_bytes:
+                raise FeedError(f"feed {feed.name}: {path} is a JSON array of {stat.st_size} bytes, over max_bytes {feed.max_bytes}")
+            window = None
+            records = read_stream(handle, feed.format, f"feed:{feed.name}", position)
+        else:
+            window = _Window(feed, handle, offset, first, stat.st_size)
+            records = read_stream(window, feed.format, f"feed:{feed.name}", position, first_line=first + 1)
+        for batch in _batches(records, CURSOR_EVERY):
             ingest(ledger, home, feed.name, ((f"{path.name} #{pos}", item) for pos, item in batch), report)
             position = batch[-1][0]
-            ledger.set_cursor(feed.name, json.dumps({"inode": stat.st_ino, "position": position}))
-    ledger.set_cursor(feed.name, json.dumps(
-        {"inode": stat.st_ino, "size": stat.st_size, "mtime": stat.st_mtime, "position": position}))
+            ledger.set_cursor(feed.name, json.dumps({"inode": stat.st_ino, "offset": offset, "line": first, "position": position}))
+    done = {"inode": stat.st_ino, "position": position}
+    if window is not None:
+        done.update(offset=offset + window.read, line=first + window.lines)
+    if window is None or window.at_end:  # else the rest is the next pull's
+        done.update(size=stat.st_size, mtime=stat.st_mtime)
+    ledger.set_cursor(feed.name, json.dumps(done))
     return report
 
+
+class _Window:
+    """The JSONL lines one pull reads from `offset`: at most max_bytes, ending on a complete line,
+    unless it reaches the end of the file as it was when the pull began."""
+
+    def __init__(self, feed: FeedConfig, handle: BinaryIO, offset: int, line: int, size: int):
+        self.feed, self.handle, self.offset, self.line = feed, handle, offset, line
+        self.at_end = size - offset <= feed.max_bytes
+        self.limit = min(size - offset, feed.max_bytes)
+        self.read = self.lines = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.handle.seek(self.offset)
+        while self.read < self.limit:
+            text = self.handle.readline(self.limit - self.read)
+            if not text:
+                return
+            if not text.endswith(b"\n") and not self.at_end:  # cut by the cap
+                if self.lines == 0:
+                    raise FeedError(f"feed {self.feed.name}: line {self.line + 1} of {self.feed.path} (at byte "
+                                    f"{self.offset}) is longer than max_bytes {self.feed.max_bytes}")
+                return
+            self.read += len(text)
+            self.lines += 1
+            yield text
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
     batch: list = []

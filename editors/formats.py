@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,14 +61,15 @@ def read_file(path: Path, fmt: str = "auto", source: str | None = None) -> Itera
             yield item
 
 
-def read_stream(handle: BinaryIO, fmt: str = "auto", source: str = "manual",
-                after: int = 0) -> Iterator[tuple[int, Correction | FormatError]]:
+def read_stream(handle: BinaryIO | Iterable[bytes], fmt: str = "auto", source: str = "manual",
+                after: int = 0, first_line: int | None = None) -> Iterator[tuple[int, Correction | FormatError]]:
     """(position, correction or error) for each record after position `after`, read as a stream.
 
     A position is a line number in JSONL and an index in a JSON array; a feed keeps the last one
-    it stored as its cursor. MQuAKE records give several corrections at one position.
+    it stored as its cursor. MQuAKE records give several corrections at one position. With
+    `first_line`, `handle` is JSONL lines from within a file, the first of them line `first_line`.
     """
-    for position, record in _records(handle):
+    for position, record in _records(handle) if first_line is None else _lines(handle, first_line):
         if position <= after:
             continue
         if isinstance(record, FormatError):
@@ -92,11 +93,16 @@ def load_corrections(path: Path, fmt: str = "auto", limit: int | None = None) ->
     return good, bad
 
 
-def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
-    """JSONL line by line (memory does not grow with the file), or a whole JSON array (1-based)."""
+def is_json_array(handle: BinaryIO) -> bool:
+    """Whether a stream is one JSON array (else JSONL); it is left at its start."""
     head = handle.read(1 << 16)
     handle.seek(0)
-    if head.lstrip().startswith(b"["):
+    return head.lstrip().startswith(b"[")
+
+
+def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
+    """JSONL line by line (memory does not grow with the file), or a whole JSON array (1-based)."""
+    if is_json_array(handle):
         try:
             records = json.loads(handle.read().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -104,7 +110,11 @@ def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
             return
         yield from enumerate(records, start=1)
         return
-    for number, line in enumerate(handle, start=1):
+    yield from _lines(handle, 1)
+
+
+def _lines(lines: Iterable[bytes], first: int) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(lines, start=first):
         if not line.strip():
             continue
         try:

@@ -70,6 +70,38 @@ def test_bad_records_are_quarantined_with_their_reason_and_the_rest_go_on(tmp_pa
     assert len(home.quarantine_path.read_text().splitlines()) == 3
 
 
+def test_an_append_only_file_feed_keeps_reading_its_new_lines_once_it_is_over_max_bytes(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text("".join(line(f"r{i}", f"Fact {i} is", "true") for i in range(6)))
+    feed = FeedConfig(name="f", kind="file", path=path, max_bytes=len(line("r0", "Fact 0 is", "true")) * 2)
+    while pull(feed, ledger, home).received:
+        pass
+    with open(path, "a") as handle:
+        handle.write(line("new", "Grass is", "blue"))
+    assert pull(feed, ledger, home).received == 1
+    assert len(statuses(ledger)) == 7
+
+
+def test_a_pull_reads_at_most_max_bytes_of_whole_lines_and_the_next_pull_reads_on(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    lines = [line(f"r{i}", f"Fact {i} is", "true") for i in range(7)]
+    path.write_text("".join(lines))
+    feed = FeedConfig(name="f", kind="file", path=path, max_bytes=len(lines[0]) * 3 - 1)  # two whole lines and a part
+    assert [pull(feed, ledger, home).received for _ in range(5)] == [2, 2, 2, 1, 0]
+    assert json.loads(ledger.cursor("f"))["position"] == 7
+
+
+def test_a_line_longer_than_max_bytes_is_a_feed_error_naming_the_line(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("a", "The sky is", "green") + line("b", "Grass is", "x" * 500) + line("c", "Snow is", "red"))
+    feed = FeedConfig(name="f", kind="file", path=path, max_bytes=200)
+    assert pull(feed, ledger, home).received == 1
+    with pytest.raises(FeedError, match=r"feed f: line 2 of .*feed\.jsonl .* is longer than max_bytes 200"):
+        pull(feed, ledger, home)
+
+
 def test_a_missing_feed_file_is_a_feed_error(tmp_path: Path, home: Home, ledger: Ledger) -> None:
     with pytest.raises(FeedError, match="does not exist"):
         pull(FeedConfig(name="f", kind="file", path=tmp_path / "nope.jsonl"), ledger, home)
