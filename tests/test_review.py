@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from daemon import review, tracking
 from daemon.cycle import decide, rejudge_on_head
@@ -187,7 +188,7 @@ def test_a_tracking_backend_that_is_down_commits_nothing_and_leaves_corrections_
     try:
         enqueue(rt.records.versions.ledger, FACTS, "test")
         rt.records.mlflow = tracking.client("http://127.0.0.1:9")  # nothing listens on the discard port
-        with pytest.raises(Exception):
+        with pytest.raises(MlflowException, match=r"http://127\.0\.0\.1:9/.*Connection refused"):
             decide(rt, rt.records.versions.ledger.pending(10))
         assert rt.records.versions.store.head().tag == "v0000"
     finally:
