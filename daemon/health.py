@@ -2,11 +2,36 @@
 `mendd status` read it (the service also writes it to the home, for `status` to find)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# How git ("Out of diskspace"), the OS (ENOSPC, EDQUOT) and SQLite ("database or disk is full") word it.
+_DISK_FULL_WORDS = ("no space left", "out of diskspace", "disk quota", "disk is full")
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed job's reason for health: its type and message, led by "disk full: " when that is the
+    cause, so an operator sees one phrase whichever step (git, DVC, a write of mendd's own) ran out."""
+    detail = f"{type(error).__name__}: {error}"
+    return f"disk full: {detail}" if _is_disk_full(error) else detail
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # along the chain: a StoreError wraps DVC's OSError
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(words in str(error).lower() for words in _DISK_FULL_WORDS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Health:

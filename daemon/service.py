@@ -29,7 +29,7 @@ from daemon import systemd
 from daemon.config import MenddConfig, load_config
 from daemon.cycle import rejudge_on_head, run_cycle
 from daemon.feeds import FeedError, pull
-from daemon.health import Health
+from daemon.health import Health, describe_failure
 from daemon.home import Home
 from daemon.http_api import Api, serve
 from daemon.metrics import Metrics
@@ -176,7 +176,7 @@ class Service:
                     report = run_cycle(self.rt, should_stop=self.stopping.is_set)
             except Exception as error:  # the service stays up; the corrections stay pending; the next check retries
                 self.unsettled = True
-                self.health.degrade("cycle", f"{type(error).__name__}: {error}")
+                self.health.degrade("cycle", describe_failure(error))
                 self.metrics.cycle_failures.inc()
                 log.exception("cycle failed")
                 return
@@ -199,7 +199,7 @@ class Service:
             self.metrics.observe_ledger(self.rt.records.versions.ledger.counts())
             self.health.clear("tick")
         except Exception as error:
-            self.health.degrade("tick", f"{type(error).__name__}: {error}")
+            self.health.degrade("tick", describe_failure(error))
             log.warning("tick failed: %s", error)
         self.metrics.version.set(tag_number(self.rt.served.tag))
         self.metrics.healthy.set(1 if self.health.ok else 0)
