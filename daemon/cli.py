@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from daemon.config import ConfigError, MenddConfig, load_config
+from daemon.config import ConfigError, MenddConfig, check_serving, load_config
 from editors.settings import TrainSettings
 from daemon.home import Home, HomeError, check_new_home, init_home, resolve_home
 from store.errors import StoreError
@@ -195,6 +195,7 @@ def run(ctx: typer.Context) -> None:
     from daemon.service import Service
 
     config = _config(ctx)
+    check_serving(config, ctx.obj)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apscheduler", "alembic", "mlflow", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

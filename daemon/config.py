@@ -7,6 +7,7 @@ environment (``MENDD_BATCH_SIZE``, ``MENDD_HTTP__PORT``) > ``mendd.yaml`` > defa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import textwrap
@@ -268,6 +269,34 @@ def load_config(home: Home) -> MenddConfig:
     finally:
         _yaml_values.reset(token)
     return _resolve_against_home(config, home)
+
+
+PLACEHOLDER_TOKEN = "change-me"  # what deploy/mendd.env.example ships
+
+
+def check_serving(config: MenddConfig, home: Home) -> None:
+    """Refuse an HTTP server that anyone could send corrections to: one whose token is the example's
+    placeholder, or one that listens beyond this machine without a token (ConfigError)."""
+    token = config.http.token.get_secret_value() if config.http.token else None
+    problems = []
+    if token == PLACEHOLDER_TOKEN:
+        problems.append(f"http.token: is the placeholder {PLACEHOLDER_TOKEN!r} from deploy/mendd.env.example; set a "
+                        f"secret of your own (from {_source_of(('http', 'token'), home.config_path)})")
+    if token is None and not _is_loopback(config.http.host):
+        problems.append(f"http.host: {config.http.host!r} is not a loopback address (127.0.0.0/8, ::1, localhost), "
+                        f"and http.token is not set; set a token (MENDD_HTTP__TOKEN) or listen on 127.0.0.1 "
+                        f"(from {_source_of(('http', 'host'), home.config_path)})")
+    if problems:
+        raise ConfigError("Refusing to serve:\n" + "\n".join(f"  - {problem}" for problem in problems))
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve anywhere
+        return False
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

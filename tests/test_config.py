@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import get_args, get_origin
@@ -10,8 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from daemon.config import ConfigError, MenddConfig, load_config
+from daemon.config import ConfigError, MenddConfig, check_serving, load_config
 from daemon.home import Home, init_home
+from test_cli import mendd
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def home_with(tmp_path: Path, text: str) -> Home:
@@ -148,6 +152,29 @@ def test_section_variable_that_is_not_json_is_refused(tmp_path: Path, monkeypatc
     monkeypatch.setenv("MENDD_HTTP", "{port: 1")
     message = config_error(home_with(tmp_path, ""))
     assert '"http"' in message and "MENDD_HTTP__PORT" in message
+
+
+def test_the_service_refuses_to_start_with_the_example_files_placeholder_token(tmp_path: Path) -> None:
+    placeholder = re.search(r"^MENDD_HTTP__TOKEN=(.*)$", (DEPLOY / "mendd.env.example").read_text(), re.M).group(1)
+    refused = mendd("--home", str(home_with(tmp_path, "").root), "run", env={"MENDD_HTTP__TOKEN": placeholder})
+    assert refused.returncode != 0
+    assert "http.token: is the placeholder 'change-me'" in refused.stderr
+    assert "environment variable MENDD_HTTP__TOKEN" in refused.stderr
+
+
+def test_the_service_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -> None:
+    refused = mendd("--home", str(home_with(tmp_path, "http: {host: 0.0.0.0}\n").root), "run")
+    assert refused.returncode != 0
+    assert "http.host: '0.0.0.0' is not a loopback address" in refused.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.0.2", "::1", "localhost", "LOCALHOST"])
+def test_a_loopback_host_may_serve_without_a_token(tmp_path: Path, host: str) -> None:
+    check_serving(MenddConfig(http={"host": host}), home_with(tmp_path, ""))
+
+
+def test_a_host_beyond_loopback_may_serve_with_a_token_of_its_own(tmp_path: Path) -> None:
+    check_serving(MenddConfig(http={"host": "0.0.0.0", "token": "s3cret"}), home_with(tmp_path, ""))
 
 
 def test_missing_config_says_how_to_create_it(tmp_path: Path) -> None:
