@@ -17,6 +17,31 @@ def test_every_location_lives_under_the_root(tmp_path: Path) -> None:
     assert home.ledger_url == f"sqlite:///{tmp_path}/state/ledger.db"
 
 
+def home_locations(home: Home) -> set[str]:
+    """Every file and folder the Home names, relative to its root (sqlite URIs as their files)."""
+    named = (getattr(home, attr) for attr, value in vars(Home).items() if isinstance(value, property))
+    paths = (Path(p.removeprefix("sqlite:///")) if isinstance(p, str) else p for p in named)
+    return {str(p.relative_to(home.root)) for p in paths}
+
+
+def readme_home_layout() -> set[str]:
+    """The first column of the README's `<home>/` block, without trailing slashes."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split("```\n<home>/\n", 1)[1].split("```", 1)[0]
+    return {line.split()[0].rstrip("/") for line in block.splitlines()}
+
+
+def test_the_readme_home_layout_lists_every_location_the_home_names() -> None:
+    layout = readme_home_layout()
+    for location in home_locations(Home(Path("/h"))):
+        # A folder is listed through what lies in it (state/ through state/ledger.db).
+        assert location in layout or any(entry.startswith(location + "/") for entry in layout), location
+
+
+def test_the_readme_home_layout_lists_nothing_the_home_does_not_name() -> None:
+    assert readme_home_layout() <= home_locations(Home(Path("/h")))
+
+
 def test_relative_root_is_made_absolute_so_sqlite_uris_do_not_depend_on_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
