@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from daemon import tracking
 from editors.editable import Editable
@@ -74,6 +75,44 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
     under other settings), else from the identity initialisation.
     """
     torch.manual_seed(settings.seed)
+    job = load_training_job(model_spec, data, val, settings, edit_names, init)
+    projectors = preserved_projectors(job.editable, settings.projection_threshold, console)
+    probes = make_probes(job.editable) if job.val_set else None
+    # the training half of the unrelated sources; the measuring half is never trained on
+    general = unrelated_prompts(data_dir(), 10_000, 10_000, half=1) if general_locality else None
+
+    client = tracking.client(tracking_uri)
+    params = {**asdict(settings), "model": model_spec, "data": ",".join(map(str, data)), "val": str(val),
+              "edit_tensors": ",".join(job.editable.edit_names), "general_locality": general_locality,
+              "init": str(init)}
+    run_id = open_training_run(client, artifact_root, out, f"train {model_spec} -> {out.name}", params)
+
+    with progress_bar(console) as bar:
+        log = TrainingLog(client, run_id, console, bar, settings.steps)
+
+        def validate(editor: MendEditor) -> dict:
+            return log.validation(evaluate_editor(job.editable, editor, job.val_set, probes).as_dict())
+
+        state = train(job.editable, job.editor, job.train_set, settings, out,
+                      validate=validate if job.val_set else None, on_step=log.step, general=general,
+                      projectors=projectors)
+    close_training_run(client, run_id, state, out)
+    return state
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What a training run trains: the model's editable tensors, the editor, and its data."""
+
+    editable: Editable
+    editor: MendEditor
+    train_set: list[Correction]
+    val_set: list[Correction]
+
+
+def load_training_job(model_spec: str, data: list[Path], val: Path | None, settings: TrainSettings,
+                      edit_names: list[str] | None, init: Path | None) -> TrainingJob:
+    """The model, the training and validation sets, and the editor: loaded from `init`, else fresh."""
     loaded = load_model(model_spec)
     editable = Editable(loaded.model, loaded.tokenizer, edit_names)
     train_set = read_sets(data)
@@ -82,59 +121,76 @@ def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path,
         editor = MendEditor.load(init, editable)
     else:
         editor = MendEditor.fresh(editable, rank=settings.rank, edit_lr=settings.edit_lr, model_spec=model_spec)
-    projectors = None
-    if settings.projection_threshold is not None:
-        from daemon.suite_files import preserved_covariance
-        from editors.projection import null_space_projectors
+    return TrainingJob(editable, editor, train_set, val_set)
 
-        console.print("Measuring the preserved keys for the projection...")
-        projectors = null_space_projectors(preserved_covariance(editable, data_dir()), settings.projection_threshold)
-    probes = make_probes(editable) if val_set else None
-    # the training half of the unrelated sources; the measuring half is never trained on
-    general = unrelated_prompts(data_dir(), 10_000, 10_000, half=1) if general_locality else None
 
-    client = tracking.client(tracking_uri)
+def preserved_projectors(editable: Editable, threshold: float | None, console) -> dict[str, torch.Tensor] | None:
+    """The null-space projectors that keep training's edits off the preserved keys; None without a threshold."""
+    if threshold is None:
+        return None
+    from daemon.suite_files import preserved_covariance
+    from editors.projection import null_space_projectors
+
+    console.print("Measuring the preserved keys for the projection...")
+    return null_space_projectors(preserved_covariance(editable, data_dir()), threshold)
+
+
+def open_training_run(client, artifact_root: Path, out: Path, run_name: str, params: dict) -> str:
+    """The MLflow run of the editor at `out`: the one named in its side file when training resumes,
+    else a new run with `params`, named in the side file for the next resume."""
     experiment = tracking.experiment_id(client, tracking.TRAINING_EXPERIMENT, artifact_root)
     run_file = out.with_suffix(".mlflow-run")
-    run_id = run_file.read_text().strip() if run_file.exists() else None
-    if run_id is None:
-        run_id = client.create_run(experiment, run_name=f"train {model_spec} -> {out.name}").info.run_id
-        out.parent.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(run_id)
-        for key, value in {**asdict(settings), "model": model_spec, "data": ",".join(map(str, data)),
-                           "val": str(val), "edit_tensors": ",".join(editable.edit_names),
-                           "general_locality": general_locality, "init": str(init)}.items():
-            client.log_param(run_id, key, value)
+    if run_file.exists():
+        return run_file.read_text().strip()
+    run_id = client.create_run(experiment, run_name=run_name).info.run_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(run_id)
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    return run_id
 
-    def validate(ed: MendEditor) -> dict:
-        report = evaluate_editor(editable, ed, val_set, probes).as_dict()
-        for key in ("reliability", "generalization", "neighborhood", "locality", "ppl_drawdown"):
-            client.log_metric(run_id, f"val_{key}", report[key], step=state_step[0])
-        console.print(f"step {state_step[0]}: val {json.dumps(report)}")
-        return report
 
-    state_step = [0]
-    pending: list = []
-    from mlflow.entities import Metric
-
-    with progress_bar(console) as bar:
-        task = bar.add_task("meta-training MEND", total=settings.steps, status="")
-
-        def on_step(state: TrainState, losses: StepLosses) -> None:
-            state_step[0] = state.step
-            status = f"edit {losses.edit:.2f} loc {losses.loc:.3f} success {losses.edit_success:.2f}"
-            bar.update(task, completed=state.step, status=status)
-            if not console.is_terminal and state.step % 50 == 0:  # a log file gets a line now and then
-                console.print(f"step {state.step}/{settings.steps} {state.seconds:.0f}s {status}")
-            now = int(time.time() * 1000)
-            pending.extend(Metric(k, getattr(losses, k), now, state.step) for k in ("total", "edit", "loc", "edit_success"))
-            if len(pending) >= 200 or state.step == settings.steps:
-                client.log_batch(run_id, metrics=pending)
-                pending.clear()
-
-        state = train(editable, editor, train_set, settings, out, validate=validate if val_set else None,
-                      on_step=on_step, general=general, projectors=projectors)
+def close_training_run(client, run_id: str, state: TrainState, out: Path) -> None:
+    """Record the training time and the editor file, and end the run."""
     client.log_metric(run_id, "train_seconds", state.seconds)
     client.log_artifact(run_id, str(out))
     client.set_terminated(run_id)
-    return state
+
+
+@dataclass
+class TrainingLog:
+    """Where training reports: the progress bar, the console, and the MLflow run."""
+
+    client: Any
+    run_id: str
+    console: Any
+    bar: Progress
+    steps: int
+    task: TaskID = field(init=False)
+    last_step: int = 0  # validation metrics are logged at the step training last reported
+    # step losses wait here and go to MLflow in batches: one request per step would slow training
+    pending: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.task = self.bar.add_task("meta-training MEND", total=self.steps, status="")
+
+    def step(self, state: TrainState, losses: StepLosses) -> None:
+        from mlflow.entities import Metric
+
+        self.last_step = state.step
+        status = f"edit {losses.edit:.2f} loc {losses.loc:.3f} success {losses.edit_success:.2f}"
+        self.bar.update(self.task, completed=state.step, status=status)
+        if not self.console.is_terminal and state.step % 50 == 0:  # a log file gets a line now and then
+            self.console.print(f"step {state.step}/{self.steps} {state.seconds:.0f}s {status}")
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, getattr(losses, k), now, state.step)
+                            for k in ("total", "edit", "loc", "edit_success"))
+        if len(self.pending) >= 200 or state.step == self.steps:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending.clear()
+
+    def validation(self, report: dict) -> dict:
+        for key in ("reliability", "generalization", "neighborhood", "locality", "ppl_drawdown"):
+            self.client.log_metric(self.run_id, f"val_{key}", report[key], step=self.last_step)
+        self.console.print(f"step {self.last_step}: val {json.dumps(report)}")
+        return report
