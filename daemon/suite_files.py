@@ -1,19 +1,34 @@
 """The home's regression suites on disk: pinned at init, extended by the operator, read by the gate."""
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import logging
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+import editors.anatomy
+import editors.editable
+import editors.projection
+import editors.routing
+import policies.probes
+import policies.suites
 from daemon.home import Home
 from editors.editable import Editable
 from editors.projection import key_covariance, preserved_batches
 from editors.routing import Reference, reference
 from policies.probes import DataNotFound, data_dir, preserved_text, unrelated_prompts
-from store.checkpoint import read_tensor_file_with_metadata, write_tensor_file
 from policies.suites import Suites, pin, references
+from store.checkpoint import read_tensor_file_with_metadata, write_tensor_file
+from store.models import cache_root
+
+log = logging.getLogger(__name__)
 
 
 class SuitesError(Exception):
@@ -29,12 +44,63 @@ def pin_suites(home: Home, editable: Editable, model: str, version: str, root: P
     except DataNotFound as error:
         raise SuitesError(f"cannot pin the regression suites: {error}. They are built from ROME's known "
                           "facts, zsRE's questions and WikiText-2 (see policies/data/README.md).") from None
+    pinned = [home.suites_path, home.keys_path] + ([home.routing_path] if routing_layer is not None else [])
+    cached = cache_root() / "suites" / pinning_key(editable, model, version, root, routing_layer)
+    if cached.is_dir():
+        copy_files([cached / p.name for p in pinned], pinned)
+        return load_suites(home)
     suites = pin(editable, model, version, root)
     write_suites(home, suites)
     pin_keys(home, editable, root)
     if routing_layer is not None:
         pin_routing(home, editable, root, routing_layer)
+    keep_in_cache(pinned, cached)
     return suites
+
+
+# Pinning runs the model over thousands of prompts (minutes for SmolLM2). What it pins depends only
+# on the weights, the tokenizer, the data, the code that pins and the arguments, so it is kept in the
+# machine's model cache under their hash: another home of the same model copies it.
+PINNING_MODULES = (policies.suites, policies.probes, editors.projection, editors.routing, editors.editable,
+                   editors.anatomy, sys.modules[__name__])
+DATA_FILES = ("known/known_1000.json", "zsre/zsre_mend-1k.json", "wikitext2/wiki.test.raw")
+
+
+def pinning_key(editable: Editable, model: str, version: str, root: Path, routing_layer: int | None) -> str:
+    digest = hashlib.sha256(repr((model, version, routing_layer, torch.__version__)).encode())
+    for name, tensor in sorted(editable.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    backend = getattr(editable.tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else json.dumps(editable.tokenizer.get_vocab(), sort_keys=True)).encode())
+    for name in DATA_FILES:
+        digest.update((root / name).read_bytes())
+    for module in PINNING_MODULES:
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:40]
+
+
+def copy_files(sources: list[Path], targets: list[Path]) -> None:
+    for source, target in zip(sources, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".tmp")
+        shutil.copyfile(source, partial)
+        partial.replace(target)
+
+
+def keep_in_cache(files: list[Path], cached: Path) -> None:
+    """Copy the pinned files into the cache; written aside and renamed, so a reader sees all or none.
+    A cache that cannot be written (read-only, full) only costs the next home a pin."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".pinning-"))
+        copy_files(files, [partial / f.name for f in files])
+        try:
+            partial.rename(cached)
+        except OSError:  # another process cached the same pin first
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as error:
+        log.warning("pinned suites not cached in %s: %s", cached.parent, error)
 
 
 def preserved_covariance(editable: Editable, root: Path) -> dict[str, torch.Tensor]:
