@@ -165,7 +165,7 @@ def main() -> None:
     inputs = try_inputs(args.inputs, args.seed, root)
 
     print(json.dumps({
-        "kills_survived": kills.kills - len(bad_rounds), "kills": kills.kills, "kill_moments": dict(kills.by_moment),
+        "kills_survived": kills.kills - len(bad_rounds), "kills": kills.kills, "rounds_not_killed_as_meant": kills.unkilled, "kill_moments": dict(kills.by_moment),
         "faults_survived": faults_survived, "faults_tried": faults_survived + len(fault_failures),
         "fault_failures": fault_failures,
         "inputs_tried": inputs["tried"], "input_crashes": inputs["crashes"][:20],

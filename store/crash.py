@@ -33,6 +33,13 @@ SERVICE_POINTS = (FEED_STORED, PROPOSED, JUDGED, TRACKED)
 
 
 def crash_point(name: str) -> None:
-    """Kill this process with SIGKILL if ``MENDD_CRASH_AT`` names this point."""
+    """Kill this process with SIGKILL if ``MENDD_CRASH_AT`` names this point, saying so on stderr
+    first: a test can then tell a kill at the point from a process that died some other way."""
     if os.environ.get(CRASH_ENV) == name:
+        os.write(2, reached(name).encode() + b"\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reached(name: str) -> str:
+    """The line a process writes to stderr when it kills itself at crash point `name`."""
+    return f"mendd: crash point {name} reached, sending SIGKILL"

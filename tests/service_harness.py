@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from daemon.config import load_config
 from daemon.home import Home
+from daemon.mlflow_ui import start_server, stop_server, ui_command
 from daemon.versioning import changing
 from decision_helpers import ACCEPT_ALL, make_decision_home
 from store.ledger_schema import CorrectionStatus
@@ -185,9 +186,10 @@ def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
 
 @dataclass
 class KillReport:
-    kills: int = 0
-    by_moment: Counter = field(default_factory=Counter)  # crash point, or "random"
+    kills: int = 0  # rounds that ended in a SIGKILL at the moment meant: its crash point, or a random one
+    by_moment: Counter = field(default_factory=Counter)  # crash point, or "random", with how the round ended
     problems: list[str] = field(default_factory=list)  # every audit finding, with its round
+    unkilled: list[str] = field(default_factory=list)  # rounds that did not end in the SIGKILL meant, and how
     sent: list[str] = field(default_factory=list)
     malformed: int = 0
     final: Audit | None = None
@@ -200,7 +202,7 @@ def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points
     after each kill; then let one run finish everything and audit again."""
     import random
 
-    from store.crash import CRASH_ENV
+    from store.crash import CRASH_ENV, reached
 
     rng = random.Random(seed)
     report = KillReport()
@@ -216,18 +218,17 @@ def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points
                 report.malformed += 1
         moment = moments[number % len(moments)]
         env = {} if moment == "random" else {CRASH_ENV: moment}
+        logged = log_path.stat().st_size if log_path.exists() else 0
         process = start_service(home, log_path, env)
-        try:
-            if moment == "random":
-                time.sleep(rng.uniform(0.5, 12.0))
-            else:
-                process.wait(timeout=120)  # it kills itself when it reaches the point
-        except subprocess.TimeoutExpired:
-            moment = f"{moment} (not reached; killed at 120 s)"
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait()
-        report.kills += 1
+        ended = kill_at(process, moment, rng)
+        said = log_path.read_bytes()[logged:].decode(errors="replace")
+        if ended == "killed" and moment != "random" and reached(moment) not in said:
+            ended = "killed by SIGKILL without reaching its crash point"
+        if ended == "killed":
+            report.kills += 1
+        else:
+            report.unkilled.append(f"round {number} ({moment}): {ended}")
+            moment = f"{moment} ({ended})"
         report.by_moment[moment] += 1
         found = audit(home, [])
         report.problems += [f"round {number} ({moment}): {p}" for p in found.corrupted + found.duplicated]
@@ -243,6 +244,26 @@ def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points
     report.final = audit(home, report.sent)
     report.problems += [f"final: {p}" for p in report.final.corrupted + report.final.duplicated]
     return report
+
+
+def kill_at(process: subprocess.Popen, moment: str, rng) -> str:
+    """Let `process` run to `moment` and see it die by SIGKILL there: "killed", else how it ended.
+    At a crash point the service kills itself; at "random" the test kills it after a random wait,
+    and a service that had already exited is a failure, not a kill."""
+    if moment == "random":
+        time.sleep(rng.uniform(0.5, 12.0))
+        if process.poll() is not None:
+            return f"exited by itself with code {process.returncode} before the random kill"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return "killed"
+    try:
+        code = process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return "crash point not reached in 120 s"
+    return "killed" if code == -signal.SIGKILL else f"exited with code {code} before its crash point"
 
 
 def _all_decided(home: Home, expected: int) -> bool:
@@ -279,12 +300,14 @@ def problems(api: str) -> dict[str, str]:
 
 def start_mlflow_server(home: Home, port: int) -> subprocess.Popen:
     """A real `mlflow server` on the home's database, as `mendd ui` starts it; waits until it answers."""
-    from daemon.mlflow_ui import ui_command, ui_environment
-
     command = ui_command(home, load_config(home), "127.0.0.1", port)
-    process = subprocess.Popen(command, env=ui_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200, 120,
-             "the MLflow server", process)
+    process = start_server(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200, 120,
+                 "the MLflow server", process)
+    except BaseException:
+        stop_server(process)
+        raise
     return process
 
 
@@ -424,8 +447,7 @@ def tracking_server_goes_away(service) -> None:
     server = start_mlflow_server_for(running, mlflow_port)
     try:
         running.start()
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
         post_corrections(running.api, line("m1", "The capital of Spain is", "Lisbon"))
         reason = running.degraded("cycle")
         assert "127.0.0.1" in reason or "Connection" in reason, reason
@@ -434,7 +456,7 @@ def tracking_server_goes_away(service) -> None:
         running.recovered()
         running.stop()
     finally:
-        server.kill()
+        stop_server(server)
     running.assert_whole(["m1"])
 
 

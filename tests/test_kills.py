@@ -3,13 +3,16 @@ each restart the store is one tagged version with `dvc status` clean, the ledger
 and in the end every correction sent was received and decided exactly once."""
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from decision_helpers import ACCEPT_ALL, make_decision_home
-from service_harness import configure, free_port, kill_rounds
-from store.crash import COMMIT_POINTS, SERVICE_POINTS
+from service_harness import configure, free_port, kill_at, kill_rounds
+from store.crash import COMMIT_POINTS, SERVICE_POINTS, TAGGED
 
 ROUNDS = 25
 
@@ -22,10 +25,28 @@ def test_25_kills_at_every_step_and_at_random_lose_and_corrupt_nothing(tmp_path:
     configure(home, free_port(), [{"name": "file", "kind": "file", "path": str(feed), "interval_s": 1}],
               **{"batch_size: 1": "batch_size: 2"})
     report = kill_rounds(home, feed, tmp_path / "service.log", ROUNDS, SERVICE_POINTS + COMMIT_POINTS, seed=7)
-    assert report.kills >= ROUNDS
+    assert report.unkilled == [], report.unkilled
+    assert report.kills == ROUNDS
+    assert set(report.by_moment) == {*SERVICE_POINTS, *COMMIT_POINTS, "random"}, report.by_moment
     assert not report.problems, "\n".join(report.problems) + "\n" + (tmp_path / "service.log").read_text()[-3000:]
     assert report.final.lost == []
     assert report.final.statuses["quarantined"] == report.malformed
     assert report.final.statuses["pending"] == 0
-    reached = [m for m in report.by_moment if "not reached" not in m and m != "random"]
-    assert set(reached) == set(SERVICE_POINTS + COMMIT_POINTS), report.by_moment
+
+
+def child(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_process_that_exits_before_its_crash_point_is_not_counted_as_killed() -> None:
+    assert kill_at(child("raise SystemExit(1)"), TAGGED, random.Random(0)) == "exited with code 1 before its crash point"
+
+
+def test_a_process_that_kills_itself_at_its_crash_point_is_killed() -> None:
+    assert kill_at(child("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"), TAGGED, random.Random(0)) == "killed"
+
+
+def test_a_process_gone_before_the_random_kill_is_not_counted_as_killed() -> None:
+    process = child("pass")
+    process.wait()
+    assert kill_at(process, "random", random.Random(0)).startswith("exited by itself with code 0")
