@@ -593,15 +593,25 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface; keep 127.0.0.1 unless a proxy handles access.")] = "127.0.0.1",
 ) -> None:
     """Start the MLflow review UI for this home (one worker, jobs and telemetry off) and print its address."""
-    import os
+    import signal
 
-    from daemon.mlflow_ui import ui_command, ui_environment
+    from daemon.mlflow_ui import start_server, stop_server, ui_command
 
     config = _config(ctx)
     command = ui_command(ctx.obj, config, host, port)
     print(f"MLflow review UI: http://{host}:{port}  (held decisions: tag mendd.decision = held; "
           "set the tag mendd.review to approve or reject)", flush=True)
-    os.execvpe(command[0], command, ui_environment())
+    server = start_server(command)
+    # The server has its own session, so neither Ctrl-C nor a stop reaches it: both end here, and
+    # stop it with its workers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        stop_server(server)
+    raise typer.Exit(code)
 
 
 @suites_app.command("show")
