@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,19 +51,21 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)  # the path only: no headers, no token
 
     def do_GET(self) -> None:  # noqa: N802
-        if self.path == "/healthz":
+        path = self._endpoint()
+        if path == "/healthz":
             problems = self.api.health.problems()
             self._json(503 if problems else 200, {"ok": not problems, "problems": problems})
-        elif self.path == "/metrics":
+        elif path == "/metrics":
             self._send(200, generate_latest(self.api.registry), CONTENT_TYPE_LATEST)
-        elif self.path == "/v1/status":
+        elif path == "/v1/status":
             self._json(200, self.api.status())
         else:
-            self._json(404, {"error": f"no such endpoint {self.path}"})
+            self._json(404, {"error": f"no such endpoint {path}"})
 
     def do_POST(self) -> None:  # noqa: N802
-        if self.path != "/v1/corrections":
-            self._json(404, {"error": f"no such endpoint {self.path}"})
+        path = self._endpoint()
+        if path != "/v1/corrections":
+            self._json(404, {"error": f"no such endpoint {path}"})
             return
         if not self._authorised():
             self._json(401, {"error": "a valid bearer token is required"})
@@ -96,6 +99,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(202, {"received": report.received, "duplicates": report.duplicates,
                          "quarantined": report.quarantined, "reasons": report.reasons[:100]})
+
+    def _endpoint(self) -> str:
+        """The request's path without its query (a cache-buster, a probe's own parameters)."""
+        return urlsplit(self.path).path
 
     def _authorised(self) -> bool:
         if not self.api.token:

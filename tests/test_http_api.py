@@ -96,6 +96,15 @@ def test_any_body_is_accepted_or_quarantined_never_a_server_error(api, body: byt
     assert after - before == answer["received"] + answer["quarantined"]
 
 
+def test_a_query_string_does_not_change_which_endpoint_answers(api) -> None:
+    url, _, _ = api
+    for endpoint in ("/healthz?x", "/metrics?probe=1", "/v1/status?"):
+        assert urllib.request.urlopen(f"{url}{endpoint}", timeout=5).status == 200
+    request = urllib.request.Request(f"{url}/v1/corrections?source=test", data=b'{"prompt": "a", "target_new": "b"}',
+                                     method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert urllib.request.urlopen(request, timeout=30).status == 202
+
+
 def test_the_token_never_reaches_the_log(api, caplog) -> None:
     url, _, _ = api
     with caplog.at_level("DEBUG", logger="mendd.http"):
