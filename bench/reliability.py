@@ -84,7 +84,8 @@ def try_inputs(n: int, seed: int, root: Path) -> dict:
     rng = random.Random(seed)
     home = Home(root / "api-home")
     home.state_dir.mkdir(parents=True)
-    server = serve(Api(Health(), lambda: {}, Metrics().registry, lambda: Ledger(home.ledger_url), home, None), "127.0.0.1", 0)
+    ledger = Ledger(home.ledger_url)
+    server = serve(Api(Health(), lambda: {}, Metrics().registry, ledger, home, None), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/corrections"
     crashes, received = [], 0
     try:
@@ -102,12 +103,9 @@ def try_inputs(n: int, seed: int, root: Path) -> dict:
             except urllib.error.HTTPError as error:
                 if error.code >= 500:
                     crashes.append(f"input {i} (POST): HTTP {error.code}")
-    finally:
-        server.shutdown()
-    ledger = Ledger(home.ledger_url)
-    try:
         stored = ledger.counts().get("pending", 0)
     finally:
+        server.shutdown()
         ledger.close()
     return {"tried": n, "crashes": crashes, "lost": max(received - stored, 0)}
 

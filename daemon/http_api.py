@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.feeds import ingest, located
+from store.ledger import Ledger
 
 log = logging.getLogger("mendd.http")
 MAX_BODY = 1 << 20  # 1 MiB per POST
@@ -28,9 +29,9 @@ API_FEED = "api"
 class Api:
     """What the handlers need from the service, passed in so the server knows nothing else."""
 
-    def __init__(self, health, status: Callable[[], dict], registry, ledger_factory, home, token: str | None):
+    def __init__(self, health, status: Callable[[], dict], registry, ledger: Ledger, home, token: str | None):
         self.health, self.status, self.registry = health, status, registry
-        self.ledger_factory, self.home, self.token = ledger_factory, home, token
+        self.ledger, self.home, self.token = ledger, home, token  # one ledger for every request
 
 
 def serve(api: Api, host: str, port: int) -> ThreadingHTTPServer:
@@ -81,11 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = _one_line_if_single_object(body)
         items = located(API_FEED, io.BytesIO(body), "auto", f"feed:{API_FEED}")
         try:
-            ledger = self.api.ledger_factory()
-            try:
-                report = ingest(ledger, self.api.home, API_FEED, items)
-            finally:
-                ledger.close()
+            report = ingest(self.api.ledger, self.api.home, API_FEED, items)
         except (SQLAlchemyError, OSError) as error:  # the ledger (or its disk) cannot take writes now: ask for a retry
             log.warning("POST /v1/corrections: ledger unavailable: %s", error)
             self._json(503, {"error": f"the ledger cannot store corrections now ({type(error).__name__}); send the "

@@ -88,6 +88,8 @@ class Service:
         self.stopping = threading.Event()
         self.reload_asked = threading.Event()
         self.rt: Runtime | None = None
+        # The HTTP threads' and the feed pulls' one ledger: its engine pools their connections.
+        self.ledger: Ledger | None = None
         self.unsettled = False  # the last cycle failed: recover the store before the next one
         self.scheduler: BackgroundScheduler | None = None
 
@@ -103,7 +105,8 @@ class Service:
             systemd.notify("STATUS=loading the model, editor and suites")
             with home_lock(self.home):
                 self.rt = Runtime.open(self.home, self.config)
-            http = serve(Api(self.health, self.status, self.metrics.registry, self._ledger, self.home,
+            self.ledger = Ledger(self.home.ledger_url)
+            http = serve(Api(self.health, self.status, self.metrics.registry, self.ledger, self.home,
                              self.config.http.token.get_secret_value() if self.config.http.token else None),
                          self.config.http.host, self.config.http.port)
             self.scheduler = BackgroundScheduler(
@@ -129,6 +132,8 @@ class Service:
             self._write_health()
             return 0
         finally:
+            if self.ledger is not None:
+                self.ledger.close()
             if self.rt is not None:
                 self.rt.close()
             lock.close()
@@ -144,9 +149,8 @@ class Service:
     # -- jobs (one at a time, on the scheduler's worker) ---------------------------------------
 
     def _pull(self, feed) -> None:
-        ledger = self._ledger()
         try:
-            report = pull(feed, ledger, self.home)
+            report = pull(feed, self.ledger, self.home)
             self.health.clear(f"feed:{feed.name}")
             if report.received or report.quarantined:
                 log.info("feed %s: %d received, %d duplicates, %d quarantined", feed.name, report.received,
@@ -155,8 +159,6 @@ class Service:
             self.metrics.feed_errors.labels(feed.name).inc()
             self.health.degrade(f"feed:{feed.name}", str(error))
             log.warning("%s", error)
-        finally:
-            ledger.close()
 
     def _maybe_cycle(self) -> None:
         ledger = self.rt.records.versions.ledger
@@ -226,18 +228,10 @@ class Service:
 
     # -- shared -------------------------------------------------------------------------------
 
-    def _ledger(self) -> Ledger:
-        """A ledger connection of one's own, for threads other than the scheduler's worker."""
-        return Ledger(self.home.ledger_url)
-
     def status(self) -> dict:
-        ledger = self._ledger()
-        try:
-            versions = Versions(self.rt.records.versions.store, ledger)
-            state = snapshot(versions, {"ok": self.health.ok, "problems": self.health.problems()},
-                             [f.name for f in self.config.feeds])
-        finally:
-            ledger.close()
+        versions = Versions(self.rt.records.versions.store, self.ledger)
+        state = snapshot(versions, {"ok": self.health.ok, "problems": self.health.problems()},
+                         [f.name for f in self.config.feeds])
         return {**state, "serving": self.rt.served.tag, "pid": os.getpid()}
 
     def _write_health(self) -> None:

@@ -2,7 +2,8 @@
 
 SQLite (WAL mode, so the service and a CLI command can read while the other writes) by default;
 any SQLAlchemy URL, such as ``postgresql+psycopg://...``, works unchanged. The schema is created
-and upgraded by the Alembic migrations in store/migrations/ whenever a ledger is opened.
+and upgraded by the Alembic migrations in store/migrations/ when a process first opens a ledger on
+a database.
 
 The version store is the truth about weights; the ledger agrees with it: ``record_version`` is
 idempotent and recovery replays it for every version the ledger has not seen.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +32,10 @@ from store.ledger_schema import CorrectionRow, CorrectionStatus, CycleRow, Event
 from store.versions import Version
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Databases this process has brought to the newest schema: an Alembic run costs far more than the
+# requests and pulls that open ledgers, and the schema does not change under a running process.
+upgraded: set[str] = set()
+_upgrading = threading.Lock()
 RESUBMITTABLE = (CorrectionStatus.rolled_back, CorrectionStatus.rejected)
 
 
@@ -101,11 +107,19 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+def upgrade_once(url: str, engine: Engine) -> None:
+    """Migrate the database at `url`, unless this process already has."""
+    with _upgrading:
+        if url not in upgraded:
+            migrate(engine)
+            upgraded.add(url)
+
+
 class Ledger:
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
-        migrate(self.engine)
+        upgrade_once(url, self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

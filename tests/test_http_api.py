@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 
 from daemon.health import Health
 from daemon.home import Home
@@ -25,10 +26,11 @@ def api(tmp_path_factory):
     home = Home(tmp_path_factory.mktemp("api") / "home")
     home.state_dir.mkdir(parents=True)
     health = Health()
-    server = serve(Api(health, lambda: {"version": "v0000"}, Metrics().registry, lambda: Ledger(home.ledger_url), home, TOKEN),
-                   "127.0.0.1", 0)
+    ledger = Ledger(home.ledger_url)
+    server = serve(Api(health, lambda: {"version": "v0000"}, Metrics().registry, ledger, home, TOKEN), "127.0.0.1", 0)
     yield f"http://127.0.0.1:{server.server_address[1]}", home, health
     server.shutdown()
+    ledger.close()
 
 
 def post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
@@ -105,6 +107,24 @@ def test_a_query_string_does_not_change_which_endpoint_answers(api) -> None:
     assert urllib.request.urlopen(request, timeout=30).status == 202
 
 
+def test_many_requests_share_the_one_ledger_the_api_is_given(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.state_dir.mkdir(parents=True)
+    ledger = Ledger(home.ledger_url)
+    opened = []
+    event.listen(ledger.engine, "connect", lambda *_: opened.append(1))
+    server = serve(Api(Health(), lambda: {}, Metrics().registry, ledger, home, TOKEN), "127.0.0.1", 0)
+    try:
+        for i in range(20):
+            assert post(f"http://127.0.0.1:{server.server_address[1]}", json.dumps(
+                {"id": f"c{i}", "prompt": f"Fact {i} is", "target_new": "x"}).encode())[0] == 202
+    finally:
+        server.shutdown()
+    assert len(ledger.corrections()) == 20
+    assert len(opened) <= 1  # its pool's connection, used by one request after another
+    ledger.close()
+
+
 def test_the_token_never_reaches_the_log(api, caplog) -> None:
     url, _, _ = api
     with caplog.at_level("DEBUG", logger="mendd.http"):
@@ -116,10 +136,12 @@ def test_an_unexpected_error_in_a_post_is_answered_500_and_the_server_keeps_serv
     home = Home(tmp_path / "home")
     home.state_dir.mkdir(parents=True)
 
-    def broken_ledger() -> Ledger:
-        raise RuntimeError("a bug, not a storage fault")
+    class BrokenLedger(Ledger):
+        def receive_many(self, *_args, **_kwargs) -> list[bool]:
+            raise RuntimeError("a bug, not a storage fault")
 
-    server = serve(Api(Health(), lambda: {"version": "v0000"}, Metrics().registry, broken_ledger, home, TOKEN), "127.0.0.1", 0)
+    server = serve(Api(Health(), lambda: {"version": "v0000"}, Metrics().registry, BrokenLedger(home.ledger_url), home, TOKEN),
+                   "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         code, answer = post(url, json.dumps({"prompt": "The sky is", "target_new": "green"}).encode())

@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from postgres_server import pg_bin, postgres_server
-from store.ledger import Ledger
+from store.ledger import Ledger, upgraded
 from store.ledger_schema import Base, CorrectionStatus
 from store.versions import Version
 
@@ -48,6 +48,7 @@ def _drop_everything(url: str) -> None:
         connection.execute(text("DROP SCHEMA public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
+    upgraded.discard(url)  # the schema is gone: the next ledger must create it again
 
 
 def version(tag: str, kind: str, parent: str | None, corrections: tuple[str, ...] = (),
@@ -156,6 +157,20 @@ def test_events_are_recorded_in_order(ledger: Ledger) -> None:
     ledger.record_event("recovery", "undone", "v0000")
     ledger.record_event("operator-checkout", "to v0001", "v0005")
     assert [(e.kind, e.version) for e in ledger.events()] == [("recovery", "v0000"), ("operator-checkout", "v0005")]
+
+
+def test_a_second_ledger_on_the_same_database_does_not_run_the_migrations_again(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    first = Ledger(url)
+    assert url in upgraded
+    with first.engine.begin() as connection:
+        # Without its recorded revision, a migration run would create every table again, and fail.
+        connection.execute(text("DELETE FROM alembic_version"))
+    second = Ledger(url)
+    with second.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 0
+    second.close()
+    first.close()
 
 
 def test_the_sqlite_ledger_runs_in_wal_mode(tmp_path: Path) -> None:
