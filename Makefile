@@ -5,10 +5,20 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean schema
+.PHONY: test test-long test-all demo install clean schema
+
+# `make test`: everything but the tests marked `long` (minutes each: the kill -9 rounds, the demo, the
+# fault scenarios, crash children); `make test-long`: those; `make test-all`: both, as CI runs them.
+# Each prints its 15 slowest tests.
+PYTEST := $(VENV)/bin/python -m pytest -q --durations=15
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(PYTEST) -m "not long"
+
+test-long: $(STAMP)
+	$(PYTEST) -m long
+
+test-all: test test-long
 
 demo: $(STAMP)
 	$(VENV)/bin/mendd demo

@@ -153,6 +153,7 @@ def test_demo_with_an_unreadable_model_prints_a_clean_error(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # above the demo's own 1500 s limit, so a slow machine fails with its output
 def test_demo_edits_gates_and_versions_the_demo_feed(tmp_path: Path) -> None:
     result = mendd("demo", "--demo-home", str(tmp_path / "demo"), timeout=1500)

@@ -12,6 +12,9 @@ import pytest
 from service_harness import (Running, SmallDisk, feed_server_goes_away, ledger_locked, store_disk_fault,
                              tracking_server_goes_away)
 
+# Each scenario starts the real service and waits for it to degrade and recover: minutes in all.
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture
 def service(tmp_path: Path, data_root):

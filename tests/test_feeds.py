@@ -170,6 +170,7 @@ def _peak_while_pulling(tmp_path: Path, n: int) -> tuple[int, float]:
     return report.received, peak
 
 
+@pytest.mark.long  # 100,000 lines through the real ledger: minutes on 2 cores
 def test_a_100000_line_feed_is_ingested_in_memory_that_does_not_grow_with_it(tmp_path: Path) -> None:
     small_n, small_peak = _peak_while_pulling(tmp_path, 10_000)
     large_n, large_peak = _peak_while_pulling(tmp_path, 100_000)

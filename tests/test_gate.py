@@ -118,6 +118,7 @@ def real_gate(smollm2, data_root) -> Gate:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # pins SmolLM2's suites and judges 4 real edits
 def test_good_mend_edits_of_the_default_model_are_accepted_and_overscaled_ones_rejected(smollm2, real_gate, data_root) -> None:
     records, _ = load_corrections(data_root / "counterfact" / "val.json", limit=4)
     # the editor as the service runs it by default: the shipped MEND editor, updates projected away

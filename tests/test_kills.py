@@ -17,6 +17,7 @@ from store.crash import COMMIT_POINTS, SERVICE_POINTS, TAGGED
 ROUNDS = 25
 
 
+@pytest.mark.long
 @pytest.mark.timeout(2400)  # 26 starts of the service: minutes on a shared 2-core machine
 def test_25_kills_at_every_step_and_at_random_lose_and_corrupt_nothing(tmp_path: Path, data_root) -> None:
     home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
