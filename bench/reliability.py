@@ -156,7 +156,9 @@ def main() -> None:
               **{"batch_size: 1": "batch_size: 2"})
     kills = kill_rounds(home, feed, root / "kills" / "service.log", args.kills, SERVICE_POINTS + COMMIT_POINTS,
                         seed=args.seed, say=say)
-    bad_rounds = {p.split(":")[0] for p in kills.problems if p.startswith("round")}
+    # rounds (by number) whose audit found a problem, among the rounds that were killed as meant
+    unkilled = {u.split()[1] for u in kills.unkilled}
+    bad_rounds = {p.split()[1] for p in kills.problems if p.startswith("round")} - unkilled
     kill_seconds = time.perf_counter() - started
 
     faults_survived, fault_failures = run_faults(root, data, say)
