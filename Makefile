@@ -12,8 +12,10 @@ STAMP  := $(VENV)/.installed
 # Each prints its 15 slowest tests.
 PYTEST := $(VENV)/bin/python -m pytest -q --durations=15
 
+# `make test` runs on every core (pytest-xdist; each worker's torch on one thread, see tests/conftest.py);
+# the long tests run one at a time, as their kill and timing checks assume.
 test: $(STAMP)
-	$(PYTEST) -m "not long"
+	$(PYTEST) -n auto -m "not long"
 
 test-long: $(STAMP)
 	$(PYTEST) -m long

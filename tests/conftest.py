@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: a torch thread pool per worker (and per `mendd` child, which inherits
+    # this) would oversubscribe the cores, and spinning OpenMP threads slow each test several-fold.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +50,25 @@ def smollm2():
 
     loaded = load_model("smollm2-135m")
     return Editable(loaded.model, loaded.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def initialized_home(tmp_path_factory) -> Path:
+    """A tiny-llama home made once per session by the real `mendd init`; tests take copies."""
+    root = tmp_path_factory.mktemp("initialized") / "home"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MENDD_")}
+    made = subprocess.run([str(Path(sys.executable).with_name("mendd")), "--home", str(root), "init", "--model", "tiny-llama"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert made.returncode == 0, made.stderr
+    return root
+
+
+@pytest.fixture
+def tiny_home(initialized_home: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the session's `mendd init` home (seconds, where an init takes ~20 s).
+    The store's DVC settings follow the home when it is opened. `init` makes no MLflow experiment
+    yet; if that changes, the copy's (an absolute artifact path) must be pointed at the copy."""
+    root = tmp_path / "home"
+    shutil.copytree(initialized_home, root, symlinks=True)
+    assert not (root / "mlflow" / "mlflow.db").exists(), "init now makes the MLflow store: repoint its artifact paths"
+    return root

@@ -25,10 +25,8 @@ def mendd(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    root = tmp_path / "home"
-    assert mendd("--home", str(root), "init", "--model", "tiny-llama").returncode == 0
-    return root
+def home(tiny_home: Path) -> Path:
+    return tiny_home
 
 
 def registered_commands() -> dict[str, set[str]]:
@@ -99,6 +97,7 @@ def test_init_creates_the_home_and_prints_its_paths(tmp_path: Path) -> None:
     assert str(root) in result.stdout and str(root / "mendd.yaml") in result.stdout
     assert "model: \"tiny-llama\"" in (root / "mendd.yaml").read_text()
     assert (root / "state").is_dir() and (root / "store").is_dir()
+    assert "v0000: base model tiny-llama" in result.stdout and "locality prompts" in result.stdout
 
 
 def test_init_takes_the_home_from_mendd_home(tmp_path: Path) -> None:

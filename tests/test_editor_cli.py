@@ -16,13 +16,6 @@ def mendd(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess
 
 
 @pytest.fixture()
-def tiny_home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    assert mendd("--home", str(home), "init", "--model", "tiny-llama").returncode == 0
-    return home
-
-
-@pytest.fixture()
 def data_env(data_root: Path) -> dict:
     return {"MENDD_DATA": str(data_root)}
 

@@ -7,11 +7,8 @@ from pathlib import Path
 from test_cli import mendd
 
 
-def test_init_pins_suites_and_an_operator_can_extend_them(tmp_path: Path) -> None:
-    root = tmp_path / "home"
-    init = mendd("--home", str(root), "init", "--model", "tiny-llama", timeout=300)
-    assert init.returncode == 0, init.stderr
-    assert "locality prompts" in init.stdout
+def test_init_pins_suites_and_an_operator_can_extend_them(tiny_home: Path, tmp_path: Path) -> None:
+    root = tiny_home
     before = json.loads(mendd("--home", str(root), "suites", "show", "--json").stdout)
     assert sum(before["locality"].values()) >= 500 and before["pinned_from"] == "v0000"
     extra = tmp_path / "mine.jsonl"
@@ -24,9 +21,8 @@ def test_init_pins_suites_and_an_operator_can_extend_them(tmp_path: Path) -> Non
     assert after["locality"]["operator"] == 2
 
 
-def test_a_bad_suite_file_names_the_line_and_field_and_adds_nothing(tmp_path: Path) -> None:
-    root = tmp_path / "home"
-    assert mendd("--home", str(root), "init", "--model", "tiny-llama", timeout=300).returncode == 0
+def test_a_bad_suite_file_names_the_line_and_field_and_adds_nothing(tiny_home: Path, tmp_path: Path) -> None:
+    root = tiny_home
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok", "answer": "fine"}) + "\n" + json.dumps({"prompt": "no answer"}) + "\n")
     result = mendd("--home", str(root), "suites", "add", str(bad), timeout=300)

@@ -27,12 +27,8 @@ def home(tmp_path: Path, data_root: Path) -> Home:
     return home
 
 
-def test_init_commits_v0000_and_versions_lists_it(tmp_path: Path) -> None:
-    root = tmp_path / "fresh"
-    result = mendd("--home", str(root), "init", "--model", "tiny-llama")
-    assert result.returncode == 0, result.stderr
-    assert "v0000: base model tiny-llama" in result.stdout
-    listed = json.loads(mendd("--home", str(root), "versions", "--json").stdout)
+def test_a_new_home_lists_v0000_as_its_only_version(tiny_home: Path) -> None:
+    listed = json.loads(mendd("--home", str(tiny_home), "versions", "--json").stdout)
     assert listed["head"] == "v0000" and [v["kind"] for v in listed["versions"]] == ["base"]
 
 
