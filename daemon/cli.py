@@ -164,7 +164,7 @@ def demo(
     from daemon.demo import run_demo
 
     hf_logging.disable_progress_bar()
-    demo_home, rows, cycles = run_demo(home, lambda text: err.print(text, markup=False, highlight=False))
+    demo_home, rows, _cycles, neighbours = run_demo(home, lambda text: err.print(text, markup=False, highlight=False))
     table = Table(title="mendd demo: correction -> decision -> version")
     for column in ("id", "prompt", "target", "decision", "version", "before", "after"):
         table.add_column(column, overflow="fold")
@@ -175,6 +175,12 @@ def demo(
     for row in rows:
         if row.status in ("rejected", "held", "quarantined", "superseded"):
             print(f"  {row.correction_id} {row.status}: {row.reason[:300]}")
+    near = Table(title="neighbours no correction is about: their answers must not change")
+    for column in ("prompt", "next to", "before", "after", "unchanged"):
+        near.add_column(column, overflow="fold")
+    for row in neighbours:
+        near.add_row(row.prompt, row.next_to, row.before, row.after, "yes" if row.unchanged else "NO")
+    Console(width=160).print(near)
     store = demo_home.store_dir
     print(f"""
 Next steps:
@@ -563,12 +569,23 @@ def evaluate(
     projection: Annotated[Optional[bool], typer.Option(help="Project updates away from preserved keys; default: the home's editor.projection.")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="sum or least_squares; default: the home's editor.aggregation.")] = None,
     aggregation_strength: Annotated[Optional[float], typer.Option(help="λ of least_squares (> 0); default: the home's editor.aggregation_strength.")] = None,
+    served: Annotated[bool, typer.Option("--served", help="Edit all records into the model as the home serves it (editor.memory) and read its greedy answers: gen_prompt, gen_rephrase, nbhd_kept, nbhd_leak, fluency, repetition, chat_success.")] = False,
+    no_subject: Annotated[bool, typer.Option("--no-subject", help="With --served: drop each record's subject field before editing (routing then guesses it).")] = False,
+    tokens: Annotated[int, typer.Option(min=1, max=256, help="With --served: tokens per generated answer.")] = 20,
     as_json: JsonFlag = False,
 ) -> None:
-    """Edit each record on the model and measure reliability, generalization and locality."""
-    from daemon.editor_jobs import run_eval
+    """Edit each record on the model and measure reliability, generalization and locality; with
+    --served, edit them all into the served model and measure what it says."""
+    from daemon.editor_jobs import run_eval, run_served_eval
 
     config = _config(ctx)
+    if served:
+        if any(v is not None for v in (editor_path, model, projection, aggregation, aggregation_strength)) or editor != "mend":
+            raise typer.BadParameter("--served measures the home's own editor and model: set them in mendd.yaml",
+                                     param_hint="--served")
+        report = run_served_eval(ctx.obj, config, data, limit, batch_size, not no_subject, tokens, err)
+        _print_report(report.as_dict(), as_json)
+        return
     project = config.editor.projection if projection is None else projection
     aggregate = config.editor.aggregation if aggregation is None else aggregation
     if aggregate not in ("sum", "least_squares"):
@@ -579,10 +596,19 @@ def evaluate(
     report = run_eval(model or config.model, data, editor, editor_path or config.editor.path, limit, batch_size, err,
                       config.editor.edit_layers, config.editor.projection_threshold if project else None,
                       strength if aggregate == "least_squares" else None)
+    _print_report(report.as_dict(), as_json)
+
+
+def _print_report(figures: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report.as_dict()))
-    else:
-        for key, value in report.as_dict().items():
+        print(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        if isinstance(value, (list, tuple)):  # samples: one per line
+            print(key)
+            for item in value:
+                print("  " + json.dumps(item, ensure_ascii=False))
+        else:
             print(f"{key:22} {value}")
 
 

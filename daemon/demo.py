@@ -2,8 +2,9 @@
 
 SmolLM2-135M, the shipped MEND editor, the default policy, SQLite ledger, MLflow on SQLite and a
 git+DVC store; the demo feed (daemon/demo_feed.jsonl) holds good corrections, a contradiction,
-malformed records and harmful ones. Cycles run until nothing is pending; then a table shows each
-correction's fate and the model's answers before and after.
+malformed records and harmful ones; most records name their subject, two leave routing to guess it.
+Cycles run until nothing is pending; then a table shows each correction's fate and the model's
+answers before and after, and a second the answers to neighbouring prompts no correction is about.
 """
 from __future__ import annotations
 
@@ -18,11 +19,32 @@ from daemon.home import Home
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
 from daemon.versioning import home_lock
-from editors.serving import continuation
+from editors.serving import continuations
 
 DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
 DEMO_MODEL = "smollm2-135m"
 DEMO_BATCH = 2  # contradictions next to each other meet; larger batches of this editor are mostly bisected
+ANSWER_TOKENS = 12
+# Prompts next to the demo's corrections that no correction is about: their answers must not change.
+NEIGHBOURS = {
+    "The currency of China is the": "demo-09 (Japan's currency)",
+    "The Nile River flows through": "demo-10 (the Amazon)",
+    "The capital of Italy is": "demo-01/02 (France's capital)",
+    "Mount Everest is located in": "demo-11 (Kilimanjaro)",
+    "Cristiano Ronaldo plays the sport of": "demo-08 (Messi)",
+}
+
+
+@dataclass(frozen=True)
+class NeighbourRow:
+    prompt: str
+    next_to: str
+    before: str
+    after: str
+
+    @property
+    def unchanged(self) -> bool:
+        return self.before == self.after
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,7 @@ class DemoRow:
     reason: str
 
 
-def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleReport]]:
+def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleReport], list[NeighbourRow]]:
     home = Home(root or Path(tempfile.mkdtemp(prefix="mendd-demo-")))
     say(f"home: {home.root}")
     say(f"loading {DEMO_MODEL}, committing it as v0000 and pinning the regression suites from it...")
@@ -52,20 +74,23 @@ def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleRep
             say(f"demo feed: {report.received} corrections received, {report.quarantined} quarantined")
             prompts = {row.external_id: row.payload["prompt"] for row in ledger.corrections() if "prompt" in row.payload}
             before = answers(rt, prompts)
+            near_before = answers(rt, dict(zip(NEIGHBOURS, NEIGHBOURS)))
             cycles = []
             while ledger.pending(1):
                 cycles.append(run_cycle(rt))
                 say(f"cycle {cycles[-1].cycle_id}: {cycles[-1].outcome}; serving {cycles[-1].version}")
             after = answers(rt, prompts)
+            near_after = answers(rt, dict(zip(NEIGHBOURS, NEIGHBOURS)))
+            neighbours = [NeighbourRow(p, n, near_before[p], near_after[p]) for p, n in NEIGHBOURS.items()]
             rows = [DemoRow(row.external_id, row.payload.get("prompt", ""), row.payload.get("target_new", ""),
                             row.status.value, row.version, before.get(row.external_id, ""), after.get(row.external_id, ""),
                             row.reason or "") for row in ledger.corrections()]
         finally:
             rt.close()
-    return home, rows, cycles
+    return home, rows, cycles, neighbours
 
 
-def answers(rt: Runtime, prompts: dict[str, str], tokens: int = 6) -> dict[str, str]:
-    """Greedy continuations of each prompt by the served model."""
-    found = {cid: continuation(rt.editable, prompt, tokens, rt.memory) for cid, prompt in prompts.items()}
-    return {cid: text for cid, text in found.items() if text is not None}
+def answers(rt: Runtime, prompts: dict[str, str], tokens: int = ANSWER_TOKENS) -> dict[str, str]:
+    """Greedy continuations of each (non-empty) prompt by the served model."""
+    keep = {key: prompt for key, prompt in prompts.items() if rt.editable.tokenizer(prompt).input_ids}
+    return dict(zip(keep, continuations(rt.editable, list(keep.values()), tokens, rt.memory))) if keep else {}

@@ -20,6 +20,7 @@ from editors.training import StepLosses, TrainState, train
 from editors.types import Correction
 from policies.editing_eval import EditReport, Probes, evaluate_editor
 from policies.probes import data_dir, unrelated_prompts, wikitext_chunks
+from policies.served_eval import ServedReport, edit_all, read_served, without_subject
 from store.models import load_model
 
 
@@ -64,6 +65,31 @@ def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | 
     with progress_bar(console) as bar:
         task = bar.add_task(f"editing with {editor_name}", total=len(records), status="")
         return evaluate_editor(editable, editor, records, probes, batch_size, progress=lambda n: bar.advance(task, n))
+
+
+def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int, keep_subject: bool, tokens: int,
+                    console) -> ServedReport:
+    """Edit every record into the model the home serves (one routed memory, or summed weights), with
+    the editor the service runs, and read the continuations (policies/served_eval.py)."""
+    from daemon.runtime import service_editor
+    from daemon.suite_files import routing_reference
+
+    loaded = load_model(config.model)
+    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    editor = service_editor(home, editable, config)
+    routed = config.editor.memory == "routed"
+    reference = routing_reference(home, editable, config.editor.routing_layer) if routed else None
+    records, errors = load_corrections(data, limit=limit)
+    for error in errors[:5]:
+        console.print(f"[yellow]skipped[/] {error}")
+    if not keep_subject:
+        records = without_subject(records)
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"editing into the {'routed memory' if routed else 'weights'}", total=len(records), status="")
+        served, edited = edit_all(editable, editor, records, reference, config.editor.routing_tau, batch_size,
+                                  progress=lambda n: bar.advance(task, n))
+    with console.status(f"Generating {tokens}-token answers with and without the edits..."):
+        return read_served(served, edited, keep_subject, tokens)
 
 
 def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path, settings: TrainSettings,

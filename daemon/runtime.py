@@ -62,6 +62,17 @@ class Records:
         self.versions.close()
 
 
+def service_editor(home: Home, editable: Editable, config: MenddConfig) -> Editor:
+    """The editor as the home's service runs it: its network and step, projected and aggregated as
+    configured."""
+    settings = config.editor
+    editor = make_editor(settings.name, editable, config.model, settings.path, settings.mend_step_scale())
+    lsq = settings.aggregation == "least_squares"
+    return guarded(editor, editable, load_keys(home) if settings.projection or lsq else None,
+                   settings.projection_threshold if settings.projection else None,
+                   settings.aggregation_strength if lsq else None)
+
+
 @dataclass
 class Runtime:
     config: MenddConfig
@@ -103,11 +114,7 @@ class Runtime:
             raise ConfigError(
                 f"the store's model/ holds a routed memory ({self.records.versions.store.memory_dir}), but "
                 "editor.memory is weights: set editor.memory: routed to serve it")
-        editor = make_editor(settings.name, self.editable, self.config.model, settings.path, settings.mend_step_scale())
-        lsq = settings.aggregation == "least_squares"
-        self.editor = guarded(editor, self.editable, load_keys(self.home) if settings.projection or lsq else None,
-                              settings.projection_threshold if settings.projection else None,
-                              settings.aggregation_strength if lsq else None)
+        self.editor = service_editor(self.home, self.editable, self.config)
         self.gate = Gate(self.editable, load_suites(self.home), self.policy)
         self.served = version
 

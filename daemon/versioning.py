@@ -170,15 +170,21 @@ def stored_memory(versions: Versions, layer: int, tau: float, reference: Referen
 
 
 def entry_to_stored(entry: Entry) -> StoredShare:
-    """An entry as a share's tensors plus ``route/key`` and ``route/floor``."""
+    """An entry as a share's tensors plus ``route/key``, ``route/floor`` and ``route/target`` (its
+    answer's UTF-8 bytes: safetensors holds only tensors and one string map per file)."""
     stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
-    return StoredShare(stored.correction_ids, {**stored.tensors, "route/key": entry.key.float().contiguous(),
-                                               "route/floor": torch.tensor(entry.floor, dtype=torch.float64)})
+    route = {"route/key": entry.key.float().contiguous(), "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
+    if entry.target is not None:
+        route["route/target"] = torch.tensor(list(entry.target.encode("utf-8")), dtype=torch.uint8)
+    return StoredShare(stored.correction_ids, {**stored.tensors, **route})
 
 
 def entry_from_stored(stored: StoredShare) -> Entry:
+    """An entry stored before targets were kept has none: it then acts for the whole answer."""
     share = share_from_stored(stored)
-    return Entry(stored.correction_ids[0], stored.tensors["route/key"], stored.tensors["route/floor"].item(), share.low_rank)
+    target = stored.tensors.get("route/target")
+    return Entry(stored.correction_ids[0], stored.tensors["route/key"], stored.tensors["route/floor"].item(),
+                 share.low_rank, bytes(target.tolist()).decode("utf-8") if target is not None else None)
 
 
 def commit_change(versions: Versions, change: Change) -> Version:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -94,6 +96,24 @@ class Editable:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.anatomy.current_weights()
+
+    @contextmanager
+    def using_weights(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """While inside, the model itself runs with `weights` (e.g. to generate with candidate
+        weights); the served weights are put back on the way out."""
+        params = dict(self.model.named_parameters())
+        saved = {name: params[name].detach().clone() for name in weights}
+        try:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    params[name].copy_(tensor)
+            self.weights_changed()
+            yield
+        finally:
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
+            self.weights_changed()
 
     def clear_cache(self) -> None:
         self._caches.clear()

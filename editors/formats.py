@@ -57,10 +57,13 @@ class CorrectionRecord(_Record):
         "The producer's id. A repeat of (feed, id), or of the same content, is stored once. Default (absent, null "
         "or empty): a hash of prompt and target_new."))
     subject: NonBlank | None = Field(None, description=(
-        "The entity the fact is about, as written in the prompt, e.g. 'France'. The routed memory keys the "
-        "correction on the model's hidden state at the subject's last token in the prompt (at the prompt's last "
-        "token when the subject is absent or not in the prompt): a query is served by this correction when one of "
-        "its tokens' states comes close to that key. The other editors do not read it."))
+        "The entity the fact is about, as written in the prompt, e.g. 'France'. It decides which questions the "
+        "correction answers: the routed memory keys the correction on the model's hidden state at the subject's "
+        "last token in the prompt, and a query is served by this correction when one of its tokens' states comes "
+        "close to that key. When it is absent or not in the prompt, mendd takes the prompt's last run of "
+        "capitalised words that are not pronouns or sentence openers ('The currency of Japan is the' -> 'Japan'), "
+        "and the prompt's last token when there is none; give it for lower-case names. The other editors do not "
+        "read it."))
     target_old: NonBlank | None = Field(None, description="What the model says now; used for CounterFact-style scoring.")
     rephrases: NonBlank | Annotated[list[NonBlank], Strict()] = Field([], description=(
         "Other wordings of the prompt (one string or a list); the gate checks generalization on them, and "

@@ -18,6 +18,7 @@ Measured offline first (bench/routed_memory.py, bench/results/README.md), then b
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -37,6 +38,7 @@ class Entry:
     key: torch.Tensor  # [hidden], as the model computes it (not centred)
     floor: float  # its best similarity on held-out unrelated prompts
     update: dict[str, LowRankUpdate]  # tensor name -> the correction's own low-rank change
+    target: str | None = None  # the answer it teaches; generation drops the entry once it is said
 
 
 @dataclass(frozen=True)
@@ -155,14 +157,46 @@ def row_factors(memory: Memory, chosen: torch.Tensor) -> dict[str, tuple[torch.T
     return out
 
 
+# Capitalised words that do not name anything: sentence openers, pronouns, question words.
+_NOT_NAMES = frozenset(
+    "the a an in on of at by for with from to and as is was are were what which who whom whose where when "
+    "why how his her its their this that these those it they he she we you i my our your there one people "
+    "category references".split())
+_WORD = re.compile(r"\w[\w'’\-]*")
+
+
+def guessed_subject(prompt: str) -> str | None:
+    """The entity a prompt is about, when the record does not say: its last run of capitalised (or
+    digit-led, or camel-case) words that are not pronouns or sentence openers, without a trailing
+    possessive. On CounterFact val it ends where the given subject ends in 96.8% of prompts and
+    rephrasings (most misses stop early inside the name: "BBC" of "BBC One"); None when the prompt
+    names nothing ("rococo's area of work is")."""
+    spans: list[list[int]] = []
+    for match in _WORD.finditer(prompt):
+        word = match.group(0)
+        named = (word[0].isupper() or word[0].isdigit() or any(c.isupper() for c in word[1:])) and word.lower() not in _NOT_NAMES
+        if not named:
+            continue
+        if spans and prompt[spans[-1][1] : match.start()] in (" ", "-"):
+            spans[-1][1] = match.end()
+        else:
+            spans.append([match.start(), match.end()])
+    if not spans:
+        return None
+    start, end = spans[-1]
+    return re.sub(r"('s|’s|')$", "", prompt[start:end])
+
+
 def key_position(tokenizer, correction: Correction) -> int:
-    """Where a correction's key is read among its query states (counted from position 1): the
-    subject's last token in the prompt, else the prompt's last token."""
+    """Where a correction's key is read among its query states (counted from position 1): the last
+    token of its subject (given, else guessed from the prompt), else the prompt's last token."""
     prompt = correction.prompt
     if correction.subject and correction.subject in prompt:
         end = prompt.index(correction.subject) + len(correction.subject)
-        return max(len(tokenizer(prompt[:end], add_special_tokens=False).input_ids) - 2, 0)
-    return max(len(tokenizer(prompt, add_special_tokens=False).input_ids) - 2, 0)
+    else:
+        guessed = guessed_subject(prompt)
+        end = prompt.rindex(guessed) + len(guessed) if guessed else len(prompt)
+    return max(len(tokenizer(prompt[:end], add_special_tokens=False).input_ids) - 2, 0)
 
 
 # -- building entries (runs the model's prefix) --------------------------------------------------
@@ -193,5 +227,5 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
     out = []
     for (cid, update), correction, row in zip(shares, ordered, states):
         key = row[min(key_position(editable.tokenizer, correction), len(row) - 1)]
-        out.append(Entry(cid, key.clone(), ref.floor(key), update))
+        out.append(Entry(cid, key.clone(), ref.floor(key), update, correction.target_new))
     return out

@@ -1,38 +1,80 @@
 """Answers from the served model, weights or routed memory: what a person or a check reads.
 
-A routed memory is served per prompt: the prompt is routed once (editors/routing.py), and the
-whole generation runs with the chosen entry's update added at the edited tensors (or with the
-weights alone when no entry matches)."""
+A routed memory is served per prompt: the prompt is routed once (editors/routing.py), and the answer
+is generated with the chosen entry's update added at the edited tensors until the entry's target has
+been said; from the next token on the base weights carry on. An entry knows one fact: left on, it
+keeps pushing its target at every position and the answer runs away ("euro euro euro euro").
+A prompt no entry matches runs with the weights alone."""
 from __future__ import annotations
 
 import torch
 
 from editors.editable import Editable
+from editors.reading import mentions
 from editors.routing import NONE, Memory, route, row_factors
+
+
+def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memory: Memory | None = None,
+                  chosen: list[int] | None = None) -> list[str]:
+    """Greedy continuations of `prompts`, in one left-padded batch; with a memory, each by the entry
+    that serves it (`chosen`, when the caller has routed them already)."""
+    tokenizer, model = editable.tokenizer, editable.model
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ValueError("a prompt is empty once tokenized")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    rows = [NONE] * len(prompts)
+    if memory is not None and memory.entries:
+        rows = chosen if chosen is not None else serving_entries(editable, prompts, memory)
+    factors = row_factors(memory, torch.tensor(rows)) if memory is not None else {}
+    until = [memory.entries[j].target if j != NONE else None for j in rows]
+    generated = torch.zeros(len(prompts), 0, dtype=torch.long)
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    cache, step = None, ids
+    with torch.inference_mode(), editable.anatomy.adding(factors):
+        for _ in range(tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
+            out = model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            following = torch.where(finished, pad, out.logits[:, -1].argmax(-1))
+            generated = torch.cat([generated, following[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+            finished |= following == tokenizer.eos_token_id
+            if finished.all():
+                break
+            cache, step = out.cache, following[:, None]
+            said = [row for row, target in enumerate(until)
+                    if target is not None and mentions(tokenizer.decode(generated[row]), target)]
+            for row in said:
+                until[row] = None
+                for inputs, _ in factors.values():
+                    inputs[row].zero_()  # the hooks read these factors: the row's entry stops here
+            if said:
+                # The base weights read the text so far afresh, so what follows the target is what
+                # the unedited model says after the prompt and the target.
+                cache, step = None, torch.cat([ids, generated], 1)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
 
 
 def continuation(editable: Editable, prompt: str, tokens: int = 6, memory: Memory | None = None,
                  entry: int | None = None) -> str | None:
-    """The greedy continuation of `prompt` (None for an empty one); with a memory, by the entry that
-    serves it (`entry`, when the caller has routed it already)."""
-    tokenizer, model = editable.tokenizer, editable.model
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
+    """The greedy continuation of `prompt` (None for an empty one), as `continuations` gives it."""
+    if not editable.tokenizer(prompt).input_ids:
         return None
-    factors = {}
-    if memory is not None:
-        chosen = serving_entry(editable, prompt, memory) if entry is None else entry
-        factors = row_factors(memory, torch.tensor([chosen]))
-    with torch.inference_mode(), editable.anatomy.adding(factors):
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-                                   pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return continuations(editable, [prompt], tokens, memory, None if entry is None else [entry])[0]
+
+
+def serving_entries(editable: Editable, prompts: list[str], memory: Memory) -> list[int]:
+    """For each prompt, the index of the memory entry that serves it, or NONE."""
+    if not memory.entries:
+        return [NONE] * len(prompts)
+    batch = editable.batch([(p, "x") for p in prompts])
+    with torch.inference_mode():
+        return route(memory, editable.states_at(batch, memory.layer), batch).tolist()
 
 
 def serving_entry(editable: Editable, prompt: str, memory: Memory) -> int:
     """The index of the memory entry that serves `prompt`, or NONE."""
-    if not memory.entries:
-        return NONE
-    batch = editable.batch([(prompt, "x")])
-    with torch.inference_mode():
-        return route(memory, editable.states_at(batch, memory.layer), batch).item()
+    return serving_entries(editable, [prompt], memory)[0]

@@ -6,7 +6,9 @@ judged as the entry it routes to will serve it) on four questions: do the new co
 still hold (retention), are unrelated answers unchanged from the base model (locality), and did
 perplexity move (ppl_drawdown). Each measure is checked against the policy: all accept thresholds
 met -> accepted; all hold thresholds met -> held for a person; otherwise rejected, with the failing
-checks spelt out.
+checks spelt out. With the optional generation checks in the policy (repetition, leaks) it also
+reads greedy answers: a candidate whose answers run away or spill onto neighbours is stopped even
+when every teacher-forced figure passes.
 
 Everything runs through the Editable, so the suites' prefix states are computed once and each gate
 runs only the edited layers and the head.
@@ -21,11 +23,15 @@ import torch
 from editors import scoring
 from editors.batching import TokenBatch, text_batch
 from editors.editable import Editable
+from editors.reading import first_words, mentions, repeats
 from editors.routing import Routed
+from editors.serving import serving_entries
 from editors.types import Correction
 from policies.policy import Policy, Threshold
+from policies.served_eval import Served
 from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes
 
+SPOKEN = 12  # tokens of each answer the generation checks read
 Outcome = Literal["accepted", "held", "rejected"]
 Weights = dict[str, torch.Tensor] | Routed  # replacement weights, or a routed memory on the model's own
 
@@ -53,13 +59,21 @@ class Check:
 class Example:
     """One row of the per-example table a reviewer reads."""
 
-    kind: str  # edit | rephrase | retention | locality
+    kind: str  # edit | rephrase | retention | locality | answer (generated) | leak (generated)
     correction_id: str
     prompt: str
     target: str
     before: str  # the argmax answer before the change (teacher-forced, token by token)
     after: str
     passed: bool
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The generation checks' figures (name -> value, n) and the answers a reviewer reads."""
+
+    figures: dict[str, tuple[float | None, int]]
+    examples: tuple["Example", ...]
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,27 @@ def share(values: torch.Tensor) -> float:
     return values.double().mean().item()
 
 
+def runaways(before: list[str], after: list[str]) -> list[bool]:
+    """Answers that say a word pair 3+ times where the served model's answer to the same prompt did not."""
+    return [repeats(a) and not repeats(b) for b, a in zip(before, after)]
+
+
+def worst_share(owners: list[str], flags: list[bool]) -> float:
+    """The largest share of flagged answers among any one owner's (correction's): one degenerate
+    target fails its batch, which the cycle then splits until it stands alone."""
+    per_owner: dict[str, list[bool]] = {}
+    for owner, flag in zip(owners, flags):
+        per_owner.setdefault(owner, []).append(flag)
+    return max(sum(v) / len(v) for v in per_owner.values())
+
+
+def leaks(targets: list[str], before: list[str], after: list[str]) -> list[bool]:
+    """Answers to prompts that are not a correction's own that changed: other opening words, or
+    the correction's target said where it was not before."""
+    return [first_words(a) != first_words(b) or (mentions(a, t) and not mentions(b, t))
+            for t, b, a in zip(targets, before, after)]
+
+
 def check(name: str, value: float | None, n: int, threshold: Threshold) -> Check:
     if value is None:
         return Check(name, None, n, threshold, "skipped")
@@ -128,6 +163,7 @@ class Gate:
             retention, retention_rows = self._retention(current, candidate, retention_probes(list(retained)))
             locality, locality_rows = self.locality(candidate)
             ppl = self.ppl_drawdown(candidate)
+            speech = self._speech(current, candidate, corrections)
         p = self.policy.threshold
         checks = [
             check("reliability", edits["reliability"], len(corrections), p("reliability")),
@@ -135,10 +171,51 @@ class Gate:
             check("locality", locality, len(self.suites.locality), p("locality")),
             check("retention", retention[0], retention[1], p("retention")),
             check("ppl_drawdown", ppl, int(self.text.answer_labels.numel()), p("ppl_drawdown")),
+            *(check(name, value, n, p(name)) for name, (value, n) in speech.figures.items()),
         ]
-        return Decision(decide(checks), tuple(checks), tuple(edit_rows + retention_rows + locality_rows))
+        return Decision(decide(checks), tuple(checks),
+                        tuple(edit_rows + retention_rows + locality_rows + list(speech.examples)))
 
     # -- measures -----------------------------------------------------------------------------
+
+    def _speech(self, current: Weights, candidate: Weights, corrections: list[Correction]) -> "Speech":
+        """The generation checks the policy has: repetition (of the answers to each correction's own
+        prompts and rephrasings, the share that runs away where the served model's did not; the
+        worst correction's) and leaks (the share of prompts that reach the change without being a
+        correction's own whose answer changes)."""
+        wanted = [name for name in ("repetition", "leaks") if self.policy.checks(name)]
+        if not wanted or not corrections:
+            return Speech({}, ())
+        now, then = Served.of(self.editable, current), Served.of(self.editable, candidate)
+        figures: dict[str, tuple[float | None, int]] = {}
+        examples: list[Example] = []
+        if "repetition" in wanted:
+            own = [(c, c.prompt) for c in corrections] + [(c, r) for c in corrections for r in c.rephrases]
+            before, after = now.say([p for _, p in own], SPOKEN), then.say([p for _, p in own], SPOKEN)
+            runaway = runaways(before, after)
+            figures["repetition"] = (worst_share([c.id for c, _ in own], runaway), len(own))
+            examples += [Example("answer", c.id, prompt, c.target_new, b, a, not bad)
+                         for (c, prompt), b, a, bad in zip(own, before, after, runaway)]
+        if "leaks" in wanted:
+            near = [(c, lp.prompt) for c in corrections for lp in c.locality_prompts] + self._routed_to_new(current, candidate, corrections)
+            before, after = now.say([p for _, p in near], SPOKEN), then.say([p for _, p in near], SPOKEN)
+            leaked = leaks([c.target_new for c, _ in near], before, after)
+            figures["leaks"] = (sum(leaked) / len(near) if near else None, len(near))
+            examples += [Example("leak", c.id, prompt, c.target_new, b, a, False)
+                         for (c, prompt), b, a, bad in zip(near, before, after, leaked) if bad]
+        return Speech(figures, tuple(examples))
+
+    def _routed_to_new(self, current: Weights, candidate: Weights, corrections: list[Correction]) -> list[tuple[Correction, str]]:
+        """The locality suite's prompts that the candidate routes to one of the new entries."""
+        if not isinstance(candidate, Routed):
+            return []
+        known = len(current.memory.entries) if isinstance(current, Routed) else 0
+        by_id = {c.id: c for c in corrections}
+        prompts = [p.prompt for p in self.suites.locality]
+        chosen = serving_entries(self.editable, prompts, candidate.memory)
+        entries = candidate.memory.entries
+        return [(by_id[entries[j].correction_id], prompt) for prompt, j in zip(prompts, chosen)
+                if j >= known and entries[j].correction_id in by_id]
 
     def _new_edits(self, current: Weights, candidate: Weights, corrections: list[Correction]):
         rows: list[Example] = []

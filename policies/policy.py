@@ -13,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_POLICY = Path(__file__).with_name("default.yaml")
 
-# Checks where a higher value is better (a minimum); ppl_drawdown is a maximum.
+# Checks where a higher value is better (a minimum); the others are maxima. The generation checks
+# (repetition, leaks) are optional: a policy without them does not generate answers at the gate.
 MINIMUMS = ("reliability", "generalization", "locality", "retention")
-MAXIMUMS = ("ppl_drawdown",)
+MAXIMUMS = ("ppl_drawdown", "repetition", "leaks")
+OPTIONAL = ("repetition", "leaks")
 
 
 class PolicyError(ValueError):
@@ -54,6 +56,8 @@ class _Checks(BaseModel):
     locality: _AtLeast
     retention: _AtLeast
     ppl_drawdown: _AtMost
+    repetition: _AtMost | None = None
+    leaks: _AtMost | None = None
 
 
 class _PolicyFile(BaseModel):
@@ -76,6 +80,10 @@ class Policy:
 
     def threshold(self, check: str) -> Threshold:
         return next(t for t in self.thresholds if t.check == check)
+
+    def checks(self, check: str) -> bool:
+        """Whether the policy has `check` (the optional ones may be left out)."""
+        return any(t.check == check for t in self.thresholds)
 
     def as_params(self) -> dict[str, float]:
         """Flat names for the record: policy.locality.accept = 0.95, ..."""
@@ -102,7 +110,7 @@ def load_policy(path: Path | None = None) -> Policy:
     checks = parsed.checks
     thresholds = tuple(
         Threshold(name, getattr(checks, name).accept, getattr(checks, name).hold, name in MINIMUMS)
-        for name in (*MINIMUMS, *MAXIMUMS))
+        for name in (*MINIMUMS, *MAXIMUMS) if getattr(checks, name) is not None)
     return Policy(str(path), thresholds)
 
 

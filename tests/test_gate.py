@@ -12,7 +12,7 @@ from editors.finetune import FineTuneEditor
 from editors.formats import load_corrections
 from editors.registry import guarded, make_editor
 from editors.types import Correction
-from policies.gate import Gate, check, share
+from policies.gate import Gate, check, leaks, runaways, share, worst_share
 from policies.policy import load_policy
 from policies.suites import Suites, pin, references
 
@@ -55,6 +55,23 @@ def test_suites_survive_a_json_round_trip_and_extending_skips_repeats(tiny_suite
 def test_nine_of_ten_corrections_landing_meets_an_accept_threshold_of_ninety_percent() -> None:
     nine_of_ten = share(torch.tensor([1.0] * 9 + [0.0]))
     assert check("reliability", nine_of_ten, 10, load_policy().threshold("reliability")).outcome == "pass"
+
+
+def test_an_answer_that_starts_repeating_runs_away_but_one_that_already_repeated_does_not() -> None:
+    before = ["the yen, which is the", "yes yes yes yes"]
+    after = ["euro euro euro euro", "yes yes yes yes yes"]
+    assert runaways(before, after) == [True, False]
+
+
+def test_one_degenerate_correction_gives_its_batch_its_own_repetition_share() -> None:
+    owners = ["good", "good", "banana", "banana", "other", "other"]
+    assert worst_share(owners, [False, False, True, True, False, True]) == 1.0
+
+
+def test_a_neighbour_leaks_when_its_opening_changes_or_it_now_says_the_target() -> None:
+    before = ["the yuan, the currency of China", "Egypt and Sudan", "Paris, the capital of France"]
+    after = ["the euro, the currency of China", "Egypt and Sudan, like the euro", "Paris, the capital of Italy"]
+    assert leaks(["euro", "euro", "Rome"], before, after) == [True, True, False]
 
 
 def test_an_unchanged_model_passes_locality_and_perplexity(tiny, tiny_gate) -> None:

@@ -26,8 +26,17 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_the_default_policy_loads_with_every_check() -> None:
     policy = load_policy()
     assert policy.source == str(DEFAULT_POLICY)
-    assert [t.check for t in policy.thresholds] == ["reliability", "generalization", "locality", "retention", "ppl_drawdown"]
-    assert policy.threshold("ppl_drawdown").higher_is_better is False
+    assert [t.check for t in policy.thresholds] == ["reliability", "generalization", "locality", "retention", "ppl_drawdown",
+                                                    "repetition", "leaks"]
+    assert not any(policy.threshold(name).higher_is_better for name in ("ppl_drawdown", "repetition", "leaks"))
+
+
+def test_a_policy_without_the_generation_checks_does_not_have_them(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("\n".join(line for line in DEFAULT_POLICY.read_text().splitlines()
+                              if not line.lstrip().startswith(("repetition:", "leaks:"))))
+    policy = load_policy(path)
+    assert not policy.checks("repetition") and not policy.checks("leaks") and policy.checks("locality")
 
 
 def test_an_unknown_key_is_named(tmp_path: Path) -> None:

@@ -214,6 +214,29 @@ def test_generation_serves_a_routed_prompt_with_its_entry_and_others_with_the_we
     assert continuation(tiny, unrelated, 8, memory) == continuation(tiny, unrelated, 8)
 
 
+def test_an_entry_stops_acting_once_its_target_is_said_and_the_base_weights_carry_on(tiny) -> None:
+    from dataclasses import replace
+
+    from editors.serving import continuation
+
+    memory, _, correction = _one_entry(tiny, tau=0.99)
+    acting_throughout = continuation(tiny, correction.prompt, 8, memory)
+    said = acting_throughout[:1]  # the tiny model's first generated token is one character
+    until_said = Memory(memory.layer, memory.tau, memory.centre, (replace(memory.entries[0], target=said),))
+    assert continuation(tiny, correction.prompt, 8, until_said) == said + continuation(tiny, correction.prompt + said, 7)
+
+
+@pytest.mark.parametrize(("prompt", "subject"), [
+    ("France's capital city is", "France"),
+    ("The Amazon River flows through", "Amazon River"),
+    ("What does Frank Mantooth play? They play", "Frank Mantooth"),
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower"),
+    ("rococo's area of work is", None),
+])
+def test_a_record_without_a_subject_is_keyed_at_the_name_its_prompt_ends_with(prompt: str, subject: str | None) -> None:
+    assert routing.guessed_subject(prompt) == subject
+
+
 def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) -> None:
     import json
 

@@ -1,0 +1,92 @@
+"""What the served model says after N corrections in one routed memory (issue #20), by generation.
+
+Runs `mendd eval --served` three ways on a home provisioned with the default profile (SmolLM2-135M,
+the shipped editor, routed memory): CounterFact val records with their subject, the same records
+with the subject dropped, and zsRE questions (for chat_success, asked through the chat template).
+Each run is saved as soon as it finishes (`--work`), so an interrupted run resumes with the next.
+Prints JSON with the figures, the issue's bars and which miss.
+
+    python bench/served_answers.py [--n 500] [--zsre 200] [--work bench/work/served]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from daemon.config import load_config
+from daemon.editor_jobs import run_served_eval
+from daemon.home import Home
+from daemon.provision import provision_home
+from policies.probes import data_dir
+
+MODEL = "smollm2-135m"
+BARS = {"gen_prompt": (">=", 0.95), "gen_rephrase": (">=", 0.80), "nbhd_kept": (">=", 0.95), "nbhd_leak": ("<=", 0.02),
+        "fluency": (">=", 0.97), "chat_success": (">=", 0.60)}
+SAME_WITHOUT_SUBJECT = 0.03  # every figure of the --no-subject run within this of the subject run
+
+
+def misses(figures: dict) -> list[str]:
+    out = []
+    for key, (sense, bar) in BARS.items():
+        value = figures.get(key)
+        if value is not None and not (value >= bar if sense == ">=" else value <= bar):
+            out.append(f"{key} {value} (bar {sense} {bar})")
+    if figures.get("repetition") is not None and figures["repetition"] > figures["repetition_base"] + 0.02:
+        out.append(f"repetition {figures['repetition']} (bar <= base {figures['repetition_base']} + 0.02)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=500, help="CounterFact val records")
+    parser.add_argument("--zsre", type=int, default=200, help="zsRE questions for chat_success")
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "served")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    home = Home(args.work / "home")
+    if not home.suites_path.exists():
+        provision_home(home, MODEL)
+    config = load_config(home)
+    console = Console(file=sys.stderr)
+    runs = {"subject": (data_dir() / "counterfact" / "val.json", args.n, True),
+            "no_subject": (data_dir() / "counterfact" / "val.json", args.n, False),
+            "zsre_chat": (data_dir() / "zsre" / "zsre_mend-1k.json", args.zsre, True)}
+    figures: dict[str, dict] = {}
+    for name, (data, n, keep_subject) in runs.items():
+        saved = args.work / f"{name}_{n}.json"
+        if not saved.exists():
+            started = time.perf_counter()
+            report = run_served_eval(home, config, data, n, 1, keep_subject, 20, console).as_dict()
+            report["seconds"] = round(time.perf_counter() - started)
+            saved.write_text(json.dumps(report, indent=1))
+        figures[name] = json.loads(saved.read_text())
+    subject, dropped = figures["subject"], figures["no_subject"]
+    apart = {k: round(abs(subject[k] - dropped[k]), 4) for k in (*BARS, "repetition", "reliability", "generalization")
+             if isinstance(subject.get(k), float) and isinstance(dropped.get(k), float)}
+    combined = {**subject, "chat_success": figures["zsre_chat"]["chat_success"]}
+    summary = {
+        "model": MODEL, "memory": config.editor.memory, "n": args.n, "zsre_n": args.zsre,
+        "figures": {k: combined[k] for k in (*BARS, "repetition", "repetition_base", "reliability", "generalization")},
+        "misses": misses(combined),
+        "no_subject_apart": apart,
+        "no_subject_misses": [f"{k} differs by {v} (bar <= {SAME_WITHOUT_SUBJECT})" for k, v in apart.items()
+                              if v > SAME_WITHOUT_SUBJECT],
+        "runs": {name: {k: v for k, v in f.items() if k != "samples"} for name, f in figures.items()},
+        "samples": {name: f["samples"] for name, f in figures.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"served_answers_N{args.n}.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in summary.items() if k != "samples"}))
+
+
+if __name__ == "__main__":
+    main()

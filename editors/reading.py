@@ -1,0 +1,50 @@
+"""What a person reads in a generated answer, as numbers: pure functions on text.
+
+Teacher-forced scores (editors/scoring.py) only see the first answer token; these look at the
+greedy continuation a user actually gets:
+
+- `mentions`: the answer contains the target (case and spacing aside);
+- `ngram_entropy`: ROME's generation fluency (Meng et al., 2022): the entropy of a text's word
+  2-grams and 3-grams, weighted 2/3 and 4/3; runaway repetition ("euro euro euro") drives it down;
+- `repeats`: some word 2-gram occurs three or more times, the shape of a runaway answer;
+- `first_words`: the opening words, to tell whether an unrelated answer kept its meaning.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def mentions(text: str, target: str) -> bool:
+    wanted = " ".join(words(target))
+    return bool(wanted) and f" {wanted} " in f" {' '.join(words(text))} "
+
+
+def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def entropy(counts: Counter) -> float:
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+
+
+def ngram_entropy(text: str, orders: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    tokens = words(text)
+    return sum(w * entropy(Counter(ngrams(tokens, n))) for n, w in zip(orders, weights)) / sum(weights)
+
+
+def repeats(text: str, n: int = 2, times: int = 3) -> bool:
+    counts = Counter(ngrams(words(text), n))
+    return bool(counts) and max(counts.values()) >= times
+
+
+def first_words(text: str, k: int = 4) -> tuple[str, ...]:
+    return tuple(w for w in words(text) if re.match(r"\w", w))[:k]

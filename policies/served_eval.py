@@ -1,0 +1,173 @@
+"""Measure what the served model says (issue #20): edit records into the model the way the home
+serves them (all N in one routed memory, or summed into the weights), then read greedy
+continuations beside the base model's on the same prompts.
+
+Figures, over the corrections that were edited (`editors/reading.py` for the text measures):
+- gen_prompt / gen_rephrase: the new target appears in the continuation of the correction's prompt /
+  of its rephrasings;
+- nbhd_kept: neighbourhood prompts whose first 4 generated words equal the base model's;
+  nbhd_leak: neighbourhood prompts that now say the new target and did not before;
+- fluency: mean n-gram entropy of the continuations (prompts and rephrasings) over the base model's
+  on the same prompts; repetition: share of them with a word 2-gram said 3+ times, beside the base's;
+- chat_success: questions (prompts ending in "?", as zsRE's) asked through the model's chat template
+  whose answer contains the new target; None without a chat template or questions;
+- reliability / generalization: the teacher-forced figures, through the same served path.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from editors import routing
+from editors.editable import Editable
+from editors.reading import first_words, mentions, ngram_entropy, repeats
+from editors.registry import Editor
+from editors.routing import Memory, Reference, Routed
+from editors.serving import continuations
+from editors.types import Correction
+from policies.editing_eval import served_accuracy
+
+TOKENS = 20  # continuation length the figures read
+ROWS = 32  # prompts generated at once
+
+
+@dataclass(frozen=True)
+class ServedReport:
+    memory: str  # routed or weights
+    subject: bool  # the records kept their subject field
+    n: int  # corrections edited into the served model
+    reliability: float | None
+    generalization: float | None
+    gen_prompt: float | None
+    gen_rephrase: float | None
+    nbhd_kept: float | None
+    nbhd_leak: float | None
+    fluency: float | None
+    repetition: float | None
+    repetition_base: float | None
+    chat_success: float | None
+    samples: tuple[dict, ...]  # a few prompts with the base and the served continuation
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Served:
+    """The served model: a routed memory over the unchanged weights, or summed weights."""
+
+    editable: Editable
+    memory: Memory | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, editable: Editable, weights: "dict[str, torch.Tensor] | Routed") -> "Served":
+        """The served model for weights as the gate takes them (policies/gate.py Weights)."""
+        if isinstance(weights, Routed):
+            return cls(editable, weights.memory, weights.weights)
+        return cls(editable, weights=weights)
+
+    def say(self, prompts: list[str], tokens: int = TOKENS) -> list[str]:
+        if not prompts:
+            return []
+        if self.weights is None:
+            return generate(self.editable, prompts, tokens, self.memory)
+        with self.editable.using_weights(self.weights):
+            return generate(self.editable, prompts, tokens, self.memory)
+
+    def teacher_forced(self, corrections: list[Correction]) -> tuple[float | None, float | None]:
+        weights = Routed(self.memory, self.weights) if self.memory is not None else self.weights
+        return served_accuracy(self.editable, corrections, weights)
+
+
+def generate(editable: Editable, prompts: list[str], tokens: int, memory: Memory | None = None) -> list[str]:
+    # similar lengths together: a left-padded batch costs its longest prompt
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), ROWS):
+        part = order[start : start + ROWS]
+        for i, text in zip(part, continuations(editable, [prompts[i] for i in part], tokens, memory)):
+            out[i] = text
+    return out
+
+
+def without_subject(corrections: list[Correction]) -> list[Correction]:
+    return [replace(c, subject=None) for c in corrections]
+
+
+def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], reference: Reference | None, tau: float,
+             batch_size: int = 1, progress: Callable[[int], None] | None = None) -> tuple[Served, list[Correction]]:
+    """Edit every correction (in batches) into one served model; returns it and the corrections
+    it carries (those the editor could not edit, or that the model already answered, are left out)."""
+    base = editable.weights()
+    summed = {name: tensor.clone() for name, tensor in base.items()}
+    entries: list[routing.Entry] = []
+    edited: list[Correction] = []
+    for start in range(0, len(corrections), batch_size):
+        batch = corrections[start : start + batch_size]
+        delta = editor.propose(editable, batch)
+        left_out = {e.correction_id for e in delta.invalid} | set(delta.holding)
+        carried = [c for c in batch if c.id not in left_out]
+        if reference is not None:
+            entries += routing.entries(editable, [(s.correction_ids[0], s.low_rank) for s in delta.shares], carried, reference)
+        else:
+            for name, change in delta.tensors().items():
+                summed[name] += change
+        edited += carried
+        if progress:
+            progress(len(batch))
+    if reference is not None:
+        return Served(editable, memory=Memory(reference.layer, tau, reference.centre, tuple(entries))), edited
+    return Served(editable, weights=summed), edited
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
+def read_served(served: Served, corrections: list[Correction], subject: bool, tokens: int = TOKENS,
+                samples: int = 8) -> ServedReport:
+    """The generation figures of `served` over the corrections it carries."""
+    editable = served.editable
+    base = Served(editable)
+    prompts = [c.prompt for c in corrections]
+    rephrases = [(c, r) for c in corrections for r in c.rephrases]
+    neighbours = [(c, lp.prompt) for c in corrections for lp in c.locality_prompts]
+    own = prompts + [r for _, r in rephrases]
+    said, said_base = served.say(own, tokens), base.say(own, tokens)
+    near, near_base = served.say([p for _, p in neighbours], tokens), base.say([p for _, p in neighbours], tokens)
+    targets = [c.target_new for c in corrections] + [c.target_new for c, _ in rephrases]
+    hits = [mentions(text, target) for text, target in zip(said, targets)]
+    kept = [first_words(a, 4) == first_words(b, 4) for a, b in zip(near, near_base)]
+    leaks = [mentions(a, c.target_new) and not mentions(b, c.target_new) for (c, _), a, b in zip(neighbours, near, near_base)]
+    entropy_base = statistics.fmean(ngram_entropy(t) for t in said_base) if said_base else 0.0
+    reliability, generalization = served.teacher_forced(corrections)
+    return ServedReport(
+        memory="routed" if served.memory is not None else "weights", subject=subject, n=len(corrections),
+        reliability=reliability, generalization=generalization,
+        gen_prompt=_share(hits[: len(prompts)]), gen_rephrase=_share(hits[len(prompts):]),
+        nbhd_kept=_share(kept), nbhd_leak=_share(leaks),
+        fluency=statistics.fmean(ngram_entropy(t) for t in said) / entropy_base if entropy_base else None,
+        repetition=_share([repeats(t) for t in said]), repetition_base=_share([repeats(t) for t in said_base]),
+        chat_success=chat_success(served, corrections, tokens),
+        samples=tuple({"prompt": p, "target": c.target_new, "base": b, "served": s}
+                      for p, c, b, s in zip(prompts, corrections, said_base, said))[:samples]
+        + tuple({"neighbour": p, "target": c.target_new, "base": b, "served": s}
+                for (c, p), b, s in zip(neighbours, near_base, near))[:samples],
+    )
+
+
+def chat_success(served: Served, corrections: list[Correction], tokens: int) -> float | None:
+    tokenizer = served.editable.tokenizer
+    questions = [c for c in corrections if c.prompt.rstrip().endswith("?")]
+    if not questions or not getattr(tokenizer, "chat_template", None):
+        return None
+    answers = served.say([chat_prompt(tokenizer, c.prompt) for c in questions], tokens)
+    return _share([mentions(a, c.target_new) for a, c in zip(answers, questions)])
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None

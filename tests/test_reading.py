@@ -1,0 +1,28 @@
+"""What a person reads in an answer, as numbers (editors/reading.py): the figures `mendd eval --served`
+and the gate read from generated text."""
+from __future__ import annotations
+
+from editors.reading import first_words, mentions, ngram_entropy, repeats
+
+
+def test_a_runaway_answer_has_far_lower_ngram_entropy_than_a_fluent_one() -> None:
+    fluent = "the euro, which replaced the yen in 2002 after a long debate in parliament"
+    runaway = "euro euro euro euro euro euro euro euro euro euro euro euro"
+    assert ngram_entropy(runaway) == 0.0
+    assert ngram_entropy(fluent) > 3.0
+
+
+def test_repeats_flags_a_word_pair_said_three_times_and_not_twice() -> None:
+    assert repeats("Marseille, Marseille, Marseille, and more")
+    assert not repeats("Marseille, Marseille and Lyon")
+
+
+def test_mentions_matches_whole_words_whatever_the_case_and_spacing() -> None:
+    assert mentions("The Euro.", "euro")
+    assert mentions("it is in  New   York City", "New York")
+    assert not mentions("European markets", "euro")
+    assert not mentions("anything", "  ")
+
+
+def test_first_words_skip_punctuation() -> None:
+    assert first_words('"Paris, of course," she said', 4) == ("paris", "of", "course", "she")
