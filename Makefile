@@ -15,7 +15,7 @@ PYTEST := $(VENV)/bin/python -m pytest -q --durations=15
 # `make test` runs on every core (pytest-xdist; each worker's torch on one thread, see tests/conftest.py);
 # the long tests run one at a time, as their kill and timing checks assume.
 test: $(STAMP)
-	$(PYTEST) -n auto -m "not long"
+	$(PYTEST) -n auto --dist worksteal -m "not long"
 
 test-long: $(STAMP)
 	$(PYTEST) -m long

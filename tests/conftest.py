@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +64,7 @@ def initialized_home(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_home(initialized_home: Path, tmp_path: Path) -> Path:
-    """This test's own copy of the session's `mendd init` home (seconds, where an init takes ~20 s).
-    The store's DVC settings follow the home when it is opened. `init` makes no MLflow experiment
-    yet; if that changes, the copy's (an absolute artifact path) must be pointed at the copy."""
-    root = tmp_path / "home"
-    shutil.copytree(initialized_home, root, symlinks=True)
-    assert not (root / "mlflow" / "mlflow.db").exists(), "init now makes the MLflow store: repoint its artifact paths"
-    return root
+    """This test's own copy of the session's `mendd init` home."""
+    from home_copies import copy_home
+
+    return copy_home(initialized_home, tmp_path / "home")

@@ -8,23 +8,40 @@ from pathlib import Path
 import pytest
 
 from decision_helpers import ACCEPT_ALL, make_decision_home, policy
+from home_copies import copy_home
 from daemon.home import Home
 from daemon.versioning import commit_delta
 from store_helpers import FACTS, mend_delta, open_home, store_is_clean
+from store.versions import Version
 from test_cli import mendd
 
 
-@pytest.fixture
-def home(tmp_path: Path, data_root: Path) -> Home:
+def history(home: Home) -> list[Version]:
+    """The store's versions, read in-process (`mendd versions` itself is tested above)."""
+    versions = open_home(home)
+    try:
+        return versions.store.versions()
+    finally:
+        versions.close()
+
+
+@pytest.fixture(scope="module")
+def decided(tmp_path_factory, data_root: Path) -> Path:
     """A home with pinned suites and a policy that accepts anything, whose v0001 applied c1 and
     v0002 applied c2 (received through the ledger, as every correction is)."""
-    home = make_decision_home(tmp_path / "home", ACCEPT_ALL, data_root)
+    home = make_decision_home(tmp_path_factory.mktemp("decided") / "home", ACCEPT_ALL, data_root)
     versions = open_home(home)
     for fact in FACTS[:2]:
         versions.ledger.receive("api", fact.id, {"prompt": fact.prompt, "target_new": fact.target_new})
         commit_delta(versions, mend_delta([fact]), run_id=f"run-{fact.id}", figures={"locality": 1.0})
     versions.close()
-    return home
+    return home.root
+
+
+@pytest.fixture
+def home(decided: Path, tmp_path: Path) -> Home:
+    """This test's own copy of the decided home."""
+    return Home(copy_home(decided, tmp_path / "home"))
 
 
 def test_a_new_home_lists_v0000_as_its_only_version(tiny_home: Path) -> None:
@@ -60,8 +77,8 @@ def test_revert_is_judged_by_the_gate_and_commits_a_version_without_the_correcti
     result = mendd("--home", str(home.root), "revert", "c1")
     assert result.returncode == 0, result.stderr
     assert "v0003: reverted c1 (gate: accepted; run " in result.stdout and "c1: applied -> rolled_back" in result.stdout
-    made = json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["versions"][-1]
-    assert made["kind"] == "revert" and made["run_id"] and "locality" in made["figures"]
+    made = history(home)[-1]
+    assert made.kind == "revert" and made.run_id and "locality" in made.figures
 
 
 def test_a_revert_the_gate_rejects_changes_nothing_until_forced(home: Home) -> None:
@@ -69,13 +86,13 @@ def test_a_revert_the_gate_rejects_changes_nothing_until_forced(home: Home) -> N
     refused = mendd("--home", str(home.root), "revert", "c1")
     assert refused.returncode == 1 and "not reverted: the gate rejected" in refused.stderr
     assert "--force" in refused.stderr and "Traceback" not in refused.stderr
-    assert json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["head"] == "v0002"
+    assert history(home)[-1].tag == "v0002"
     assert store_is_clean(home.store_dir)
     forced = mendd("--home", str(home.root), "revert", "c1", "--force")
     assert forced.returncode == 0, forced.stderr
     assert "v0003: reverted c1 (gate: rejected, forced over a rejected decision" in forced.stdout
-    made = json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["versions"][-1]
-    assert made["tag"] == "v0003" and "--force over a rejected decision" in made["reason"]
+    made = history(home)[-1]
+    assert made.tag == "v0003" and "--force over a rejected decision" in made.reason
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -87,7 +104,7 @@ def test_a_revert_the_gate_rejects_changes_nothing_until_forced(home: Home) -> N
 def test_bad_version_or_correction_exits_2_and_changes_nothing(home: Home, args: list[str], message: str) -> None:
     result = mendd("--home", str(home.root), *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    assert json.loads(mendd("--home", str(home.root), "versions", "--json").stdout)["head"] == "v0002"
+    assert history(home)[-1].tag == "v0002"
     assert store_is_clean(home.store_dir)
 
 
