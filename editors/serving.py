@@ -58,6 +58,17 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
 
 
+def chat_answers(editable: Editable, questions: list[str], tokens: int = 12, memory: Memory | None = None) -> list[str]:
+    """Answers to single-turn chats through the model's chat template. A chat is routed on its user
+    message alone, as a prompt: keys are read from plain prompts, and the template's system text
+    around the message would otherwise pull its states away from them."""
+    tokenizer = editable.tokenizer
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    chosen = serving_entries(editable, questions, memory) if memory is not None else None
+    return continuations(editable, chats, tokens, memory, chosen)
+
+
 def continuation(editable: Editable, prompt: str, tokens: int = 6, memory: Memory | None = None,
                  entry: int | None = None) -> str | None:
     """The greedy continuation of `prompt` (None for an empty one), as `continuations` gives it."""

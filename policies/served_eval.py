@@ -26,7 +26,7 @@ from editors.editable import Editable
 from editors.reading import first_words, mentions, ngram_entropy, repeats
 from editors.registry import Editor
 from editors.routing import Memory, Reference, Routed
-from editors.serving import continuations
+from editors.serving import chat_answers, continuations
 from editors.types import Correction
 from policies.editing_eval import served_accuracy
 
@@ -78,18 +78,30 @@ class Served:
         with self.editable.using_weights(self.weights):
             return generate(self.editable, prompts, tokens, self.memory)
 
+    def chat(self, questions: list[str], tokens: int = TOKENS) -> list[str]:
+        answer = lambda part: chat_answers(self.editable, part, tokens, self.memory)  # noqa: E731
+        if self.weights is None:
+            return in_batches(questions, answer)
+        with self.editable.using_weights(self.weights):
+            return in_batches(questions, answer)
+
     def teacher_forced(self, corrections: list[Correction]) -> tuple[float | None, float | None]:
         weights = Routed(self.memory, self.weights) if self.memory is not None else self.weights
         return served_accuracy(self.editable, corrections, weights)
 
 
 def generate(editable: Editable, prompts: list[str], tokens: int, memory: Memory | None = None) -> list[str]:
-    # similar lengths together: a left-padded batch costs its longest prompt
+    return in_batches(prompts, lambda part: continuations(editable, part, tokens, memory))
+
+
+def in_batches(prompts: list[str], answer: Callable[[list[str]], list[str]]) -> list[str]:
+    """`answer` over batches of ROWS prompts of similar length (a left-padded batch costs its
+    longest prompt), in the prompts' order."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), ROWS):
         part = order[start : start + ROWS]
-        for i, text in zip(part, continuations(editable, [prompts[i] for i in part], tokens, memory)):
+        for i, text in zip(part, answer([prompts[i] for i in part])):
             out[i] = text
     return out
 
@@ -124,10 +136,6 @@ def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], 
     return Served(editable, weights=summed), edited
 
 
-def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-
-
 def read_served(served: Served, corrections: list[Correction], subject: bool, tokens: int = TOKENS,
                 samples: int = 8) -> ServedReport:
     """The generation figures of `served` over the corrections it carries."""
@@ -145,6 +153,7 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
     leaks = [mentions(a, c.target_new) and not mentions(b, c.target_new) for (c, _), a, b in zip(neighbours, near, near_base)]
     entropy_base = statistics.fmean(ngram_entropy(t) for t in said_base) if said_base else 0.0
     reliability, generalization = served.teacher_forced(corrections)
+    chats = chat_answers_to(served, corrections, tokens)
     return ServedReport(
         memory="routed" if served.memory is not None else "weights", subject=subject, n=len(corrections),
         reliability=reliability, generalization=generalization,
@@ -152,21 +161,22 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
         nbhd_kept=_share(kept), nbhd_leak=_share(leaks),
         fluency=statistics.fmean(ngram_entropy(t) for t in said) / entropy_base if entropy_base else None,
         repetition=_share([repeats(t) for t in said]), repetition_base=_share([repeats(t) for t in said_base]),
-        chat_success=chat_success(served, corrections, tokens),
+        chat_success=_share([mentions(a, c.target_new) for c, a in chats]),
         samples=tuple({"prompt": p, "target": c.target_new, "base": b, "served": s}
                       for p, c, b, s in zip(prompts, corrections, said_base, said))[:samples]
         + tuple({"neighbour": p, "target": c.target_new, "base": b, "served": s}
-                for (c, p), b, s in zip(neighbours, near_base, near))[:samples],
+                for (c, p), b, s in zip(neighbours, near_base, near))[:samples]
+        + tuple({"chat": c.prompt, "target": c.target_new, "served": a} for c, a in chats)[:samples],
     )
 
 
-def chat_success(served: Served, corrections: list[Correction], tokens: int) -> float | None:
-    tokenizer = served.editable.tokenizer
+def chat_answers_to(served: Served, corrections: list[Correction], tokens: int) -> list[tuple[Correction, str]]:
+    """The served model's chat answers to the corrections whose prompt is a question; none without
+    a chat template."""
     questions = [c for c in corrections if c.prompt.rstrip().endswith("?")]
-    if not questions or not getattr(tokenizer, "chat_template", None):
-        return None
-    answers = served.say([chat_prompt(tokenizer, c.prompt) for c in questions], tokens)
-    return _share([mentions(a, c.target_new) for a, c in zip(answers, questions)])
+    if not questions or not getattr(served.editable.tokenizer, "chat_template", None):
+        return []
+    return list(zip(questions, served.chat([c.prompt for c in questions], tokens)))
 
 
 def _share(flags: list[bool]) -> float | None:
