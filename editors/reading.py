@@ -7,7 +7,8 @@ greedy continuation a user actually gets:
 - `ngram_entropy`: ROME's generation fluency (Meng et al., 2022): the entropy of a text's word
   2-grams and 3-grams, weighted 2/3 and 4/3; runaway repetition ("euro euro euro") drives it down;
 - `repeats`: some word 2-gram occurs three or more times, the shape of a runaway answer;
-- `first_words`: the opening words, to tell whether an unrelated answer kept its meaning.
+- `first_words`: the opening words, to tell whether an unrelated answer kept its meaning;
+- `starts_running_away`: the first sign of a runaway answer, where serving drops an entry.
 """
 from __future__ import annotations
 
@@ -44,6 +45,13 @@ def ngram_entropy(text: str, orders: tuple[int, ...] = (2, 3), weights: tuple[fl
 def repeats(text: str, n: int = 2, times: int = 3) -> bool:
     counts = Counter(ngrams(words(text), n))
     return bool(counts) and max(counts.values()) >= times
+
+
+def starts_running_away(text: str) -> bool:
+    """The first sign of a runaway answer: it ends with the same one, two or three words twice
+    over ("Entertainment Entertainment", "University of University of")."""
+    tokens = [w for w in words(text) if re.match(r"\w", w)]
+    return any(len(tokens) >= 2 * k and tokens[-k:] == tokens[-2 * k : -k] for k in (1, 2, 3))
 
 
 def first_words(text: str, k: int = 4) -> tuple[str, ...]:

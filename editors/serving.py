@@ -2,7 +2,7 @@
 
 A routed memory is served per prompt: the prompt is routed once (editors/routing.py), and the answer
 is generated with the chosen entry's update added at the edited tensors until the entry's target has
-been said; from the next token on the base weights carry on. An entry knows one fact: left on, it
+been said (or the answer starts to repeat itself); from the next token on the base weights carry on. An entry knows one fact: left on, it
 keeps pushing its target at every position and the answer runs away ("euro euro euro euro").
 A prompt no entry matches runs with the weights alone."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from editors.editable import Editable
-from editors.reading import mentions
+from editors.reading import mentions, starts_running_away
 from editors.routing import NONE, Memory, route, row_factors
 
 
@@ -46,7 +46,7 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
                 break
             cache, step = out.cache, following[:, None]
             said = [row for row, target in enumerate(until)
-                    if target is not None and mentions(tokenizer.decode(generated[row]), target)]
+                    if target is not None and done_with(tokenizer.decode(generated[row]), target)]
             for row in said:
                 until[row] = None
                 for inputs, _ in factors.values():
@@ -56,6 +56,13 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
                 # the unedited model says after the prompt and the target.
                 cache, step = None, torch.cat([ids, generated], 1)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
+
+
+def done_with(answer: str, target: str) -> bool:
+    """An entry's work on an answer is done once the answer has said its target, or starts to
+    repeat itself: where the target is not coming (a chat answer that restates the question first),
+    an entry left on pushes the same words again and again."""
+    return mentions(answer, target) or starts_running_away(answer)
 
 
 def chat_answers(editable: Editable, questions: list[str], tokens: int = 12, memory: Memory | None = None) -> list[str]:

@@ -110,9 +110,10 @@ def share(values: torch.Tensor) -> float:
     return values.double().mean().item()
 
 
-def runaways(before: list[str], after: list[str]) -> list[bool]:
-    """Answers that say a word pair 3+ times where the served model's answer to the same prompt did not."""
-    return [repeats(a) and not repeats(b) for b, a in zip(before, after)]
+def runaways(targets: list[str], before: list[str], after: list[str]) -> list[bool]:
+    """Answers that say a word pair 3+ times where the served model's answer to the same prompt did
+    not, and every answer to a correction whose target itself does ("banana banana banana")."""
+    return [repeats(t) or (repeats(a) and not repeats(b)) for t, b, a in zip(targets, before, after)]
 
 
 def worst_share(owners: list[str], flags: list[bool]) -> float:
@@ -192,7 +193,7 @@ class Gate:
         if "repetition" in wanted:
             own = [(c, c.prompt) for c in corrections] + [(c, r) for c in corrections for r in c.rephrases]
             before, after = now.say([p for _, p in own], SPOKEN), then.say([p for _, p in own], SPOKEN)
-            runaway = runaways(before, after)
+            runaway = runaways([c.target_new for c, _ in own], before, after)
             figures["repetition"] = (worst_share([c.id for c, _ in own], runaway), len(own))
             examples += [Example("answer", c.id, prompt, c.target_new, b, a, not bad)
                          for (c, prompt), b, a, bad in zip(own, before, after, runaway)]

@@ -160,6 +160,19 @@ def test_demo_edits_gates_and_versions_the_demo_feed(tmp_path: Path) -> None:
     out = result.stdout
     assert "applied" in out and "quarantined" in out and "superseded" in out
     assert "v0001" in out
+    from daemon.home import Home
+    from store.ledger import Ledger
+
+    ledger = Ledger(Home(tmp_path / "demo").ledger_url)
+    try:
+        status = {c.external_id: c.status.value for c in ledger.corrections()}
+    finally:
+        ledger.close()
+    good = [f"demo-{i:02d}" for i in range(2, 15)]  # demo-01 is superseded by demo-02
+    assert sum(status[cid] == "applied" for cid in good) >= 9, status
+    assert status["demo-19"] == status["demo-20"] == "rejected", status  # a degenerate target, a bare "It is"
+    assert "repetition" in out.split("demo-19 rejected:")[1].splitlines()[0]
+    assert "│ NO " not in out, "a neighbour's answer changed"
     assert "git checkout v0000 -- model.dvc && dvc checkout" in out
     versions = mendd("--home", str(tmp_path / "demo"), "versions", "--json")
     assert len(json.loads(versions.stdout)["versions"]) >= 2

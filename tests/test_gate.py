@@ -60,7 +60,11 @@ def test_nine_of_ten_corrections_landing_meets_an_accept_threshold_of_ninety_per
 def test_an_answer_that_starts_repeating_runs_away_but_one_that_already_repeated_does_not() -> None:
     before = ["the yen, which is the", "yes yes yes yes"]
     after = ["euro euro euro euro", "yes yes yes yes yes"]
-    assert runaways(before, after) == [True, False]
+    assert runaways(["euro", "yes"], before, after) == [True, False]
+
+
+def test_every_answer_to_a_degenerate_target_runs_away_whatever_the_model_said_before() -> None:
+    assert runaways(["banana banana banana banana"], ["-the-world-is-a-world-of-the-world"], ["banana."]) == [True]
 
 
 def test_one_degenerate_correction_gives_its_batch_its_own_repetition_share() -> None:

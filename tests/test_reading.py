@@ -2,7 +2,7 @@
 and the gate read from generated text."""
 from __future__ import annotations
 
-from editors.reading import first_words, mentions, ngram_entropy, repeats
+from editors.reading import first_words, mentions, ngram_entropy, repeats, starts_running_away
 
 
 def test_a_runaway_answer_has_far_lower_ngram_entropy_than_a_fluent_one() -> None:
@@ -26,3 +26,10 @@ def test_mentions_matches_whole_words_whatever_the_case_and_spacing() -> None:
 
 def test_first_words_skip_punctuation() -> None:
     assert first_words('"Paris, of course," she said', 4) == ("paris", "of", "course", "she")
+
+
+def test_an_answer_that_ends_with_its_last_words_said_twice_starts_running_away() -> None:
+    assert starts_running_away("Sambhav Entertainment Entertainment")
+    assert starts_running_away("Joe Hall Morris is a University of University of")
+    assert not starts_running_away("The capital of France is Paris and the capital of")
+    assert not starts_running_away("Naples, Italy. The city of Naples is a historic centre")
