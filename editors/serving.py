@@ -2,9 +2,9 @@
 
 A routed memory is served per prompt: the prompt is routed once (editors/routing.py), and the answer
 is generated with the chosen entry's update added at the edited tensors until the entry's target has
-been said (or the answer starts to repeat itself); from the next token on the base weights carry on. An entry knows one fact: left on, it
-keeps pushing its target at every position and the answer runs away ("euro euro euro euro").
-A prompt no entry matches runs with the weights alone."""
+been said (or the answer starts to repeat itself); from the next token on the base weights carry
+on. An entry knows one fact: left on, it keeps pushing its target at every position and the answer
+runs away ("euro euro euro euro"). A prompt no entry matches runs with the weights alone."""
 from __future__ import annotations
 
 import torch

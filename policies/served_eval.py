@@ -71,27 +71,21 @@ class Served:
         return cls(editable, weights=weights)
 
     def say(self, prompts: list[str], tokens: int = TOKENS) -> list[str]:
-        if not prompts:
-            return []
-        if self.weights is None:
-            return generate(self.editable, prompts, tokens, self.memory)
-        with self.editable.using_weights(self.weights):
-            return generate(self.editable, prompts, tokens, self.memory)
+        return self._answer(prompts, lambda part: continuations(self.editable, part, tokens, self.memory))
 
     def chat(self, questions: list[str], tokens: int = TOKENS) -> list[str]:
-        answer = lambda part: chat_answers(self.editable, part, tokens, self.memory)  # noqa: E731
-        if self.weights is None:
-            return in_batches(questions, answer)
+        return self._answer(questions, lambda part: chat_answers(self.editable, part, tokens, self.memory))
+
+    def _answer(self, prompts: list[str], answer: Callable[[list[str]], list[str]]) -> list[str]:
+        """`answer` in batches, with the model's own weights swapped for summed ones when it has them."""
+        if not prompts or self.weights is None:
+            return in_batches(prompts, answer)
         with self.editable.using_weights(self.weights):
-            return in_batches(questions, answer)
+            return in_batches(prompts, answer)
 
     def teacher_forced(self, corrections: list[Correction]) -> tuple[float | None, float | None]:
         weights = Routed(self.memory, self.weights) if self.memory is not None else self.weights
         return served_accuracy(self.editable, corrections, weights)
-
-
-def generate(editable: Editable, prompts: list[str], tokens: int, memory: Memory | None = None) -> list[str]:
-    return in_batches(prompts, lambda part: continuations(editable, part, tokens, memory))
 
 
 def in_batches(prompts: list[str], answer: Callable[[list[str]], list[str]]) -> list[str]:
