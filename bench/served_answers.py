@@ -6,7 +6,7 @@ with the subject dropped, and zsRE questions (for chat_success, asked through th
 Each run is saved as soon as it finishes (`--work`), so an interrupted run resumes with the next.
 Prints JSON with the figures, the issue's bars and which miss.
 
-    python bench/served_answers.py [--n 500] [--zsre 200] [--work bench/work/served]
+    python bench/served_answers.py [--n 500] [--zsre 200] [--work bench/work/served] [--runs subject ...]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ MODEL = "smollm2-135m"
 BARS = {"gen_prompt": (">=", 0.95), "gen_rephrase": (">=", 0.80), "nbhd_kept": (">=", 0.95), "nbhd_leak": ("<=", 0.02),
         "fluency": (">=", 0.97), "chat_success": (">=", 0.60)}
 SAME_WITHOUT_SUBJECT = 0.03  # every figure of the --no-subject run within this of the subject run
+RUNS = ("subject", "no_subject", "zsre_chat")
 
 
 def misses(figures: dict) -> list[str]:
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "served")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                        help="measure only these runs (to run them in parallel processes); the summary is "
+                        "written once all three are saved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -63,12 +67,16 @@ def main() -> None:
     figures: dict[str, dict] = {}
     for name, (data, n, keep_subject) in runs.items():
         saved = args.work / f"{name}_{n}.json"
-        if not saved.exists():
+        if not saved.exists() and name in args.runs:
             started = time.perf_counter()
             report = run_served_eval(home, config, data, n, 1, keep_subject, 20, console).as_dict()
             report["seconds"] = round(time.perf_counter() - started)
             saved.write_text(json.dumps(report, indent=1))
-        figures[name] = json.loads(saved.read_text())
+        if saved.exists():
+            figures[name] = json.loads(saved.read_text())
+    if len(figures) < len(runs):
+        print(json.dumps({"saved": sorted(figures), "waiting_for": sorted(set(runs) - set(figures))}))
+        return
     subject, dropped = figures["subject"], figures["no_subject"]
     apart = {k: round(abs(subject[k] - dropped[k]), 4) for k in (*BARS, "repetition", "reliability", "generalization")
              if isinstance(subject.get(k), float) and isinstance(dropped.get(k), float)}

@@ -66,7 +66,8 @@ def service_editor(home: Home, editable: Editable, config: MenddConfig) -> Edito
     """The editor as the home's service runs it: its network and step, projected and aggregated as
     configured."""
     settings = config.editor
-    editor = make_editor(settings.name, editable, config.model, settings.path, settings.mend_step_scale())
+    editor = make_editor(settings.name, editable, config.model, settings.path, settings.mend_step_scale(),
+                         settings.edits_chat_questions())
     lsq = settings.aggregation == "least_squares"
     return guarded(editor, editable, load_keys(home) if settings.projection or lsq else None,
                    settings.projection_threshold if settings.projection else None,

@@ -44,6 +44,12 @@ def answer_text(prompt: str, answer: str) -> str:
     return " " + answer
 
 
+def chat_prompt(tokenizer, question: str) -> str:
+    """`question` as a single-turn chat, up to where the assistant's answer begins."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def pair_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     answer_ids = tokenizer(answer_text(prompt, answer), add_special_tokens=False).input_ids

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editors.batching import pair_ids
+from editors.batching import chat_prompt, pair_ids
 from editors.editable import Editable
 from editors.types import Correction, Delta, EditInputError, LowRankUpdate, Share
 from editors import scoring
@@ -158,9 +158,10 @@ class MendNetwork(nn.Module):
 class MendEditor:
     name = "mend"
 
-    def __init__(self, network: MendNetwork, step_scale: float = 1.0):
+    def __init__(self, network: MendNetwork, step_scale: float = 1.0, chat_questions: bool = False):
         self.network = network
         self.step_scale = step_scale  # multiplies every learned α_l: trades reliability for locality
+        self.chat_questions = chat_questions  # also edit each question as the chat template asks it
 
     @classmethod
     def fresh(cls, editable: Editable, rank: int = 256, edit_lr: float = 1e-4, model_spec: str = "") -> "MendEditor":
@@ -169,7 +170,7 @@ class MendEditor:
         return cls(MendNetwork(shapes, settings).eval())
 
     @classmethod
-    def load(cls, path: Path, editable: Editable, step_scale: float = 1.0) -> "MendEditor":
+    def load(cls, path: Path, editable: Editable, step_scale: float = 1.0, chat_questions: bool = False) -> "MendEditor":
         shapes = [(e.in_features, e.out_features) for e in editable.anatomy.editable]
         network = MendNetwork.load(path, shapes)
         if list(network.settings.edit_names) != editable.edit_names:
@@ -177,7 +178,7 @@ class MendEditor:
                 f"editor {path} was trained for tensors {list(network.settings.edit_names)}, "
                 f"but the model's editable tensors are {editable.edit_names}"
             )
-        return cls(network.eval(), step_scale)
+        return cls(network.eval(), step_scale, chat_questions)
 
     def export(self, path: Path, note: str = "") -> None:
         """The shipping form: the step scale folded into the learned steps, weights in float16."""
@@ -196,14 +197,15 @@ class MendEditor:
         if not ready:
             return delta
         with torch.no_grad():
-            factors = self.factors(editable, ready)
+            factors = self.factors(editable, ready, self.chat_questions)
         for correction, per_tensor in zip(ready, factors):
             delta.shares.append(Share(correction_ids=(correction.id,), low_rank=per_tensor))
         return delta
 
-    def factors(self, editable: Editable, corrections: list[Correction]) -> list[dict[str, LowRankUpdate]]:
+    def factors(self, editable: Editable, corrections: list[Correction], chat_questions: bool = False
+                ) -> list[dict[str, LowRankUpdate]]:
         """Each correction's low-rank update per tensor; differentiable in the network's parameters."""
-        rows = gradient_factors(editable, corrections)
+        rows = gradient_factors(editable, corrections, chat_questions)
         out: list[dict[str, LowRankUpdate]] = [dict() for _ in corrections]
         for index, tensor in enumerate(editable.anatomy.editable):
             u, delta, owner = rows[tensor.name]
@@ -246,14 +248,32 @@ def check_length(editable: Editable, correction: Correction) -> None:
         )
 
 
-def gradient_factors(editable: Editable, corrections: list[Correction]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One gradient pass: per editable tensor, the (u, δ) rows of every token that carries gradient
-    and the index of the correction each row belongs to.
+def edit_pairs(editable: Editable, corrections: list[Correction], chat_questions: bool = False
+               ) -> tuple[list[tuple[str, str]], list[int]]:
+    """The (prompt, answer) pairs the edit is computed on and the correction each belongs to: every
+    prompt, and with `chat_questions` each question (a prompt ending in "?") also as the model's chat
+    template asks it. A chat answer starts after the template's assistant header, a context the
+    plain question's edit barely reaches, so a chat model asked the question would answer as before."""
+    pairs = [(c.prompt, c.target_new) for c in corrections]
+    owners = list(range(len(corrections)))
+    if chat_questions and getattr(editable.tokenizer, "chat_template", None):
+        for index, correction in enumerate(corrections):
+            if correction.prompt.rstrip().endswith("?"):
+                pairs.append((chat_prompt(editable.tokenizer, correction.prompt), correction.target_new))
+                owners.append(index)
+    return pairs, owners
 
-    The loss is the sum over corrections of each one's mean answer NLL, so a correction's δ depends
+
+def gradient_factors(editable: Editable, corrections: list[Correction], chat_questions: bool = False
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One gradient pass: per editable tensor, the (u, δ) rows of every token that carries gradient
+    and the index of the correction each row belongs to (`edit_pairs` says which texts are read).
+
+    The loss is the sum over pairs of each one's mean answer NLL, so a correction's δ depends
     on it alone and a batch's update is exactly the sum of single updates.
     """
-    batch = editable.batch([(c.prompt, c.target_new) for c in corrections])
+    pairs, owners = edit_pairs(editable, corrections, chat_questions)
+    batch = editable.batch(pairs)
     hidden = editable.prefix_states(batch).requires_grad_(True)
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -266,7 +286,7 @@ def gradient_factors(editable: Editable, corrections: list[Correction]) -> dict[
     try:
         with torch.enable_grad():
             logits = editable.anatomy(hidden, batch.answer_positions)
-            loss = scoring.mean_nll(logits, batch.answer_labels, batch.row_of_answer, len(corrections)).sum()
+            loss = scoring.mean_nll(logits, batch.answer_labels, batch.row_of_answer, len(pairs)).sum()
             names = [t.name for t in editable.anatomy.editable]
             grads = torch.autograd.grad(loss, [outputs[n] for n in names])
     finally:
@@ -275,6 +295,6 @@ def gradient_factors(editable: Editable, corrections: list[Correction]) -> dict[
     result = {}
     for name, grad in zip(names, grads):
         carries = grad.abs().sum(-1) > 0  # [batch, seq]: tokens the loss reaches
-        owner = carries.nonzero()[:, 0]
+        owner = torch.tensor(owners)[carries.nonzero()[:, 0]]
         result[name] = (inputs[name][carries], grad[carries], owner)
     return result

@@ -29,7 +29,7 @@ def pretrained_path(model_spec: str) -> Path:
 
 
 def make_editor(name: str, editable: Editable, model_spec: str, path: Path | None = None,
-                step_scale: float = 1.0) -> Editor:
+                step_scale: float = 1.0, chat_questions: bool = False) -> Editor:
     if name == "ft":
         return FineTuneEditor()
     if name == "none":
@@ -42,7 +42,7 @@ def make_editor(name: str, editable: Editable, model_spec: str, path: Path | Non
             f"no MEND editor for model {model_spec!r} at {path}: train one with "
             f"`mendd train-editor --out {path}` or choose --editor ft"
         )
-    return MendEditor.load(path, editable, step_scale)
+    return MendEditor.load(path, editable, step_scale, chat_questions)
 
 
 def guarded(editor: Editor, editable: Editable, preserved: dict | None, projection_threshold: float | None,

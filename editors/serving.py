@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from editors.batching import chat_prompt
 from editors.editable import Editable
 from editors.reading import mentions, starts_running_away
 from editors.routing import NONE, Memory, route, row_factors
@@ -34,10 +35,10 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     cache, step = None, ids
-    with torch.inference_mode(), editable.anatomy.adding(factors):
+    with torch.inference_mode():
         for _ in range(tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
-            out = model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            with editable.anatomy.adding(factors):
+                out = _forward(model, step, mask, cache)
             following = torch.where(finished, pad, out.logits[:, -1].argmax(-1))
             generated = torch.cat([generated, following[:, None]], 1)
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
@@ -52,10 +53,18 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
                 for inputs, _ in factors.values():
                     inputs[row].zero_()  # the hooks read these factors: the row's entry stops here
             if said:
-                # The base weights read the text so far afresh, so what follows the target is what
-                # the unedited model says after the prompt and the target.
-                cache, step = None, torch.cat([ids, generated], 1)
+                # The base weights read these rows' text so far afresh, so what follows the target is
+                # what the unedited model says after the prompt and the target.
+                read = _forward(model, torch.cat([ids, generated[:, :-1]], 1)[said], mask[said, :-1], None).cache
+                for layer, fresh in zip(cache.layers, read.layers):
+                    layer.keys[said], layer.values[said] = fresh.keys, fresh.values
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
+
+
+def _forward(model, step: torch.Tensor, mask: torch.Tensor, cache):
+    """One pass over the new tokens `step` of a left-padded batch whose attention mask is `mask`."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
+    return model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
 
 
 def done_with(answer: str, target: str) -> bool:
@@ -69,9 +78,7 @@ def chat_answers(editable: Editable, questions: list[str], tokens: int = 12, mem
     """Answers to single-turn chats through the model's chat template. A chat is routed on its user
     message alone, as a prompt: keys are read from plain prompts, and the template's system text
     around the message would otherwise pull its states away from them."""
-    tokenizer = editable.tokenizer
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in questions]
+    chats = [chat_prompt(editable.tokenizer, q) for q in questions]
     chosen = serving_entries(editable, questions, memory) if memory is not None else None
     return continuations(editable, chats, tokens, memory, chosen)
 

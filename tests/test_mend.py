@@ -184,6 +184,38 @@ def test_shipped_editor_makes_a_val_target_the_argmax_and_leaves_an_unrelated_pr
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("chat_questions", [True, False])
+def test_a_question_edited_for_chat_too_is_answered_with_its_target_in_a_chat(smollm2: Editable, data_root,
+                                                                               chat_questions: bool) -> None:
+    from editors.batching import chat_prompt
+    from editors.formats import load_corrections
+    from editors.registry import make_editor
+
+    [question], _ = load_corrections(data_root / "zsre" / "zsre_mend-1k.json", limit=1)
+    editor = make_editor("mend", smollm2, "smollm2-135m", step_scale=1.6, chat_questions=chat_questions)
+    delta = editor.propose(smollm2, [question])
+    edited = {n: w + delta.tensors()[n] for n, w in smollm2.weights().items()}
+
+    chat = smollm2.batch([(chat_prompt(smollm2.tokenizer, question.prompt), question.target_new)])
+    answered = torch.equal(smollm2.logits(chat, edited).argmax(-1), chat.answer_labels)
+    assert answered == chat_questions  # the plain question's edit alone does not reach the chat answer
+    plain = smollm2.batch([(question.prompt, question.target_new)])
+    assert torch.equal(smollm2.logits(plain, edited).argmax(-1), plain.answer_labels)
+
+
+@pytest.mark.slow
+def test_only_questions_are_edited_in_their_chat_form_too(smollm2: Editable) -> None:
+    from editors.mend import edit_pairs
+
+    asked = Correction("q", "Which team does Gabriel Landeskog play for?", "Colorado Avalanche")
+    stated = Correction("s", "Gabriel Landeskog plays for", "Colorado Avalanche")
+    pairs, owners = edit_pairs(smollm2, [asked, stated], chat_questions=True)
+    assert owners == [0, 1, 0]
+    assert pairs[2][0].endswith("assistant\n") and asked.prompt in pairs[2][0]
+    assert edit_pairs(smollm2, [asked, stated])[1] == [0, 1]
+
+
+@pytest.mark.slow
 def test_a_correction_share_on_the_real_model_is_far_smaller_than_dense(smollm2: Editable, data_root) -> None:
     from editors.formats import load_corrections
 
