@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon import systemd
 from daemon.config import MenddConfig, load_config
+from daemon.answering import Answering, Snapshot
 from daemon.cycle import rejudge_on_head, run_cycle
 from daemon.feeds import FeedError, pull
 from daemon.health import Health, describe_failure
@@ -92,6 +93,7 @@ class Service:
         self.ledger: Ledger | None = None
         self.unsettled = False  # the last cycle failed: recover the store before the next one
         self.scheduler: BackgroundScheduler | None = None
+        self.answers: Answering | None = None  # the OpenAI-compatible endpoint's snapshot and worker
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -106,8 +108,10 @@ class Service:
             with home_lock(self.home):
                 self.rt = Runtime.open(self.home, self.config)
             self.ledger = Ledger(self.home.ledger_url)
+            self.answers = Answering(self._snapshot())
             http = serve(Api(self.health, self.status, self.metrics.registry, self.ledger, self.home,
-                             self.config.http.token.get_secret_value() if self.config.http.token else None),
+                             self.config.http.token.get_secret_value() if self.config.http.token else None,
+                             self.answers, self.config.model),
                          self.config.http.host, self.config.http.port)
             self.scheduler = BackgroundScheduler(
                 executors={"default": ThreadPoolExecutor(1)},
@@ -129,6 +133,7 @@ class Service:
             log.info("stopping: finishing the current step")
             self.scheduler.shutdown(wait=True)
             http.shutdown()
+            self.answers.close()
             self._write_health()
             return 0
         finally:
@@ -183,6 +188,7 @@ class Service:
                 log.exception("cycle failed")
                 return
             self.health.clear("cycle")
+            self._publish()
             self.metrics.observe_cycle(report)
             systemd.notify(f"STATUS=serving {self.rt.served.tag}")
             log.info("cycle %d: %s; serving %s", report.cycle_id, report.outcome, report.version)
@@ -196,6 +202,7 @@ class Service:
                 if changed is not None:
                     log.info("the store now holds %s (was serving %s): reloading", changed.tag, self.rt.served.tag)
                     self.rt.load(changed)
+            self._publish()
             for run_id, action, _ in settled:
                 log.info("review of %s: %s", run_id, action)
             self.metrics.observe_ledger(self.rt.records.versions.ledger.counts())
@@ -225,6 +232,14 @@ class Service:
         self._schedule()
         self.health.clear("reload")
         log.info("reloaded: %d feeds, policy %s", len(config.feeds), policy.source)
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot.of(self.rt.served.tag, self.rt.editable, self.rt.memory)
+
+    def _publish(self) -> None:
+        """Answers follow the served version (on this worker, between jobs: the model is as served)."""
+        if self.answers is not None and self.answers.snapshot.version != self.rt.served.tag:
+            self.answers.publish(self._snapshot())
 
     # -- shared -------------------------------------------------------------------------------
 

@@ -46,8 +46,12 @@ def answer_text(prompt: str, answer: str) -> str:
 
 def chat_prompt(tokenizer, question: str) -> str:
     """`question` as a single-turn chat, up to where the assistant's answer begins."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    return chat_template_text(tokenizer, [{"role": "user", "content": question}])
+
+
+def chat_template_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """`messages` through the model's chat template, up to where the assistant's answer begins."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def pair_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:

@@ -7,6 +7,8 @@ on. An entry knows one fact: left on, it keeps pushing its target at every posit
 runs away ("euro euro euro euro"). A prompt no entry matches runs with the weights alone."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from editors.batching import chat_prompt
@@ -19,6 +21,18 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
                   chosen: list[int] | None = None) -> list[str]:
     """Greedy continuations of `prompts`, in one left-padded batch; with a memory, each by the entry
     that serves it (`chosen`, when the caller has routed them already)."""
+    steps = list(next_tokens(editable, prompts, tokens, memory, chosen))
+    generated = torch.stack(steps, 1) if steps else torch.zeros(len(prompts), 0, dtype=torch.long)
+    return [editable.tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
+
+
+def next_tokens(editable: Editable, prompts: list[str], tokens: int, memory: Memory | None = None,
+                chosen: list[int] | None = None, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Each step's next token per prompt ([batch]), up to `tokens` steps or until every prompt has
+    said end-of-sequence (a finished prompt gets the pad token after it): greedy at temperature 0,
+    else sampled. With a memory, each prompt runs with the entry that serves it (`chosen`, when the
+    caller has routed them already) until `done_with` says the entry's work is done."""
     tokenizer, model = editable.tokenizer, editable.model
     encoded = [tokenizer(p).input_ids for p in prompts]
     if any(not ids for ids in encoded):
@@ -35,30 +49,39 @@ def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memo
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     cache, step = None, ids
-    with torch.inference_mode():
-        for _ in range(tokens):
-            with editable.anatomy.adding(factors):
-                out = _forward(model, step, mask, cache)
-            following = torch.where(finished, pad, out.logits[:, -1].argmax(-1))
-            generated = torch.cat([generated, following[:, None]], 1)
-            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-            finished |= following == tokenizer.eos_token_id
-            if finished.all():
-                break
-            cache, step = out.cache, following[:, None]
-            said = [row for row, target in enumerate(until)
-                    if target is not None and done_with(tokenizer.decode(generated[row]), target)]
-            for row in said:
-                until[row] = None
-                for inputs, _ in factors.values():
-                    inputs[row].zero_()  # the hooks read these factors: the row's entry stops here
-            if said:
-                # The base weights read these rows' text so far afresh, so what follows the target is
-                # what the unedited model says after the prompt and the target.
+    for _ in range(tokens):
+        with torch.inference_mode(), editable.anatomy.adding(factors):
+            out = _forward(model, step, mask, cache)
+        following = torch.where(finished, pad, pick(out.logits[:, -1], temperature, generator))
+        generated = torch.cat([generated, following[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+        finished |= following == tokenizer.eos_token_id
+        yield following
+        if finished.all():
+            return
+        cache, step = out.cache, following[:, None]
+        said = [row for row, target in enumerate(until)
+                if target is not None and done_with(tokenizer.decode(generated[row]), target)]
+        for row in said:
+            until[row] = None
+            for inputs, _ in factors.values():
+                inputs[row].zero_()  # the hooks read these factors: the row's entry stops here
+        if said:
+            # The base weights read these rows' text so far afresh, so what follows the target is
+            # what the unedited model says after the prompt and the target.
+            with torch.inference_mode():
                 read = _forward(model, torch.cat([ids, generated[:, :-1]], 1)[said], mask[said, :-1], None).cache
                 for layer, fresh in zip(cache.layers, read.layers):
                     layer.keys[said], layer.values[said] = fresh.keys, fresh.values
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]
+
+
+def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token per row of `logits` [batch, vocab]: the argmax at temperature 0, else a sample
+    from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _forward(model, step: torch.Tensor, mask: torch.Tensor, cache):

@@ -1,0 +1,175 @@
+"""Answers for applications (the OpenAI-compatible endpoint, daemon/openai_api.py).
+
+The service answers from a snapshot of the version it serves: its own copy of the model and
+tokenizer, and the routed memory (immutable), published by the scheduler's worker whenever the
+served version changes (an accept, an approval, a rollback, an operator's checkout). The cycle
+swaps weights in and out of its own model while it judges candidates; the snapshot's copy never
+sees that. A request keeps the snapshot it started with to its last token.
+
+Requests wait in a bounded queue and one answer worker generates them one at a time: the
+maintenance cycle runs on the scheduler's worker beside it, and torch's kernels release the GIL, so
+neither stalls the other; when both are busy they share the cores.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from editors.editable import Editable
+from editors.routing import NONE, Memory
+from editors.serving import next_tokens, serving_entry
+
+log = logging.getLogger("mendd.answers")
+QUEUE_DEPTH = 16  # requests waiting beyond the one being answered; more get 503 with Retry-After
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One served version, as answers read it."""
+
+    version: str
+    editable: Editable
+    memory: Memory | None
+
+    @classmethod
+    def of(cls, version: str, editable: Editable, memory: Memory | None) -> "Snapshot":
+        """A snapshot with its own copy of `editable`'s model and tokenizer."""
+        own = Editable(copy.deepcopy(editable.model), copy.deepcopy(editable.tokenizer), editable.edit_names)
+        return cls(version, own, memory)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What to generate: `text` as the model reads it (a chat already through its template), routed on
+    `route` (a chat's last user message, as keys are read from plain prompts)."""
+
+    text: str
+    route: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text produced since the last piece; the final piece carries why generation ended."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string) or "length"
+
+
+@dataclass
+class Answer:
+    """A request on its way: the snapshot it is answered from and the pieces as they come."""
+
+    asked: Asked
+    snapshot: Snapshot
+    served_by: str | None = None  # the correction whose entry served it (routed memory)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    pieces: queue.Queue = field(default_factory=queue.Queue)  # Piece, or an Exception, per item
+
+
+class Busy(Exception):
+    """The answer queue is full: ask again later."""
+
+
+def answer_pieces(snapshot: Snapshot, answer: Answer) -> Iterator[Piece]:
+    """Generate `answer.asked` from `snapshot`, as pieces of text; fills in the answer's counts and entry."""
+    asked, editable, memory = answer.asked, snapshot.editable, snapshot.memory
+    tokenizer = editable.tokenizer
+    entry = serving_entry(editable, asked.route, memory) if memory is not None and asked.route.strip() else NONE
+    answer.served_by = memory.entries[entry].correction_id if entry != NONE else None
+    answer.prompt_tokens = len(tokenizer(asked.text).input_ids)
+    generator = torch.Generator().manual_seed(asked.seed) if asked.seed is not None else None
+    ids: list[int] = []
+    sent = ""
+    for step in next_tokens(editable, [asked.text], asked.max_tokens, memory, [entry], asked.temperature, generator):
+        token = int(step[0])
+        if token == tokenizer.eos_token_id:
+            yield Piece(_unsent(tokenizer.decode(ids, skip_special_tokens=True), sent), "stop")
+            return
+        ids.append(token)
+        answer.completion_tokens = len(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        stopped = first_stop(text, asked.stop)
+        if stopped is not None:
+            yield Piece(_unsent(text[:stopped], sent), "stop")
+            return
+        ready = len(text) - held_back(text, asked.stop)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+            ready = min(ready, len(text) - 1)
+        if ready > len(sent):
+            yield Piece(text[len(sent):ready])
+            sent = text[:ready]
+    yield Piece(_unsent(tokenizer.decode(ids, skip_special_tokens=True), sent), "length")
+
+
+def _unsent(text: str, sent: str) -> str:
+    return text[len(sent):]
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string begins in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string: not sent yet,
+    so a stop string split across tokens is never half-streamed."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class Answering:
+    """The served snapshot and the worker that answers from it."""
+
+    def __init__(self, snapshot: Snapshot, depth: int = QUEUE_DEPTH):
+        self._snapshot = snapshot
+        self._queue: queue.Queue[Answer | None] = queue.Queue(maxsize=depth)
+        self._worker = threading.Thread(target=self._work, name="mendd-answers", daemon=True)
+        self._worker.start()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Answer new requests from `snapshot`; requests already started keep theirs."""
+        self._snapshot = snapshot
+        log.info("answers now come from %s", snapshot.version)
+
+    def submit(self, asked: Asked) -> Answer:
+        """Queue `asked`; its pieces arrive on the returned answer. Raises Busy when the queue is full."""
+        answer = Answer(asked, self._snapshot)
+        try:
+            self._queue.put_nowait(answer)
+        except queue.Full:
+            raise Busy(f"{self._queue.maxsize} requests are already waiting") from None
+        return answer
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+
+    def _work(self) -> None:
+        while (answer := self._queue.get()) is not None:
+            try:
+                for piece in answer_pieces(answer.snapshot, answer):
+                    answer.pieces.put(piece)
+            except Exception as error:  # the request fails, the worker stays
+                log.exception("answering failed")
+                answer.pieces.put(error)
