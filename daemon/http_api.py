@@ -197,6 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._event(openai_api.chunk_body(request, answer, model, piece.text, None, rid))
                 if piece.finish_reason:
                     self._event(openai_api.chunk_body(request, answer, model, None, piece.finish_reason, rid))
+                    if request.usage_in_stream:
+                        self._event(openai_api.chunk_body(request, answer, model, None, None, rid, counts=True))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

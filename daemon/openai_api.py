@@ -34,6 +34,7 @@ class Request:
     chat: bool
     asked: Asked
     stream: bool
+    usage_in_stream: bool = False  # stream_options.include_usage: a last event with the token counts
 
 
 def parse_request(body: object, chat: bool, model: str, tokenizer) -> Request:
@@ -76,7 +77,11 @@ def parse_request(body: object, chat: bool, model: str, tokenizer) -> Request:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", "stream")
-    return Request(chat, Asked(text, route, max_tokens, float(temperature), tuple(stop), seed), stream)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    return Request(chat, Asked(text, route, max_tokens, float(temperature), tuple(stop), seed), stream,
+                   bool(options.get("include_usage")))
 
 
 def _chat_text(messages: object, tokenizer) -> tuple[str, str]:
@@ -123,19 +128,26 @@ def response_body(request: Request, answer: Answer, model: str, text: str, finis
               else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason})
     return {"id": rid, "object": "chat.completion" if request.chat else "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": answer.snapshot.version, "choices": [choice],
-            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
-            "mendd": mendd_field(answer)}
+            "usage": usage(answer), "mendd": mendd_field(answer)}
+
+
+def usage(answer: Answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
 
 
 def chunk_body(request: Request, answer: Answer, model: str, text: str | None, finish_reason: str | None, rid: str,
-               first: bool = False) -> dict:
-    """One streamed event: a piece of text, or (text None) the end with its finish reason."""
+               first: bool = False, counts: bool = False) -> dict:
+    """One streamed event: a piece of text, (text None) the end with its finish reason, or (counts)
+    the token counts after it, with no choices."""
+    head = {"id": rid, "object": "chat.completion.chunk" if request.chat else "text_completion",
+            "created": int(time.time()), "model": model, "system_fingerprint": answer.snapshot.version,
+            "mendd": mendd_field(answer)}
+    if counts:
+        return {**head, "choices": [], "usage": usage(answer)}
     if request.chat:
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    return {"id": rid, "object": "chat.completion.chunk" if request.chat else "text_completion",
-            "created": int(time.time()), "model": model, "system_fingerprint": answer.snapshot.version,
-            "choices": [choice], "mendd": mendd_field(answer)}
+    return {**head, "choices": [choice]}

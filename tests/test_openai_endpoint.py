@@ -70,11 +70,13 @@ def test_a_chat_completion_answers_through_the_chat_template(service) -> None:
 def test_a_streamed_completion_says_what_the_whole_one_says(service) -> None:
     _, _, client = service
     whole = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0)
-    stream = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+    stream = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
     chunks = list(stream)
-    assert len(chunks) > 2  # pieces as they come, then the end
-    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len(chunks) > 3  # pieces as they come, the end, then the counts
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
 
 def test_a_streamed_chat_opens_with_the_role_and_says_what_the_whole_one_says(service) -> None:
