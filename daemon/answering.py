@@ -162,6 +162,14 @@ class Answering:
         return answer
 
     def close(self) -> None:
+        """Stop: the answer being generated finishes; those still waiting fail with a reason."""
+        while True:
+            try:
+                waiting = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                waiting.pieces.put(RuntimeError("the service is stopping"))
         self._queue.put(None)
         self._worker.join(timeout=30)
 
