@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editors.batching import chat_prompt, pair_ids
+from editors.batching import chat_prompt, is_question, pair_ids
 from editors.editable import Editable
 from editors.types import Correction, Delta, EditInputError, LowRankUpdate, Share
 from editors import scoring
@@ -258,7 +258,7 @@ def edit_pairs(editable: Editable, corrections: list[Correction], chat_questions
     owners = list(range(len(corrections)))
     if chat_questions and getattr(editable.tokenizer, "chat_template", None):
         for index, correction in enumerate(corrections):
-            if correction.prompt.rstrip().endswith("?"):
+            if is_question(correction.prompt):
                 pairs.append((chat_prompt(editable.tokenizer, correction.prompt), correction.target_new))
                 owners.append(index)
     return pairs, owners

@@ -23,6 +23,11 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def bare_words(text: str) -> list[str]:
+    """`words` without the punctuation."""
+    return [w for w in words(text) if re.match(r"\w", w)]
+
+
 def mentions(text: str, target: str) -> bool:
     wanted = " ".join(words(target))
     return bool(wanted) and f" {wanted} " in f" {' '.join(words(text))} "
@@ -50,9 +55,9 @@ def repeats(text: str, n: int = 2, times: int = 3) -> bool:
 def starts_running_away(text: str) -> bool:
     """The first sign of a runaway answer: it ends with the same one, two or three words twice
     over ("Entertainment Entertainment", "University of University of")."""
-    tokens = [w for w in words(text) if re.match(r"\w", w)]
+    tokens = bare_words(text)
     return any(len(tokens) >= 2 * k and tokens[-k:] == tokens[-2 * k : -k] for k in (1, 2, 3))
 
 
 def first_words(text: str, k: int = 4) -> tuple[str, ...]:
-    return tuple(w for w in words(text) if re.match(r"\w", w))[:k]
+    return tuple(bare_words(text)[:k])

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from editors import routing
+from editors.batching import is_question
 from editors.editable import Editable
 from editors.reading import first_words, mentions, ngram_entropy, repeats
 from editors.registry import Editor
@@ -167,7 +168,7 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
 def chat_answers_to(served: Served, corrections: list[Correction], tokens: int) -> list[tuple[Correction, str]]:
     """The served model's chat answers to the corrections whose prompt is a question; none without
     a chat template."""
-    questions = [c for c in corrections if c.prompt.rstrip().endswith("?")]
+    questions = [c for c in corrections if is_question(c.prompt)]
     if not questions or not getattr(served.editable.tokenizer, "chat_template", None):
         return []
     return list(zip(questions, served.chat([c.prompt for c in questions], tokens)))
