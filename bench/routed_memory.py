@@ -11,6 +11,8 @@ benchmark measures that design before it is built into the service:
 - its key is the hidden state entering block --layer at the subject's last token of its prompt
   (the prompt's last token when the subject is not in it), centred by the mean state of held-out
   prompts and scaled to unit length;
+- (this bench measures the key alone; the service now also checks a lead and a margin, measured by
+  bench/routing_precision.py)
 - a query (a prompt) goes to the entry whose key is most similar to any of its token states from
   position 1 on (cosine), among the entries whose similarity reaches both τ and the entry's floor:
   the best similarity its key reached on held-out unrelated prompts (the training halves of zsRE's
@@ -48,7 +50,7 @@ from editors.batching import TokenBatch, rows_of
 from editors.formats import load_corrections
 from editors.mend import MendEditor
 from editors.registry import guarded, pretrained_path
-from editors.routing import choose, key_position, prompt_states, query_states, similarities, unit
+from editors.routing import choose, key_span, prompt_states, query_states, similarities, unit
 from editors.types import LowRankUpdate
 from policies.policy import load_policy
 from policies.probes import data_dir, unrelated_prompts
@@ -138,7 +140,7 @@ def main() -> None:
         held_out_states = prompt_states(editable, held_out, layer)
         centre = torch.cat(held_out_states).mean(0)
         edit_states = prompt_states(editable, [c.prompt for c in records], layer)
-        keys = unit(torch.stack([s[min(key_position(editable.tokenizer, c), len(s) - 1)]
+        keys = unit(torch.stack([s[min(key_span(editable.tokenizer, c)[1], len(s) - 1)]
                                  for c, s in zip(records, edit_states)]), centre)
         sims = {kind: similarities(prompt_states(editable, [q[0] for q in qs], layer), keys, centre) for kind, qs in queries.items()}
         sims["held_out"] = similarities(held_out_states, keys, centre)

@@ -120,11 +120,11 @@ def main() -> None:
     print(f"editing {len(records)} corrections for the memory...", file=sys.stderr)
     reference = routing_reference(home, editable, config.editor.routing_layer)
     served, edited = edit_all(editable, service_editor(home, editable, config), records, reference,
-                              config.editor.routing_tau)
+                              config.editor.routing_tau, config.editor.routing_margin)
     real = served.memory.entries
     entries = tuple(replace(real[i % len(real)], correction_id=f"{real[i % len(real)].correction_id}#{i}")
                     for i in range(ENTRIES))
-    memory = Memory(served.memory.layer, served.memory.tau, served.memory.centre, entries)
+    memory = replace(served.memory, entries=entries)
     prompts = [c.prompt for c in edited][: args.prompts]
 
     plain_generate(loaded, prompts[:2], args.tokens)  # warm-up

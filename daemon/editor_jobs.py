@@ -86,8 +86,8 @@ def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int
         records = without_subject(records)
     with progress_bar(console) as bar:
         task = bar.add_task(f"editing into the {'routed memory' if routed else 'weights'}", total=len(records), status="")
-        served, edited = edit_all(editable, editor, records, reference, config.editor.routing_tau, batch_size,
-                                  progress=lambda n: bar.advance(task, n))
+        served, edited = edit_all(editable, editor, records, reference, config.editor.routing_tau,
+                                  config.editor.routing_margin, batch_size, progress=lambda n: bar.advance(task, n))
     with console.status(f"Generating {tokens}-token answers with and without the edits..."):
         return read_served(served, edited, keep_subject, tokens)
 

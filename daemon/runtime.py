@@ -130,7 +130,8 @@ class Runtime:
                 f"editor.routing_layer is {settings.routing_layer}, after the first edited block "
                 f"({self.editable.anatomy.first}): keys must be read before any edited block")
         self.reference = routing_reference(self.home, self.editable, settings.routing_layer)
-        self.memory = stored_memory(self.records.versions, settings.routing_layer, settings.routing_tau, self.reference)
+        self.memory = stored_memory(self.records.versions, settings.routing_layer, settings.routing_tau,
+                                     settings.routing_margin, self.reference)
 
     def served_weights(self) -> Weights:
         """The served model's weights as the gate takes them."""

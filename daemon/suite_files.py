@@ -126,11 +126,12 @@ def load_keys(home: Home) -> dict[str, torch.Tensor]:
 
 def routing_reference(home: Home, editable: Editable, layer: int) -> Reference:
     """The routed memory's reference at `layer`: as pinned in the home, or pinned now (from the
-    editing data) when it is missing or was pinned at another block."""
+    editing data) when it is missing, was pinned at another block, or lacks the prompts' lengths."""
     if home.routing_path.exists():
         tensors, metadata = read_tensor_file_with_metadata(home.routing_path)
         if int(metadata["layer"]) == layer:
-            return Reference(layer, tensors["centre"], tensors["unit_states"], int(metadata["prompts"]))
+            if "lengths" in tensors:  # pinned before leads: pinned again below
+                return Reference(layer, tensors["centre"], tensors["unit_states"], tensors["lengths"], int(metadata["prompts"]))
     try:
         root = data_dir()
     except DataNotFound as error:
@@ -145,7 +146,8 @@ def pin_routing(home: Home, editable: Editable, root: Path, layer: int) -> Refer
     prompts = [p.prompt for p in unrelated_prompts(root, n_questions=300, n_sentences=300, half=1)]
     ref = reference(editable, prompts, layer)
     home.routing_path.parent.mkdir(parents=True, exist_ok=True)
-    write_tensor_file(home.routing_path, {"centre": ref.centre.contiguous(), "unit_states": ref.unit_states.contiguous()},
+    write_tensor_file(home.routing_path, {"centre": ref.centre.contiguous(), "unit_states": ref.unit_states.contiguous(),
+                                            "lengths": ref.lengths.contiguous()},
                       metadata={"layer": str(layer), "prompts": str(ref.prompts)})
     return ref
 

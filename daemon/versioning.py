@@ -153,12 +153,12 @@ def is_routed(chunk: MemoryChunk) -> bool:
     return "layer" in chunk.metadata
 
 
-def stored_memory(versions: Versions, layer: int, tau: float, reference: Reference) -> Memory:
-    """The routed memory in the store's model/, served at `tau`; empty (centred by `reference`) when
-    no version has added entries yet."""
+def stored_memory(versions: Versions, layer: int, tau: float, margin: float, reference: Reference) -> Memory:
+    """The routed memory in the store's model/, served at `tau` and `margin`; empty (centred by
+    `reference`) when no version has added entries yet."""
     chunks = versions.store.memory_chunks()
     if not chunks:
-        return Memory(layer, tau, reference.centre)
+        return Memory(layer, tau, reference.centre, margin=margin)
     first = chunks[0][1]
     if int(first.metadata["layer"]) != layer:
         raise StoreError(
@@ -166,25 +166,30 @@ def stored_memory(versions: Versions, layer: int, tau: float, reference: Referen
             f"editor.routing_layer is {layer}; set it back to {first.metadata['layer']} (keys made at one block "
             "cannot be compared with states at another)")
     entries = tuple(entry_from_stored(share) for _, chunk in chunks for share in chunk.shares)
-    return Memory(layer, tau, first.common["centre"], entries)
+    return Memory(layer, tau, first.common["centre"], entries, margin)
 
 
 def entry_to_stored(entry: Entry) -> StoredShare:
-    """An entry as a share's tensors plus ``route/key``, ``route/floor`` and ``route/target`` (its
-    answer's UTF-8 bytes: safetensors holds only tensors and one string map per file)."""
+    """An entry as a share's tensors plus ``route/key``, ``route/floor``, ``route/target`` (its
+    answer's UTF-8 bytes: safetensors holds only tensors and one string map per file) and, for a
+    long subject, ``route/lead``."""
     stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
     route = {"route/key": entry.key.float().contiguous(), "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
     if entry.target is not None:
         route["route/target"] = torch.tensor(list(entry.target.encode("utf-8")), dtype=torch.uint8)
+    if entry.lead is not None:
+        route["route/lead"] = entry.lead.float().contiguous()
     return StoredShare(stored.correction_ids, {**stored.tensors, **route})
 
 
 def entry_from_stored(stored: StoredShare) -> Entry:
-    """An entry stored before targets were kept has none: it then acts for the whole answer."""
+    """An entry stored before targets were kept has none: it then acts for the whole answer; one
+    stored before leads were kept is routed on its key alone."""
     share = share_from_stored(stored)
     target = stored.tensors.get("route/target")
     return Entry(stored.correction_ids[0], stored.tensors["route/key"], stored.tensors["route/floor"].item(),
-                 share.low_rank, bytes(target.tolist()).decode("utf-8") if target is not None else None)
+                 share.low_rank, bytes(target.tolist()).decode("utf-8") if target is not None else None,
+                 stored.tensors.get("route/lead"))
 
 
 def commit_change(versions: Versions, change: Change) -> Version:

@@ -7,19 +7,25 @@ update whose key it matches, or with the base weights when it matches none:
 
 - key: the hidden state entering block `layer` at the subject's last prompt token. It is computed
   before any edited block, so routing never depends on the memory itself;
+- lead: for a subject of three tokens or more, the state one token before the key as well. The last
+  token of "Padda Island" is mostly " Island", and alone it matches "Peter I Island" and every
+  other island; with the lead, a query position matches only when the state before it matches too.
+  (Not for two-token subjects: a subject's first token differs with the space before it, "Nintendo"
+  at the start of a prompt and " Nintendo" after a word);
 - similarity: the cosine between the key and a query's token states from position 1 on (position 0
-  is an attention sink), both centred by the mean state of held-out prompts; a query takes its best
-  position;
-- an entry fires when the similarity reaches both τ and the entry's floor: the best similarity its
-  key reached on held-out unrelated prompts, so a key that resembles everything must match more
-  closely; of the entries that fire, the most similar one serves the query.
+  is an attention sink), both centred by the mean state of held-out prompts; with a lead, the lesser
+  of that and the previous position's cosine with the lead; a query takes its best position;
+- an entry fires when the similarity reaches both τ and its floor raised by the margin: the floor is
+  the best similarity its key reached on held-out unrelated prompts, and the margin a share of the
+  way from the floor to 1, so a key that resembles everything must match almost exactly; of the
+  entries that fire, the most similar one serves the query.
 
 Measured offline first (bench/routed_memory.py, bench/results/README.md), then built here.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -39,6 +45,7 @@ class Entry:
     floor: float  # its best similarity on held-out unrelated prompts
     update: dict[str, LowRankUpdate]  # tensor name -> the correction's own low-rank change
     target: str | None = None  # the answer it teaches; generation drops the entry once it is said
+    lead: torch.Tensor | None = None  # [hidden]: the state one token before the key (long subjects)
 
 
 @dataclass(frozen=True)
@@ -47,19 +54,25 @@ class Memory:
     tau: float
     centre: torch.Tensor  # [hidden]: mean state of held-out prompts at `layer`
     entries: tuple[Entry, ...] = ()
+    margin: float = 0.0  # the share of the way from an entry's floor to 1 a query must also clear
 
     def plus(self, entries: list[Entry]) -> "Memory":
-        return Memory(self.layer, self.tau, self.centre, self.entries + tuple(entries))
+        return replace(self, entries=self.entries + tuple(entries))
 
     def without(self, correction_ids: set[str]) -> "Memory":
-        kept = tuple(e for e in self.entries if e.correction_id not in correction_ids)
-        return Memory(self.layer, self.tau, self.centre, kept)
+        return replace(self, entries=tuple(e for e in self.entries if e.correction_id not in correction_ids))
 
     @cached_property
     def unit_keys(self) -> torch.Tensor:
         if not self.entries:
             return torch.zeros(0, self.centre.numel())
         return unit(torch.stack([e.key for e in self.entries]), self.centre)
+
+    @cached_property
+    def unit_leads(self) -> torch.Tensor:
+        """[entries, hidden]: each entry's unit lead, zeros for an entry without one."""
+        leads = [unit(e.lead, self.centre) if e.lead is not None else torch.zeros_like(self.centre) for e in self.entries]
+        return torch.stack(leads) if leads else torch.zeros(0, self.centre.numel())
 
     @cached_property
     def floors(self) -> torch.Tensor:
@@ -83,11 +96,14 @@ class Reference:
 
     layer: int
     centre: torch.Tensor  # [hidden]
-    unit_states: torch.Tensor  # [states, hidden]
+    unit_states: torch.Tensor  # [states, hidden]: each prompt's states in turn
+    lengths: torch.Tensor  # [prompts]: how many of the states are each prompt's
     prompts: int = 0  # how many prompts gave them
 
-    def floor(self, key: torch.Tensor) -> float:
-        return (self.unit_states.float() @ unit(key, self.centre)).max().item()
+    def floor(self, key: torch.Tensor, lead: torch.Tensor | None = None) -> float:
+        keys = unit(key, self.centre)[None]
+        leads = unit(lead, self.centre)[None] if lead is not None else torch.zeros_like(keys)
+        return position_similarities(self.unit_states.float(), self.lengths, keys, leads).max().item()
 
 
 # -- routing (pure) -----------------------------------------------------------------------------
@@ -97,22 +113,44 @@ def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
 
-def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """[queries, keys]: each key's best cosine with any of a query's token states ([positions, hidden])."""
+def previous(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[positions, hidden]: each position's predecessor in its own sequence (`states` holds the
+    sequences of `lengths` one after another); zeros at a sequence's first position."""
+    before = torch.roll(states, 1, 0)
+    before[torch.cumsum(lengths, 0) - lengths] = 0
+    return before
+
+
+def position_similarities(unit_states: torch.Tensor, lengths: torch.Tensor, unit_keys: torch.Tensor,
+                          unit_leads: torch.Tensor) -> torch.Tensor:
+    """[positions, keys]: each position's cosine with each key; for a key with a lead (a non-zero
+    row of `unit_leads`), the lesser of that and the previous position's cosine with the lead."""
+    own = unit_states @ unit_keys.T
+    has_lead = unit_leads.abs().sum(-1) > 0
+    if not has_lead.any():
+        return own
+    return torch.where(has_lead, torch.minimum(own, previous(unit_states, lengths) @ unit_leads.T), own)
+
+
+def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: torch.Tensor,
+                 unit_leads: torch.Tensor | None = None) -> torch.Tensor:
+    """[queries, keys]: each key's best similarity with any of a query's token states ([positions, hidden])."""
     if not queries:
         return torch.zeros(0, len(unit_keys))
-    owner = torch.cat([torch.full((len(q),), i) for i, q in enumerate(queries)])
-    per_position = unit(torch.cat(queries), centre) @ unit_keys.T
+    lengths = torch.tensor([len(q) for q in queries])
+    owner = torch.repeat_interleave(torch.arange(len(queries)), lengths)
+    leads = torch.zeros_like(unit_keys) if unit_leads is None else unit_leads
+    per_position = position_similarities(unit(torch.cat(queries), centre), lengths, unit_keys, leads)
     return torch.full((len(queries), len(unit_keys)), -2.0).scatter_reduce(
         0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
 
 
-def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float) -> torch.Tensor:
+def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0) -> torch.Tensor:
     """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
-    own floor; NONE when none does."""
+    own floor raised by `margin` of the way to 1; NONE when none does."""
     if similarity.shape[1] == 0:
         return torch.full((similarity.shape[0],), NONE)
-    eligible = similarity >= torch.clamp(floors, min=tau)
+    eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
     score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
     return torch.where(score > -3.0, best, torch.tensor(NONE))
 
@@ -133,8 +171,8 @@ def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
 
 def route(memory: Memory, states: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """[batch]: the entry serving each row (NONE: the base weights)."""
-    sims = similarities(query_states(states, batch), memory.unit_keys, memory.centre)
-    return choose(sims, memory.floors, memory.tau)
+    sims = similarities(query_states(states, batch), memory.unit_keys, memory.centre, memory.unit_leads)
+    return choose(sims, memory.floors, memory.tau, memory.margin)
 
 
 def row_factors(memory: Memory, chosen: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -187,16 +225,23 @@ def guessed_subject(prompt: str) -> str | None:
     return re.sub(r"('s|’s|')$", "", prompt[start:end])
 
 
-def key_position(tokenizer, correction: Correction) -> int:
-    """Where a correction's key is read among its query states (counted from position 1): the last
-    token of its subject (given, else guessed from the prompt), else the prompt's last token."""
+def key_span(tokenizer, correction: Correction) -> tuple[int, int]:
+    """Where a correction's subject (given, else guessed from the prompt) lies among its query states
+    (counted from position 1, so a subject that opens the prompt starts at -1): its first and last
+    token; the prompt's last token alone when it names nothing. The key is read at the last."""
     prompt = correction.prompt
     if correction.subject and correction.subject in prompt:
-        end = prompt.index(correction.subject) + len(correction.subject)
+        start = prompt.index(correction.subject)
+        end = start + len(correction.subject)
     else:
         guessed = guessed_subject(prompt)
-        end = prompt.rindex(guessed) + len(guessed) if guessed else len(prompt)
-    return max(len(tokenizer(prompt[:end], add_special_tokens=False).input_ids) - 2, 0)
+        start, end = (prompt.rindex(guessed), prompt.rindex(guessed) + len(guessed)) if guessed else (len(prompt), len(prompt))
+
+    def tokens(chars: int) -> int:
+        return len(tokenizer(prompt[:chars], add_special_tokens=False).input_ids)
+
+    last = max(tokens(end) - 2, 0)
+    return min(tokens(start) - 1, last), last
 
 
 # -- building entries (runs the model's prefix) --------------------------------------------------
@@ -213,9 +258,10 @@ def prompt_states(editable, prompts: list[str], layer: int, chunk: int = 64) -> 
 
 def reference(editable, prompts: list[str], layer: int) -> Reference:
     """The centre and held-out unit states for `layer`, from prompts known to be unrelated."""
-    states = torch.cat(prompt_states(editable, prompts, layer))
+    rows = prompt_states(editable, prompts, layer)
+    states = torch.cat(rows)
     centre = states.mean(0)
-    return Reference(layer, centre, unit(states, centre), len(prompts))
+    return Reference(layer, centre, unit(states, centre), torch.tensor([len(r) for r in rows]), len(prompts))
 
 
 def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], corrections: list[Correction],
@@ -226,6 +272,9 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
     states = prompt_states(editable, [c.prompt for c in ordered], ref.layer)
     out = []
     for (cid, update), correction, row in zip(shares, ordered, states):
-        key = row[min(key_position(editable.tokenizer, correction), len(row) - 1)]
-        out.append(Entry(cid, key.clone(), ref.floor(key), update, correction.target_new))
+        first, last = key_span(editable.tokenizer, correction)
+        last = min(last, len(row) - 1)
+        key = row[last].clone()
+        lead = row[last - 1].clone() if last - 1 > first else None
+        out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead))
     return out

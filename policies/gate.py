@@ -21,11 +21,10 @@ from typing import Literal
 import torch
 
 from editors import scoring
-from editors.batching import TokenBatch, text_batch
+from editors.batching import TokenBatch, rows_of, text_batch
 from editors.editable import Editable
 from editors.reading import first_words, mentions, repeats
-from editors.routing import Routed
-from editors.serving import serving_entries
+from editors.routing import NONE, Memory, Routed, route
 from editors.types import Correction
 from policies.policy import Policy, Threshold
 from policies.served_eval import Served
@@ -207,15 +206,17 @@ class Gate:
         return Speech(figures, tuple(examples))
 
     def _routed_to_new(self, current: Weights, candidate: Weights, corrections: list[Correction]) -> list[tuple[Correction, str]]:
-        """The locality suite's prompts that the candidate routes to one of the new entries."""
+        """The locality suite's prompts that the candidate routes to one of the new entries (routed
+        on the states the locality check has read already: a prompt's states do not depend on the
+        answer after it)."""
         if not isinstance(candidate, Routed):
             return []
         known = len(current.memory.entries) if isinstance(current, Routed) else 0
         by_id = {c.id: c for c in corrections}
-        prompts = [p.prompt for p in self.suites.locality]
-        chosen = serving_entries(self.editable, prompts, candidate.memory)
         entries = candidate.memory.entries
-        return [(by_id[entries[j].correction_id], prompt) for prompt, j in zip(prompts, chosen)
+        return [(by_id[entries[j].correction_id], probe.prompt)
+                for probes, batch, _ in self.locality_batches
+                for probe, j in zip(probes, self._routes(batch, candidate.memory).tolist())
                 if j >= known and entries[j].correction_id in by_id]
 
     def _new_edits(self, current: Weights, candidate: Weights, corrections: list[Correction]):
@@ -259,19 +260,37 @@ class Gate:
         return before, after, examples
 
     def locality(self, candidate: Weights):
-        """Mean per-probe agreement with the base model's argmax; the changed probes as table rows."""
+        """Mean per-probe agreement with the base model's argmax; the changed probes as table rows.
+        With a routed memory on the model's own weights, a probe that no entry serves is answered
+        by the base weights, whose answers the reference is: only the routed probes are run."""
         agreements: list[torch.Tensor] = []
         rows: list[Example] = []
         for probes, batch, reference in self.locality_batches:
-            after = self.editable.logits(batch, candidate).argmax(-1)
-            same = scoring.per_row_mean((after == reference).float(), batch.row_of_answer, len(probes))
+            same = torch.ones(len(probes))
+            run = self._reachable(batch, candidate)
+            if run:
+                part = rows_of(batch, run)
+                after = self.editable.logits(part, candidate).argmax(-1)
+                wanted = reference[torch.isin(batch.row_of_answer, torch.tensor(run))]
+                same[run] = scoring.per_row_mean((after == wanted).float(), part.row_of_answer, len(run))
+                for i in (same[run] < 1.0).nonzero()[:, 0].tolist():
+                    probe = probes[run[i]]
+                    mine = part.row_of_answer == i
+                    rows.append(Example("locality", "", probe.prompt, probe.answer, self._decode(wanted[mine]),
+                                        self._decode(after[mine]), False))
             agreements.append(same)
-            for i in (same < 1.0).nonzero()[:, 0].tolist():
-                mine = batch.row_of_answer == i
-                probe = probes[i]
-                rows.append(Example("locality", "", probe.prompt, probe.answer, self._decode(reference[mine]),
-                                    self._decode(after[mine]), False))
         return share(torch.cat(agreements)), rows
+
+    def _reachable(self, batch: TokenBatch, weights: Weights) -> list[int]:
+        """The rows of `batch` whose answers `weights` may change: every row, or with a routed
+        memory on the model's own weights, the rows some entry serves."""
+        if not isinstance(weights, Routed) or weights.weights is not None:
+            return list(range(len(batch.lengths)))
+        return (self._routes(batch, weights.memory) != NONE).nonzero()[:, 0].tolist()
+
+    def _routes(self, batch: TokenBatch, memory: Memory) -> torch.Tensor:
+        with torch.no_grad():
+            return route(memory, self.editable.states_at(batch, memory.layer), batch)
 
     def ppl_drawdown(self, candidate: Weights) -> float:
         logits = self.editable.logits(self.text, candidate)

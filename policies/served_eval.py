@@ -105,7 +105,7 @@ def without_subject(corrections: list[Correction]) -> list[Correction]:
     return [replace(c, subject=None) for c in corrections]
 
 
-def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], reference: Reference | None, tau: float,
+def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], reference: Reference | None, tau: float, margin: float,
              batch_size: int = 1, progress: Callable[[int], None] | None = None) -> tuple[Served, list[Correction]]:
     """Edit every correction (in batches) into one served model; returns it and the corrections
     it carries (those the editor could not edit, or that the model already answered, are left out)."""
@@ -127,7 +127,7 @@ def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], 
         if progress:
             progress(len(batch))
     if reference is not None:
-        return Served(editable, memory=Memory(reference.layer, tau, reference.centre, tuple(entries))), edited
+        return Served(editable, memory=Memory(reference.layer, tau, reference.centre, tuple(entries), margin)), edited
     return Served(editable, weights=summed), edited
 
 

@@ -32,6 +32,45 @@ def test_with_no_entries_every_query_keeps_the_base_weights() -> None:
     assert routing.choose(torch.zeros(3, 0), torch.zeros(0), 0.5).tolist() == [NONE] * 3
 
 
+def test_a_margin_makes_a_key_that_resembles_everything_match_almost_exactly() -> None:
+    similarity = torch.tensor([[0.97], [0.99]])
+    floors = torch.tensor([0.96])  # halfway from 0.96 to 1 is 0.98
+    assert routing.choose(similarity, floors, tau=0.5, margin=0.0).tolist() == [0, 0]
+    assert routing.choose(similarity, floors, tau=0.5, margin=0.5).tolist() == [NONE, 0]
+
+
+def _axis(i: int, size: int = 4) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(i), size).float()
+
+
+def test_a_key_with_a_lead_matches_only_where_the_state_before_it_matches_the_lead() -> None:
+    key, lead, other = _axis(0), _axis(1), _axis(2)
+    centre = torch.zeros(4)
+    padda_island = torch.stack([other, lead, key])  # "... Padda Island": the lead, then the key
+    peter_island = torch.stack([other, other, key])  # "... Peter I Island": the key after something else
+    keys, leads = key[None], lead[None]
+    assert routing.similarities([padda_island, peter_island], keys, centre, leads)[:, 0].tolist() == [1.0, 0.0]
+    assert routing.similarities([padda_island, peter_island], keys, centre)[:, 0].tolist() == [1.0, 1.0]
+
+
+def test_the_state_before_a_query_s_first_position_is_never_taken_from_the_query_before_it() -> None:
+    key, lead = _axis(0), _axis(1)
+    ends_with_lead, starts_with_key = torch.stack([_axis(2), lead]), torch.stack([key, _axis(2)])
+    sims = routing.similarities([ends_with_lead, starts_with_key], key[None], torch.zeros(4), lead[None])
+    assert sims[1, 0].item() < 0.5
+
+
+def test_only_a_subject_of_three_tokens_or_more_gets_a_lead(tiny) -> None:
+    """A subject's first token differs with the space before it ("Nintendo" opening a prompt, " Nintendo"
+    after a word), so the lead is never the first token. (The tiny tokenizer spells names letter by letter.)"""
+    three, two = Correction("a", "The Kon is in", "x", subject="Kon"), Correction("b", "The Al is in", "x", subject="Al")
+    assert [routing.key_span(tiny.tokenizer, c) for c in (three, two)] == [(3, 5), (3, 4)]
+    ref = routing.reference(tiny, ["Hello there my friend", "What is the time now"], 1)
+    with_lead, without = routing.entries(tiny, [("a", {}), ("b", {})], [three, two], ref)
+    assert with_lead.lead is not None and without.lead is None
+    assert with_lead.floor <= ref.floor(with_lead.key)  # the lead only narrows what the key matches
+
+
 def test_a_query_is_routed_on_its_prompt_tokens_and_running_text_on_all_of_it(tiny) -> None:
     from editors.batching import text_batch
 
@@ -222,7 +261,7 @@ def test_an_entry_stops_acting_once_its_target_is_said_and_the_base_weights_carr
     memory, _, correction = _one_entry(tiny, tau=0.99)
     acting_throughout = continuation(tiny, correction.prompt, 8, memory)
     said = acting_throughout[:1]  # the tiny model's first generated token is one character
-    until_said = Memory(memory.layer, memory.tau, memory.centre, (replace(memory.entries[0], target=said),))
+    until_said = replace(memory, entries=(replace(memory.entries[0], target=said),))
     assert continuation(tiny, correction.prompt, 8, until_said) == said + continuation(tiny, correction.prompt + said, 7)
 
 
@@ -248,3 +287,14 @@ def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) ->
     assert (answer["version"], answer["served_by"]) == ("v0001", "c1") and answer["continuation"]
     unrelated = json.loads(mendd("--home", str(home.root), "ask", "Zebras graze on", "--json").stdout)
     assert unrelated["served_by"] is None
+
+
+def test_an_entry_s_lead_is_stored_with_it_and_read_back() -> None:
+    from daemon.versioning import entry_from_stored, entry_to_stored
+
+    update = {"w": LowRankUpdate(torch.randn(1, 4), torch.randn(1, 3), 1.0)}
+    for lead in (torch.randn(4), None):
+        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", lead)))
+        assert (back.lead is None) == (lead is None)
+        if lead is not None:
+            torch.testing.assert_close(back.lead, lead)

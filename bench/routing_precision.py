@@ -1,0 +1,91 @@
+"""Where the routed memory sends queries, with N CounterFact corrections' keys in one memory (issue #20/#22).
+
+No editing: each record's entry is built exactly as the service builds it (editors/routing.py: key,
+lead, floor against the home's pinned reference), with an empty update, and every query is routed as
+the service routes it. Counted per query set: the share that goes to its own correction's entry and
+the share that goes to another's (a false route: that entry's change then answers a prompt it is not
+about). Query sets: the corrections' prompts and rephrasings, CounterFact's neighbourhood prompts
+(same relation, another subject) and the gate's locality suite. Each rule is measured: the key
+alone at τ 0.8 (the rule before leads), and keys with leads at the given τ and margins.
+
+    python bench/routing_precision.py [--n 500] [--start 0] [--no-subject] [--rules 0.75:0.3 0.8:0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from daemon.config import load_config
+from daemon.home import Home
+from daemon.provision import provision_home
+from daemon.runtime import Runtime
+from editors.formats import load_corrections
+from editors.routing import Memory, choose, entries, prompt_states, similarities
+from policies.probes import data_dir
+
+MODEL = "smollm2-135m"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--no-subject", action="store_true", help="drop every record's subject (routing guesses it)")
+    parser.add_argument("--rules", nargs="+", default=["0.75:0.3", "0.8:0.5", "0.75:0.5"], help="tau:margin with leads")
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "served")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    home = Home(args.work / "home")
+    if not home.suites_path.exists():
+        provision_home(home, MODEL)
+    rt = Runtime.open(home, load_config(home))  # the default profile: a routed memory
+    editable, ref = rt.editable, rt.reference
+    records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.start + args.n)
+    records = records[args.start :]
+    if args.no_subject:
+        records = [replace(c, subject=None) for c in records]
+    built = entries(editable, [(c.id, {}) for c in records], records, ref)
+    keyed = Memory(ref.layer, 0.0, ref.centre, tuple(built))
+    alone = replace(keyed, entries=tuple(replace(e, lead=None, floor=ref.floor(e.key)) for e in built))
+    queries = {
+        "prompt": [(c.prompt, i) for i, c in enumerate(records)],
+        "rephrase": [(r, i) for i, c in enumerate(records) for r in c.rephrases],
+        "neighbourhood": [(lp.prompt, i) for i, c in enumerate(records) for lp in c.locality_prompts],
+        "locality": [(p.prompt, -1) for p in rt.gate.suites.locality],
+    }
+    states = {kind: prompt_states(editable, [q for q, _ in qs], ref.layer) for kind, qs in queries.items()}
+
+    def figures(memory: Memory, tau: float, margin: float) -> dict[str, float]:
+        out = {}
+        for kind, qs in queries.items():
+            chosen = choose(similarities(states[kind], memory.unit_keys, memory.centre, memory.unit_leads),
+                            memory.floors, tau, margin)
+            owners = torch.tensor([owner for _, owner in qs])
+            if kind == "locality":  # about no correction: any route is a false one
+                out["locality_routed"] = round((chosen >= 0).float().mean().item(), 4)
+                continue
+            out[f"{kind}_to_own"] = round((chosen == owners).float().mean().item(), 4)
+            out[f"{kind}_to_other"] = round(((chosen >= 0) & (chosen != owners)).float().mean().item(), 4)
+        return out
+
+    rules = {"key_alone tau 0.8": figures(alone, 0.8, 0.0)}
+    for rule in args.rules:
+        tau, margin = map(float, rule.split(":"))
+        rules[f"key_and_lead tau {tau} margin {margin}"] = figures(keyed, tau, margin)
+    summary = {"model": MODEL, "n": len(records), "start": args.start, "subject": not args.no_subject,
+               "with_lead": sum(e.lead is not None for e in built), "rules": rules}
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
