@@ -537,6 +537,37 @@ def train_editor(
                       "validations": state.validations[-1:]}))
 
 
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="The version to export, e.g. v0003.")],
+    out: Annotated[Path, typer.Option("--out", help="A new folder to write it into.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Write VERSION as a folder that plain transformers loads and that answers as mendd serves it:
+    `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` (a routed version brings its
+    memory and a self-contained modeling file; a weights version is a plain Hugging Face folder)."""
+    from daemon.exporting import ExportError, export_version
+    from daemon.versioning import open_versions
+    from store.errors import StoreError
+
+    config = _config(ctx)
+    opened = open_versions(ctx.obj, config)
+    try:
+        with err.status(f"Exporting {version}..."):
+            done = export_version(opened.store, version, out, config.editor.routing_tau, config.editor.routing_margin)
+    except (ExportError, StoreError) as error:
+        raise typer.BadParameter(str(error), param_hint="VERSION / --out") from None
+    finally:
+        opened.close()
+    if as_json:
+        print(json.dumps({"version": done.version, "folder": str(done.folder), "routed": done.routed, "entries": done.entries}))
+        return
+    kind = f"routed, {done.entries} memory entries" if done.routed else "weights"
+    print(f"{done.version} ({kind}) -> {done.folder}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(done.folder)!r}, trust_remote_code=True)")
+
+
 @app.command("export-editor")
 def export_editor(
     ctx: typer.Context,

@@ -7,13 +7,13 @@ real token never sees padding and its hidden state does not depend on what it is
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from editors.memory_model import adding
 
 
 class _StopForward(Exception):
@@ -128,27 +128,14 @@ class Anatomy(nn.Module):
         with self.adding(factors):
             return self.run(hidden, positions, weights)
 
-    @contextmanager
-    def adding(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    def adding(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         """While inside, each named tensor's module adds its row's low-rank change to its output
         (inputs [batch, rank, in], outputs [batch, rank, out]), in this suffix or the whole model."""
-        modules = {e.name: e.module for e in self.editable}
-        handles = [modules[name].register_forward_hook(_adds_low_rank(*pair)) for name, pair in factors.items()]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return adding({e.name: e.module for e in self.editable}, factors)
 
     def current_weights(self) -> dict[str, torch.Tensor]:
         params = dict(self.model[0].named_parameters())
         return {e.name: params[e.name] for e in self.editable}
-
-
-def _adds_low_rank(inputs: torch.Tensor, outputs: torch.Tensor):
-    def hook(_module, args, output):
-        return output + torch.einsum("bsk,bko->bso", torch.einsum("bsi,bki->bsk", args[0], inputs), outputs)
-    return hook
 
 
 def _is_linear_like(module: nn.Module) -> bool:

@@ -13,24 +13,12 @@ greedy continuation a user actually gets:
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 
-_WORD = re.compile(r"\w+|[^\w\s]")
+# The words, and the signs of a said target or a runaway answer, are shared with exported models.
+from editors.memory_model import bare_words, mentions, starts_running_away, words
 
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def bare_words(text: str) -> list[str]:
-    """`words` without the punctuation."""
-    return [w for w in words(text) if re.match(r"\w", w)]
-
-
-def mentions(text: str, target: str) -> bool:
-    wanted = " ".join(words(target))
-    return bool(wanted) and f" {wanted} " in f" {' '.join(words(text))} "
+__all__ = ["bare_words", "first_words", "mentions", "ngram_entropy", "repeats", "starts_running_away", "words"]
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
@@ -50,13 +38,6 @@ def ngram_entropy(text: str, orders: tuple[int, ...] = (2, 3), weights: tuple[fl
 def repeats(text: str, n: int = 2, times: int = 3) -> bool:
     counts = Counter(ngrams(words(text), n))
     return bool(counts) and max(counts.values()) >= times
-
-
-def starts_running_away(text: str) -> bool:
-    """The first sign of a runaway answer: it ends with the same one, two or three words twice
-    over ("Entertainment Entertainment", "University of University of")."""
-    tokens = bare_words(text)
-    return any(len(tokens) >= 2 * k and tokens[-k:] == tokens[-2 * k : -k] for k in (1, 2, 3))
 
 
 def first_words(text: str, k: int = 4) -> tuple[str, ...]:

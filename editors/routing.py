@@ -31,9 +31,10 @@ from functools import cached_property
 import torch
 
 from editors.batching import IGNORE, TokenBatch
+from editors.memory_model import (NONE, Factors, choose, position_similarities, prompt_positions, similarities,
+                                  stack_rows, unit)
 from editors.types import Correction, LowRankUpdate
 
-NONE = -1  # a query that no entry serves
 
 
 @dataclass(frozen=True)
@@ -106,54 +107,7 @@ class Reference:
         return position_similarities(self.unit_states.float(), self.lengths, keys, leads).max().item()
 
 
-# -- routing (pure) -----------------------------------------------------------------------------
-
-def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    centred = states - centre
-    return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-
-
-def previous(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[positions, hidden]: each position's predecessor in its own sequence (`states` holds the
-    sequences of `lengths` one after another); zeros at a sequence's first position."""
-    before = torch.roll(states, 1, 0)
-    before[torch.cumsum(lengths, 0) - lengths] = 0
-    return before
-
-
-def position_similarities(unit_states: torch.Tensor, lengths: torch.Tensor, unit_keys: torch.Tensor,
-                          unit_leads: torch.Tensor) -> torch.Tensor:
-    """[positions, keys]: each position's cosine with each key; for a key with a lead (a non-zero
-    row of `unit_leads`), the lesser of that and the previous position's cosine with the lead."""
-    own = unit_states @ unit_keys.T
-    has_lead = unit_leads.abs().sum(-1) > 0
-    if not has_lead.any():
-        return own
-    return torch.where(has_lead, torch.minimum(own, previous(unit_states, lengths) @ unit_leads.T), own)
-
-
-def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: torch.Tensor,
-                 unit_leads: torch.Tensor | None = None) -> torch.Tensor:
-    """[queries, keys]: each key's best similarity with any of a query's token states ([positions, hidden])."""
-    if not queries:
-        return torch.zeros(0, len(unit_keys))
-    lengths = torch.tensor([len(q) for q in queries])
-    owner = torch.repeat_interleave(torch.arange(len(queries)), lengths)
-    leads = torch.zeros_like(unit_keys) if unit_leads is None else unit_leads
-    per_position = position_similarities(unit(torch.cat(queries), centre), lengths, unit_keys, leads)
-    return torch.full((len(queries), len(unit_keys)), -2.0).scatter_reduce(
-        0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
-
-
-def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0) -> torch.Tensor:
-    """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
-    own floor raised by `margin` of the way to 1; NONE when none does."""
-    if similarity.shape[1] == 0:
-        return torch.full((similarity.shape[0],), NONE)
-    eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
-    score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
-    return torch.where(score > -3.0, best, torch.tensor(NONE))
-
+# -- routing a batch (the math itself is in editors/memory_model.py, shared with exported models) --
 
 def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
     """Each row's states a query is routed on: its prompt's tokens from position 1 (position 0
@@ -165,7 +119,7 @@ def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
             continue
         answers = (labels != IGNORE).nonzero()
         last = answers[0, 0].item() if len(answers) else length - 1  # the prompt's last token
-        out.append(row[1 : last + 1] if last >= 1 else row[:1])
+        out.append(prompt_positions(row[: last + 1]))
     return out
 
 
@@ -175,24 +129,11 @@ def route(memory: Memory, states: torch.Tensor, batch: TokenBatch) -> torch.Tens
     return choose(sims, memory.floors, memory.tau, memory.margin)
 
 
-def row_factors(memory: Memory, chosen: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def row_factors(memory: Memory, chosen: torch.Tensor) -> Factors:
     """Per edited tensor, the chosen entries' factors stacked per row and zero-padded to one rank:
     inputs [batch, rank, in] and outputs·scale [batch, rank, out]; a row served by no entry gets zeros."""
-    served = [memory.entries[j] for j in chosen.tolist() if j != NONE]
-    names = sorted({name for entry in served for name in entry.update})
-    out = {}
-    for name in names:
-        updates = [memory.entries[j].update.get(name) if j != NONE else None for j in chosen.tolist()]
-        some = next(u for u in updates if u is not None)
-        rank = max(len(u.inputs) for u in updates if u is not None)
-        inputs = torch.zeros(len(updates), rank, some.inputs.shape[1])
-        outputs = torch.zeros(len(updates), rank, some.outputs.shape[1])
-        for row, update in enumerate(updates):
-            if update is not None:
-                inputs[row, : len(update.inputs)] = update.inputs
-                outputs[row, : len(update.outputs)] = update.outputs * update.scale
-        out[name] = (inputs, outputs)
-    return out
+    return stack_rows([{name: (u.inputs, u.outputs * u.scale) for name, u in memory.entries[j].update.items()}
+                       if j != NONE else None for j in chosen.tolist()])
 
 
 # Capitalised words that do not name anything: sentence openers, pronouns, question words.

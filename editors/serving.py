@@ -13,7 +13,7 @@ import torch
 
 from editors.batching import chat_prompt
 from editors.editable import Editable
-from editors.reading import mentions, starts_running_away
+from editors.memory_model import generate_steps
 from editors.routing import NONE, Memory, route, row_factors
 
 
@@ -33,7 +33,7 @@ def next_tokens(editable: Editable, prompts: list[str], tokens: int, memory: Mem
     said end-of-sequence (a finished prompt gets the pad token after it): greedy at temperature 0,
     else sampled. With a memory, each prompt runs with the entry that serves it (`chosen`, when the
     caller has routed them already) until `done_with` says the entry's work is done."""
-    tokenizer, model = editable.tokenizer, editable.model
+    tokenizer = editable.tokenizer
     encoded = [tokenizer(p).input_ids for p in prompts]
     if any(not ids for ids in encoded):
         raise ValueError("a prompt is empty once tokenized")
@@ -46,55 +46,9 @@ def next_tokens(editable: Editable, prompts: list[str], tokens: int, memory: Mem
         rows = chosen if chosen is not None else serving_entries(editable, prompts, memory)
     factors = row_factors(memory, torch.tensor(rows)) if memory is not None else {}
     until = [memory.entries[j].target if j != NONE else None for j in rows]
-    generated = torch.zeros(len(prompts), 0, dtype=torch.long)
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
-    cache, step = None, ids
-    for _ in range(tokens):
-        with torch.inference_mode(), editable.anatomy.adding(factors):
-            out = _forward(model, step, mask, cache)
-        following = torch.where(finished, pad, pick(out.logits[:, -1], temperature, generator))
-        generated = torch.cat([generated, following[:, None]], 1)
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-        finished |= following == tokenizer.eos_token_id
-        yield following
-        if finished.all():
-            return
-        cache, step = out.cache, following[:, None]
-        said = [row for row, target in enumerate(until)
-                if target is not None and done_with(tokenizer.decode(generated[row]), target)]
-        for row in said:
-            until[row] = None
-            for inputs, _ in factors.values():
-                inputs[row].zero_()  # the hooks read these factors: the row's entry stops here
-        if said:
-            # The base weights read these rows' text so far afresh, so what follows the target is
-            # what the unedited model says after the prompt and the target.
-            with torch.inference_mode():
-                read = _forward(model, torch.cat([ids, generated[:, :-1]], 1)[said], mask[said, :-1], None).cache
-                for layer, fresh in zip(cache.layers, read.layers):
-                    layer.keys[said], layer.values[said] = fresh.keys, fresh.values
-
-
-def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token per row of `logits` [batch, vocab]: the argmax at temperature 0, else a sample
-    from softmax(logits / temperature)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def _forward(model, step: torch.Tensor, mask: torch.Tensor, cache):
-    """One pass over the new tokens `step` of a left-padded batch whose attention mask is `mask`."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
-    return model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-
-
-def done_with(answer: str, target: str) -> bool:
-    """An entry's work on an answer is done once the answer has said its target, or starts to
-    repeat itself: where the target is not coming (a chat answer that restates the question first),
-    an entry left on pushes the same words again and again."""
-    return mentions(answer, target) or starts_running_away(answer)
+    modules = {e.name: e.module for e in editable.anatomy.editable}
+    yield from generate_steps(editable.model, tokenizer.decode, modules, ids, mask, factors, until, tokens,
+                              tokenizer.eos_token_id, pad, temperature, generator)
 
 
 def chat_answers(editable: Editable, questions: list[str], tokens: int = 12, memory: Memory | None = None) -> list[str]:

@@ -156,6 +156,18 @@ class DvcRepo:
         with self._reporting() as repo:
             repo.fetch(targets=[target], revs=[rev], remote=REMOTE)
 
+    def copy_folder(self, dir_md5: str, dest: Path) -> None:
+        """The tracked folder with hash ``dir_md5``, as the local cache holds it, copied into ``dest``."""
+        import shutil
+
+        with self._reporting() as repo:
+            cache = repo.cache.local
+            entries = json.loads(Path(cache.oid_to_path(dir_md5)).read_text(encoding="utf-8"))
+            for entry in entries:
+                target = dest / entry["relpath"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cache.oid_to_path(entry["md5"]), target)
+
     def missing_objects(self, dir_md5: str) -> list[str]:
         """Files of the tracked folder with hash ``dir_md5`` that the local cache lacks."""
         with self._reporting() as repo:

@@ -398,6 +398,14 @@ class VersionStore:
         if shares:
             write_shares(self.factors_path(tag), shares)
 
+    def copy_model(self, tag: str, dest: Path) -> Version:
+        """Version ``tag``'s model/ folder (weights, and a routed memory's chunks) copied into ``dest``
+        from the DVC cache (fetched from the remote if it lacks them); the workspace is untouched."""
+        target = self.version(tag)
+        self._ensure_objects(target)
+        self.dvc.copy_folder(target.model_md5, dest)
+        return target
+
     def _ensure_objects(self, target: Version) -> None:
         """Fail before touching anything if ``target``'s files are in neither cache nor remote:
         DVC deletes the whole folder when a checkout lacks an object."""

@@ -1,0 +1,338 @@
+"""A routed memory as it answers, in one file that needs only torch, safetensors and transformers.
+
+mendd routes and generates with these functions, and `mendd export` copies this file verbatim
+beside an exported model as its modeling file (`trust_remote_code`): a process with plain
+transformers and no mendd then answers exactly as mendd serves that version. Nothing here may
+import mendd.
+
+- routing: a query's token states (entering block `layer`, from position 1) against each entry's key
+  (and lead: the state one token before the key), centred and compared by cosine; an entry serves
+  when the similarity clears both τ and its floor raised by a margin (see editors/routing.py);
+- an entry adds its low-rank change (x·inputsᵀ·outputs) to the edited tensors' outputs until the
+  answer has said its target, or starts to repeat itself; the base weights then re-read the answer
+  so far and carry on.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NONE = -1  # a query that no entry serves
+MEMORY_FILE = "memory.safetensors"
+
+
+# -- routing (pure) -----------------------------------------------------------------------------
+
+def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    centred = states - centre
+    return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+def previous(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[positions, hidden]: each position's predecessor in its own sequence (`states` holds the
+    sequences of `lengths` one after another); zeros at a sequence's first position."""
+    before = torch.roll(states, 1, 0)
+    before[torch.cumsum(lengths, 0) - lengths] = 0
+    return before
+
+
+def position_similarities(unit_states: torch.Tensor, lengths: torch.Tensor, unit_keys: torch.Tensor,
+                          unit_leads: torch.Tensor) -> torch.Tensor:
+    """[positions, keys]: each position's cosine with each key; for a key with a lead (a non-zero
+    row of `unit_leads`), the lesser of that and the previous position's cosine with the lead."""
+    own = unit_states @ unit_keys.T
+    has_lead = unit_leads.abs().sum(-1) > 0
+    if not has_lead.any():
+        return own
+    return torch.where(has_lead, torch.minimum(own, previous(unit_states, lengths) @ unit_leads.T), own)
+
+
+def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: torch.Tensor,
+                 unit_leads: torch.Tensor | None = None) -> torch.Tensor:
+    """[queries, keys]: each key's best similarity with any of a query's token states ([positions, hidden])."""
+    if not queries:
+        return torch.zeros(0, len(unit_keys))
+    lengths = torch.tensor([len(q) for q in queries])
+    owner = torch.repeat_interleave(torch.arange(len(queries)), lengths)
+    leads = torch.zeros_like(unit_keys) if unit_leads is None else unit_leads
+    per_position = position_similarities(unit(torch.cat(queries), centre), lengths, unit_keys, leads)
+    return torch.full((len(queries), len(unit_keys)), -2.0).scatter_reduce(
+        0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
+
+
+def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0) -> torch.Tensor:
+    """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
+    own floor raised by `margin` of the way to 1; NONE when none does."""
+    if similarity.shape[1] == 0:
+        return torch.full((similarity.shape[0],), NONE)
+    eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
+    score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
+    return torch.where(score > -3.0, best, torch.tensor(NONE))
+
+
+def prompt_positions(states: torch.Tensor) -> torch.Tensor:
+    """The states a prompt ([positions, hidden], unpadded) is routed on: from position 1 (position 0
+    is an attention sink), position 0 alone for a one-token prompt."""
+    return states[1:] if len(states) > 1 else states[:1]
+
+
+# -- reading the answer (pure) --------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def bare_words(text: str) -> list[str]:
+    """`words` without the punctuation."""
+    return [w for w in words(text) if re.match(r"\w", w)]
+
+
+def mentions(text: str, target: str) -> bool:
+    wanted = " ".join(words(target))
+    return bool(wanted) and f" {wanted} " in f" {' '.join(words(text))} "
+
+
+def starts_running_away(text: str) -> bool:
+    """The first sign of a runaway answer: it ends with the same one, two or three words twice
+    over ("Entertainment Entertainment", "University of University of")."""
+    tokens = bare_words(text)
+    return any(len(tokens) >= 2 * k and tokens[-k:] == tokens[-2 * k : -k] for k in (1, 2, 3))
+
+
+def done_with(answer: str, target: str) -> bool:
+    """An entry's work on an answer is done once the answer has said its target, or starts to
+    repeat itself: where the target is not coming (a chat answer that restates the question first),
+    an entry left on pushes the same words again and again."""
+    return mentions(answer, target) or starts_running_away(answer)
+
+
+# -- an entry's change --------------------------------------------------------------------------
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor name -> inputs [batch, rank, in], outputs [batch, rank, out]
+
+
+def stack_rows(updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None]) -> Factors:
+    """Per edited tensor, each row's (inputs [rank, in], outputs·scale [rank, out]) stacked and
+    zero-padded to one rank; a row with no update (None) gets zeros."""
+    names = sorted({name for update in updates if update for name in update})
+    out = {}
+    for name in names:
+        pairs = [update.get(name) if update else None for update in updates]
+        some = next(p for p in pairs if p is not None)
+        rank = max(len(p[0]) for p in pairs if p is not None)
+        inputs = torch.zeros(len(pairs), rank, some[0].shape[1])  # float32, whatever the stored factors are
+        outputs = torch.zeros(len(pairs), rank, some[1].shape[1])
+        for row, pair in enumerate(pairs):
+            if pair is not None:
+                inputs[row, : len(pair[0])], outputs[row, : len(pair[1])] = pair
+        out[name] = (inputs, outputs)
+    return out
+
+
+def _adds_low_rank(inputs: torch.Tensor, outputs: torch.Tensor):
+    def hook(_module, args, output):
+        return output + torch.einsum("bsk,bko->bso", torch.einsum("bsi,bki->bsk", args[0], inputs), outputs)
+    return hook
+
+
+@contextmanager
+def adding(modules: dict[str, nn.Module], factors: Factors) -> Iterator[None]:
+    """While inside, each named tensor's module adds its row's low-rank change to its output."""
+    handles = [modules[name].register_forward_hook(_adds_low_rank(*pair)) for name, pair in factors.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tensor_modules(model: nn.Module, names) -> dict[str, nn.Module]:
+    """Each tensor name's module ("model.layers.27.mlp.up_proj.weight" -> its up_proj)."""
+    return {name: model.get_submodule(name.rsplit(".", 1)[0]) for name in names}
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token per row of `logits` [batch, vocab]: the argmax at temperature 0, else a sample
+    from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _forward(model, step: torch.Tensor, mask: torch.Tensor, cache):
+    """One pass over the new tokens `step` of a left-padded batch whose attention mask is `mask`."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
+    return model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+
+
+def generate_steps(model, decode, modules: dict[str, nn.Module], ids: torch.Tensor, mask: torch.Tensor,
+                   factors: Factors, until: list[str | None], tokens: int, eos: int | None, pad: int,
+                   temperature: float = 0.0, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Each step's next token per row of the left-padded `ids` ([batch]), up to `tokens` steps or
+    until every row has said end-of-sequence (a finished row gets `pad` after it). A row with an
+    entry's change (`factors`) keeps it until `done_with` its target (`until`; `decode` turns a
+    row's generated ids into text); from then on the base weights carry on, having re-read the
+    row's text so far."""
+    n = len(ids)
+    factors = {name: (inputs.clone(), outputs) for name, (inputs, outputs) in factors.items()}
+    until = list(until)
+    generated = torch.zeros(n, 0, dtype=torch.long)
+    finished = torch.zeros(n, dtype=torch.bool)
+    cache, step = None, ids
+    for _ in range(tokens):
+        with torch.inference_mode(), adding(modules, factors):
+            out = _forward(model, step, mask, cache)
+        following = torch.where(finished, pad, pick(out.logits[:, -1], temperature, generator))
+        generated = torch.cat([generated, following[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], 1)
+        if eos is not None:
+            finished |= following == eos
+        yield following
+        if finished.all():
+            return
+        cache, step = out.cache, following[:, None]
+        said = [row for row, target in enumerate(until) if target is not None and done_with(decode(generated[row]), target)]
+        for row in said:
+            until[row] = None
+            for inputs, _ in factors.values():
+                inputs[row].zero_()  # the hooks read these factors: the row's entry stops here
+        if said:
+            # The base weights read these rows' text so far afresh, so what follows the target is
+            # what the unedited model says after the prompt and the target.
+            with torch.inference_mode():
+                read = _forward(model, torch.cat([ids, generated[:, :-1]], 1)[said], mask[said, :-1], None).cache
+                for layer, fresh in zip(cache.layers, read.layers):
+                    layer.keys[said], layer.values[said] = fresh.keys, fresh.values
+
+
+# -- a stored memory -----------------------------------------------------------------------------
+
+def last_user_message(tokenizer, text: str) -> str:
+    """The last user message of a chat rendered by `tokenizer`'s chat template (what a chat is
+    routed on: keys are read from plain prompts); `text` itself when it is not such a chat."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    one = render([{"role": "user", "content": "\x00"}])
+    opening, closing = one.split("\x00")
+    turns = render([{"role": "user", "content": "\x01"}, {"role": "assistant", "content": "\x02"},
+                    {"role": "user", "content": "\x00"}])
+    between = turns[turns.index("\x02") + 1 : turns.index("\x00")]
+    if not text.endswith(closing):
+        return text
+    body = text[: len(text) - len(closing)]
+    if between in body:
+        return body.rsplit(between, 1)[1]
+    return body[len(opening):] if body.startswith(opening) else text
+
+
+class StoredMemory:
+    """An exported routed memory: keys, leads, floors, targets and each entry's factors."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        self.layer, self.tau, self.margin = int(meta["layer"]), float(meta["tau"]), float(meta["margin"])
+        self.version = meta.get("version")
+        self.correction_ids: list[str] = json.loads(meta["correction_ids"])
+        self.targets: list[str | None] = json.loads(meta["targets"])
+        self.centre, self.floors = tensors["centre"], tensors["floors"]
+        self.unit_keys = unit(tensors["keys"], self.centre)
+        has_lead = tensors["has_lead"].bool()
+        self.unit_leads = torch.where(has_lead[:, None], unit(tensors["leads"], self.centre), 0.0)
+        self.updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.correction_ids]
+        for key, tensor in tensors.items():
+            if key.count("/") == 2:
+                index, name, part = key.split("/")
+                pair = self.updates[int(index)].setdefault(name, [None, None])
+                pair[0 if part == "inputs" else 1] = tensor
+        self.updates = [{name: tuple(pair) for name, pair in update.items()} for update in self.updates]
+
+    def route(self, states: list[torch.Tensor]) -> list[int]:
+        """Each query's entry (NONE: the base weights), from its states entering `layer`."""
+        if not self.correction_ids:
+            return [NONE] * len(states)
+        sims = similarities([prompt_positions(s) for s in states], self.unit_keys, self.centre, self.unit_leads)
+        return choose(sims, self.floors, self.tau, self.margin).tolist()
+
+
+def _routed_class():
+    """The exported model's class: the base Llama with the memory routed as mendd routes it."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    class MenddRoutedLlamaForCausalLM(LlamaForCausalLM):
+        """`generate` and `forward` as mendd serves this version: each prompt with the entry that its
+        routing picks, else with the base weights."""
+
+        @classmethod
+        def from_pretrained(cls, path, *args, **kwargs):
+            model = super().from_pretrained(path, *args, **kwargs)
+            model.memory = StoredMemory(Path(path) / MEMORY_FILE)
+            model.routing_tokenizer = AutoTokenizer.from_pretrained(path)
+            model.edited_modules = tensor_modules(model, {n for u in model.memory.updates for n in u})
+            return model
+
+        def states_entering(self, ids: list[int]) -> torch.Tensor:
+            with torch.inference_mode():
+                hidden = super().forward(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+            return hidden.hidden_states[self.memory.layer][0]
+
+        def entries_for(self, rows: list[list[int]]) -> list[int]:
+            """The entry serving each unpadded row of token ids, routed on its text (a chat on its
+            last user message) tokenized without special tokens, as mendd routes it."""
+            tokenizer = self.routing_tokenizer
+            texts = [last_user_message(tokenizer, tokenizer.decode(row)) for row in rows]
+            encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            return self.memory.route([self.states_entering(ids) if ids else torch.zeros(1, 1) for ids in encoded])
+
+        def row_factors(self, chosen: list[int]) -> Factors:
+            return stack_rows([self.memory.updates[j] if j != NONE else None for j in chosen])
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if input_ids is None or kwargs.get("cache") is not None:
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            rows = _unpadded(input_ids, attention_mask)
+            with adding(self.edited_modules, self.row_factors(self.entries_for(rows))):
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+        def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+                     temperature: float = 1.0, generator: torch.Generator | None = None, **_):
+            """Left-padded `input_ids` continued by up to `max_new_tokens` tokens, as mendd serves them."""
+            tokenizer = self.routing_tokenizer
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            chosen = self.entries_for(_unpadded(input_ids, mask))
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            steps = list(generate_steps(
+                self, lambda row: tokenizer.decode(row), self.edited_modules, input_ids, mask, self.row_factors(chosen),
+                [self.memory.targets[j] if j != NONE else None for j in chosen], max_new_tokens,
+                tokenizer.eos_token_id, pad, temperature if do_sample else 0.0, generator))
+            return torch.cat([input_ids, torch.stack(steps, 1)], 1) if steps else input_ids
+
+    return MenddRoutedLlamaForCausalLM
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor | None) -> list[list[int]]:
+    if mask is None:
+        return ids.tolist()
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+try:  # as an exported model's modeling file; mendd itself never loads the class
+    MenddRoutedLlamaForCausalLM = _routed_class()
+except ImportError:  # pragma: no cover - transformers without Llama
+    pass
