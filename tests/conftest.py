@@ -24,6 +24,17 @@ def clean_mendd_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`mendd demo` run once, for the long tests that read what it prints and the home it leaves
+    (minutes on 2 cores; the demo's own limit is 1500 s)."""
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MENDD_")}
+    result = subprocess.run([str(Path(sys.executable).with_name("mendd")), "demo", "--demo-home", str(root)],
+                            capture_output=True, text=True, timeout=1500, env=env)
+    return root, result
+
+
+@pytest.fixture(scope="session")
 def data_root():
     """The editing data the repository carries (a developer's MENDD_DATA does not change it)."""
     from policies.probes import BUNDLED_DATA

@@ -154,8 +154,8 @@ def test_demo_with_an_unreadable_model_prints_a_clean_error(tmp_path: Path) -> N
 @pytest.mark.slow
 @pytest.mark.long
 @pytest.mark.timeout(1800)  # above the demo's own 1500 s limit, so a slow machine fails with its output
-def test_demo_edits_gates_and_versions_the_demo_feed(tmp_path: Path) -> None:
-    result = mendd("demo", "--demo-home", str(tmp_path / "demo"), timeout=1500)
+def test_demo_edits_gates_and_versions_the_demo_feed(demo_run) -> None:
+    demo, result = demo_run
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "applied" in out and "quarantined" in out and "superseded" in out
@@ -163,7 +163,7 @@ def test_demo_edits_gates_and_versions_the_demo_feed(tmp_path: Path) -> None:
     from daemon.home import Home
     from store.ledger import Ledger
 
-    ledger = Ledger(Home(tmp_path / "demo").ledger_url)
+    ledger = Ledger(Home(demo).ledger_url)
     try:
         status = {c.external_id: c.status.value for c in ledger.corrections()}
     finally:
@@ -174,5 +174,5 @@ def test_demo_edits_gates_and_versions_the_demo_feed(tmp_path: Path) -> None:
     assert "repetition" in out.split("demo-19 rejected:")[1].splitlines()[0]
     assert "│ NO " not in out, "a neighbour's answer changed"
     assert "git checkout v0000 -- model.dvc && dvc checkout" in out
-    versions = mendd("--home", str(tmp_path / "demo"), "versions", "--json")
+    versions = mendd("--home", str(demo), "versions", "--json")
     assert len(json.loads(versions.stdout)["versions"]) >= 2

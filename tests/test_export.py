@@ -110,3 +110,62 @@ def test_export_into_a_folder_that_holds_files_is_refused(routed_home, tmp_path:
 def test_export_of_an_unknown_version_names_it(routed_home, tmp_path: Path) -> None:
     done = mendd("--home", str(routed_home.root), "export", "v0042", "--out", str(tmp_path / "x"))
     assert done.returncode != 0 and "v0042" in done.stderr and not (tmp_path / "x").exists()
+
+
+CHAT_LOADER = textwrap.dedent("""
+    import json, sys
+    sys.path = [p for p in sys.path if p.rstrip("/") != {project!r}]
+    sys.meta_path = [f for f in sys.meta_path if "__editable___mendd" not in getattr(f, "__module__", "")]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, question, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template([{{"role": "user", "content": question}}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    print(json.dumps(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.timeout(2400)
+def test_the_demo_s_japan_correction_is_answered_alike_by_the_endpoint_and_the_exported_folder(demo_run, tmp_path: Path) -> None:
+    import openai
+
+    from daemon.home import Home
+    from service_harness import configure, free_port, start_service, wait_for
+
+    demo, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    home = Home(demo)
+    question = "What is the currency of Japan?"
+    port = free_port()
+    configure(home, port, [])
+    process = start_service(home, tmp_path / "service.log")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    try:
+        wait_for(lambda: _answers(client), 300, "the endpoint", process)
+        chat = client.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=16,
+                                              messages=[{"role": "user", "content": question}])
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+    served = chat.choices[0].message.content
+    assert chat.model_extra["mendd"]["served_by"] == "demo-09", served  # the Japan correction's entry answered
+    out = tmp_path / "served"
+    assert mendd("--home", str(demo), "export", chat.system_fingerprint, "--out", str(out), timeout=600).returncode == 0
+    done = subprocess.run([sys.executable, "-c", CHAT_LOADER.format(project=str(PROJECT)), str(out), question, "16"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == served
+
+
+def _answers(client) -> bool:
+    import openai
+
+    try:
+        return bool(client.models.list().data)
+    except openai.APIConnectionError:
+        return False
