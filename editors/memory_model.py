@@ -184,7 +184,8 @@ def generate_steps(model, decode, modules: dict[str, nn.Module], ids: torch.Tens
     until every row has said end-of-sequence (a finished row gets `pad` after it). A row with an
     entry's change (`factors`) keeps it until `done_with` its target (`until`; `decode` turns a
     row's generated ids into text); from then on the base weights carry on, having re-read the
-    row's text so far."""
+    row's text so far. `model` is the model's own forward, without routing: the changes it runs
+    with are the hooks on `modules` that this loop adds."""
     n = len(ids)
     factors = {name: (inputs.clone(), outputs) for name, (inputs, outputs) in factors.items()}
     until = list(until)
@@ -317,8 +318,11 @@ def _routed_class():
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             chosen = self.entries_for(_unpadded(input_ids, mask))
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            def base(**kwargs):  # the base forward: generate_steps adds the entries' changes itself
+                return LlamaForCausalLM.forward(self, **kwargs)
+
             steps = list(generate_steps(
-                self, lambda row: tokenizer.decode(row), self.edited_modules, input_ids, mask, self.row_factors(chosen),
+                base, lambda row: tokenizer.decode(row), self.edited_modules, input_ids, mask, self.row_factors(chosen),
                 [self.memory.targets[j] if j != NONE else None for j in chosen], max_new_tokens,
                 tokenizer.eos_token_id, pad, temperature if do_sample else 0.0, generator))
             return torch.cat([input_ids, torch.stack(steps, 1)], 1) if steps else input_ids
