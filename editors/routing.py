@@ -7,14 +7,13 @@ update whose key it matches, or with the base weights when it matches none:
 
 - key: the hidden state entering block `layer` at the subject's last prompt token. It is computed
   before any edited block, so routing never depends on the memory itself;
-- lead: for a subject of three tokens or more, the state one token before the key as well. The last
-  token of "Padda Island" is mostly " Island", and alone it matches "Peter I Island" and every
-  other island; with the lead, a query position matches only when the state before it matches too.
-  (Not for two-token subjects: a subject's first token differs with the space before it, "Nintendo"
-  at the start of a prompt and " Nintendo" after a word);
+- lead: for a subject of two tokens or more, the state one token before the key as well. The last
+  token of "Amazon River" is mostly " River", and alone it matches "The Nile River" and every
+  other river; with the lead, a query position counts only where the state before it resembles the
+  lead (cosine at least LEAD_TAU, a looser bar than τ: the lead only tells "Amazon" from "Nile");
 - similarity: the cosine between the key and a query's token states from position 1 on (position 0
-  is an attention sink), both centred by the mean state of held-out prompts; with a lead, the lesser
-  of that and the previous position's cosine with the lead; a query takes its best position;
+  is an attention sink), both centred by the mean state of held-out prompts; a query takes its best
+  position among those its leads let count;
 - an entry fires when the similarity reaches both τ and its floor raised by the margin: the floor is
   the best similarity its key reached on held-out unrelated prompts, and the margin a share of the
   way from the floor to 1, so a key that resembles everything must match almost exactly; of the
@@ -178,11 +177,17 @@ def key_span(tokenizer, correction: Correction) -> tuple[int, int]:
         guessed = guessed_subject(prompt)
         start, end = (prompt.rindex(guessed), prompt.rindex(guessed) + len(guessed)) if guessed else (len(prompt), len(prompt))
 
-    def tokens(chars: int) -> int:
-        return len(tokenizer(prompt[:chars], add_special_tokens=False).input_ids)
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
 
-    last = max(tokens(end) - 2, 0)
-    return min(tokens(start) - 1, last), last
+    whole = tokens(prompt)
+    # The subject's first token is the first one the prompt does not share with the text before it:
+    # counting that text's tokens would count a dangling space ("The " is "The", " ") that the
+    # prompt itself spells as part of the subject (" Amazon").
+    before = tokens(prompt[:start])
+    shared = next((i for i, (a, b) in enumerate(zip(before, whole)) if a != b), min(len(before), len(whole)))
+    last = max(len(tokens(prompt[:end])) - 2, 0)
+    return min(shared - 1, last), last
 
 
 # -- building entries (runs the model's prefix) --------------------------------------------------
@@ -216,6 +221,6 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
         first, last = key_span(editable.tokenizer, correction)
         last = min(last, len(row) - 1)
         key = row[last].clone()
-        lead = row[last - 1].clone() if last - 1 > first else None
+        lead = row[last - 1].clone() if last - 1 >= max(first, 0) else None
         out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead))
     return out

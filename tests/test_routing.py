@@ -13,6 +13,7 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
+from editors.memory_model import LEAD_TAU
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
 from store.checkpoint import read_tensor_file
@@ -43,14 +44,22 @@ def _axis(i: int, size: int = 4) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(i), size).float()
 
 
-def test_a_key_with_a_lead_matches_only_where_the_state_before_it_matches_the_lead() -> None:
+def test_a_key_with_a_lead_matches_only_where_the_state_before_it_resembles_the_lead() -> None:
     key, lead, other = _axis(0), _axis(1), _axis(2)
     centre = torch.zeros(4)
-    padda_island = torch.stack([other, lead, key])  # "... Padda Island": the lead, then the key
-    peter_island = torch.stack([other, other, key])  # "... Peter I Island": the key after something else
+    amazon_river = torch.stack([other, lead, key])  # "The Amazon River": the lead, then the key
+    nile_river = torch.stack([other, other, key])  # "The Nile River": the key after something else
     keys, leads = key[None], lead[None]
-    assert routing.similarities([padda_island, peter_island], keys, centre, leads)[:, 0].tolist() == [1.0, 0.0]
-    assert routing.similarities([padda_island, peter_island], keys, centre)[:, 0].tolist() == [1.0, 1.0]
+    assert routing.similarities([amazon_river, nile_river], keys, centre, leads)[:, 0].tolist() == [1.0, -1.0]
+    assert routing.similarities([amazon_river, nile_river], keys, centre)[:, 0].tolist() == [1.0, 1.0]
+
+
+def test_a_lead_need_only_resemble_the_state_before_the_key_not_match_it() -> None:
+    key, lead, other = _axis(0), _axis(1), _axis(2)
+    near = (LEAD_TAU + 0.05) * lead + (1 - (LEAD_TAU + 0.05) ** 2) ** 0.5 * other  # unit, cosine LEAD_TAU + 0.05
+    far = (LEAD_TAU - 0.05) * lead + (1 - (LEAD_TAU - 0.05) ** 2) ** 0.5 * other
+    queries = [torch.stack([other, near, key]), torch.stack([other, far, key])]
+    assert routing.similarities(queries, key[None], torch.zeros(4), lead[None])[:, 0].tolist() == [1.0, -1.0]
 
 
 def test_the_state_before_a_query_s_first_position_is_never_taken_from_the_query_before_it() -> None:
@@ -60,15 +69,30 @@ def test_the_state_before_a_query_s_first_position_is_never_taken_from_the_query
     assert sims[1, 0].item() < 0.5
 
 
-def test_only_a_subject_of_three_tokens_or_more_gets_a_lead(tiny) -> None:
-    """A subject's first token differs with the space before it ("Nintendo" opening a prompt, " Nintendo"
-    after a word), so the lead is never the first token. (The tiny tokenizer spells names letter by letter.)"""
-    three, two = Correction("a", "The Kon is in", "x", subject="Kon"), Correction("b", "The Al is in", "x", subject="Al")
-    assert [routing.key_span(tiny.tokenizer, c) for c in (three, two)] == [(3, 5), (3, 4)]
+def test_a_subject_of_two_tokens_or_more_gets_a_lead_and_one_of_one_token_does_not(tiny) -> None:
+    """(The tiny tokenizer spells names letter by letter.)"""
+    two, one = Correction("a", "The Al is in", "x", subject="Al"), Correction("b", "The K is in", "x", subject="K")
+    assert [routing.key_span(tiny.tokenizer, c) for c in (two, one)] == [(3, 4), (3, 3)]
     ref = routing.reference(tiny, ["Hello there my friend", "What is the time now"], 1)
-    with_lead, without = routing.entries(tiny, [("a", {}), ("b", {})], [three, two], ref)
+    with_lead, without = routing.entries(tiny, [("a", {}), ("b", {})], [two, one], ref)
     assert with_lead.lead is not None and without.lead is None
     assert with_lead.floor <= ref.floor(with_lead.key)  # the lead only narrows what the key matches
+
+
+def test_a_subject_after_a_space_starts_at_the_token_that_carries_the_space() -> None:
+    """Byte-level BPE (SmolLM2's kind) spells " Amazon" as one token, but "The " alone as "The", " ":
+    the subject's first token must not be counted one too far on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["The Amazon River flows through Brazil"] * 20,
+                            trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    prompt = "The Amazon River flows through"
+    assert tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)[:3] == ["The", "ĠAmazon", "ĠRiver"]
+    assert routing.key_span(tokenizer, Correction("a", prompt, "x", subject="Amazon River")) == (0, 1)
 
 
 def test_a_query_is_routed_on_its_prompt_tokens_and_running_text_on_all_of_it(tiny) -> None:
