@@ -31,10 +31,9 @@ from pathlib import Path
 import torch
 
 from daemon.config import load_config
+from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
 from daemon.provision import provision_home
-from daemon.runtime import service_editor
-from daemon.suite_files import routing_reference
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.memory_model import NONE
@@ -43,7 +42,7 @@ from editors.routing import Entry, Memory
 from editors.serving import serving_entries
 from editors.types import LowRankUpdate
 from policies.probes import data_dir
-from policies.served_eval import Served, edit_all
+from policies.served_eval import Served
 from store.models import load_model
 
 MODEL = "smollm2-135m"
@@ -120,9 +119,7 @@ def main() -> None:
     editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.n)
     print(f"editing {len(records)} corrections...", file=sys.stderr)
-    reference = routing_reference(home, editable, config.editor.routing_layer)
-    served, edited = edit_all(editable, service_editor(home, editable, config), records, reference,
-                              config.editor.routing_tau, config.editor.routing_margin, config.batch_size)
+    served, edited = edit_as_served(home, config, editable, records, config.batch_size)
     memory: Memory = served.memory
     neighbours = [(lp.prompt, c.target_new) for c in edited for lp in c.locality_prompts]
     routes = serving_entries(editable, [p for p, _ in neighbours], memory)

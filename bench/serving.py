@@ -29,18 +29,15 @@ import torch
 
 from daemon.answering import Answering, Snapshot
 from daemon.config import load_config
+from daemon.editor_jobs import edit_as_served
 from daemon.health import Health
 from daemon.home import Home
 from daemon.http_api import Api, serve
 from daemon.metrics import Metrics
 from daemon.provision import provision_home
-from daemon.runtime import service_editor
-from daemon.suite_files import routing_reference
 from editors.editable import Editable
 from editors.formats import load_corrections
-from editors.routing import Memory
 from policies.probes import data_dir
-from policies.served_eval import edit_all
 from store.ledger import Ledger
 from store.models import load_model
 
@@ -118,9 +115,7 @@ def main() -> None:
     editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.distinct)
     print(f"editing {len(records)} corrections for the memory...", file=sys.stderr)
-    reference = routing_reference(home, editable, config.editor.routing_layer)
-    served, edited = edit_all(editable, service_editor(home, editable, config), records, reference,
-                              config.editor.routing_tau, config.editor.routing_margin)
+    served, edited = edit_as_served(home, config, editable, records)
     real = served.memory.entries
     entries = tuple(replace(real[i % len(real)], correction_id=f"{real[i % len(real)].correction_id}#{i}")
                     for i in range(ENTRIES))

@@ -20,7 +20,7 @@ from editors.training import StepLosses, TrainState, train
 from editors.types import Correction
 from policies.editing_eval import EditReport, Probes, evaluate_editor
 from policies.probes import data_dir, unrelated_prompts, wikitext_chunks
-from policies.served_eval import ServedReport, edit_all, read_served, without_subject
+from policies.served_eval import Served, ServedReport, edit_all, read_served, without_subject
 from store.models import load_model
 
 
@@ -67,27 +67,36 @@ def run_eval(model_spec: str, data: Path, editor_name: str, editor_path: Path | 
         return evaluate_editor(editable, editor, records, probes, batch_size, progress=lambda n: bar.advance(task, n))
 
 
+def edit_as_served(home, config, editable: Editable, records: list[Correction], batch_size: int = 1,
+                   progress=None) -> tuple[Served, list[Correction]]:
+    """Every record edited, with the editor the service runs, into the model as the home serves it
+    (one routed memory keyed against the home's pinned reference, or summed weights): the served
+    model and the records it carries (policies/served_eval.edit_all)."""
+    from daemon.runtime import service_editor
+    from daemon.suite_files import routing_reference
+
+    routed = config.editor.memory == "routed"
+    reference = routing_reference(home, editable, config.editor.routing_layer) if routed else None
+    return edit_all(editable, service_editor(home, editable, config), records, reference, config.editor.routing_tau,
+                    config.editor.routing_margin, batch_size, progress)
+
+
 def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int, keep_subject: bool, tokens: int,
                     console) -> ServedReport:
     """Edit every record into the model the home serves (one routed memory, or summed weights), with
     the editor the service runs, and read the continuations (policies/served_eval.py)."""
-    from daemon.runtime import service_editor
-    from daemon.suite_files import routing_reference
-
     loaded = load_model(config.model)
     editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
-    editor = service_editor(home, editable, config)
-    routed = config.editor.memory == "routed"
-    reference = routing_reference(home, editable, config.editor.routing_layer) if routed else None
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
         console.print(f"[yellow]skipped[/] {error}")
     if not keep_subject:
         records = without_subject(records)
     with progress_bar(console) as bar:
-        task = bar.add_task(f"editing into the {'routed memory' if routed else 'weights'}", total=len(records), status="")
-        served, edited = edit_all(editable, editor, records, reference, config.editor.routing_tau,
-                                  config.editor.routing_margin, batch_size, progress=lambda n: bar.advance(task, n))
+        into = "routed memory" if config.editor.memory == "routed" else "weights"
+        task = bar.add_task(f"editing into the {into}", total=len(records), status="")
+        served, edited = edit_as_served(home, config, editable, records, batch_size,
+                                        progress=lambda n: bar.advance(task, n))
     with console.status(f"Generating {tokens}-token answers with and without the edits..."):
         return read_served(served, edited, keep_subject, tokens)
 

@@ -61,8 +61,8 @@ class CorrectionRecord(_Record):
         "correction answers: the routed memory keys the correction on the model's hidden state at the subject's "
         "last token in the prompt (and, for a subject of two tokens or more, on the state one token before it), "
         "and a query is served by this correction when one of its tokens' states comes close to that key (with the "
-        "state before it close to the second). When it is absent or not in the prompt, mendd takes the prompt's last run of "
-        "capitalised words that are not pronouns or sentence openers ('The currency of Japan is the' -> 'Japan'), "
+        "state before it close to the second). When it is absent or not in the prompt, mendd takes the prompt's "
+        "last run of capitalised words that are not pronouns or sentence openers ('The currency of Japan is the' -> 'Japan'), "
         "and the prompt's last token when there is none; give it for lower-case names. The other editors do not "
         "read it."))
     target_old: NonBlank | None = Field(None, description="What the model says now; used for CounterFact-style scoring.")
