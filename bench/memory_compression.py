@@ -127,7 +127,7 @@ def main() -> None:
     base_near = Served(editable).say([p for p, _ in routed], TOKENS)
     print(f"{len(routed)} of {len(neighbours)} neighbourhood prompts reach an entry", file=sys.stderr)
 
-    def variant(change) -> tuple[Memory, int]:
+    def variant(change) -> tuple[Memory, tuple[Entry, ...]]:
         entries = tuple(replace(e, update={n: change(u) for n, u in e.update.items()}) for e in memory.entries)
         return replace(memory, entries=entries), entries
 
