@@ -1,23 +1,20 @@
 """How small can a routed memory's entries get before the edits stop landing (issue #22)? Prints JSON.
 
 N CounterFact val corrections are edited into one routed memory exactly as the service does
-(default profile: SmolLM2-135M, the shipped editor, its batch size). Each entry's change is a
-low-rank update per edited tensor (ΔW = scale · outputsᵀ·inputs, rank = the tokens MEND saw, about
-ten), stored in bfloat16: ~220 KB an entry. Each variant rewrites every entry's factors and the
-same served figures are read again:
+(default profile: SmolLM2-135M, the shipped editor, its batch size), uncompressed: each entry's
+change is a low-rank update per edited tensor (ΔW = scale · outputsᵀ·inputs, rank = the tokens MEND
+saw, about ten), ~220 KB an entry in bfloat16. Each variant then keeps every entry as the service
+would with editor.memory_rank / memory_bits set so (editors/routing.kept_as: the best rank-k
+approximation, factors as k-bit codes with a bfloat16 scale per 32 values, key and lead in float16,
+floor from them), and the same served figures are read again:
 
-- `rank k`: the best rank-k approximation of each ΔW (exact SVD of the small factors: QR of each
-  side, SVD of the r x r core), bfloat16 factors;
-- `rank k int8`: the same, each factor row quantized to int8 with its own absmax scale (float16);
-  the bytes are counted as stored that way, the figures read from the dequantized factors.
+- teacher-forced reliability and generalization; gen_prompt and gen_rephrase (the target in a
+  20-token greedy continuation); nbhd_changed (neighbourhood prompts routed to some entry whose
+  first 4 words differ from the base model's: only routed ones can differ);
+- bytes per entry as the store writes them (daemon/versioning.entry_to_stored), factors alone and
+  with the route tensors.
 
-Figures per variant: teacher-forced reliability and generalization; gen_prompt and gen_rephrase
-(the target in a 20-token greedy continuation); nbhd_kept (neighbourhood prompts whose first 4
-words equal the base model's: only the ones routed to some entry can differ, so only those are
-generated again); bytes per entry (factors, and with the route tensors: key, lead, floor, target).
-Keys and routing are the same in every variant.
-
-    python bench/memory_compression.py [--n 100] [--ranks 1 2 3 4] [--out bench/results/memory_compression.json]
+    python bench/memory_compression.py [--n 100] [--plans 2:8 2:4 1:4] [--out bench/results/memory_compression.json]
 """
 from __future__ import annotations
 
@@ -34,13 +31,15 @@ from daemon.config import load_config
 from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
 from daemon.provision import provision_home
+from daemon.suite_files import routing_reference
+from daemon.versioning import entry_to_stored
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.memory_model import NONE
 from editors.reading import first_words, mentions
-from editors.routing import Entry, Memory
+from editors.routing import Entry, Memory, kept_as
 from editors.serving import serving_entries
-from editors.types import LowRankUpdate
+from editors.settings import Compression
 from policies.probes import data_dir
 from policies.served_eval import Served
 from store.models import load_model
@@ -49,41 +48,10 @@ MODEL = "smollm2-135m"
 TOKENS = 20
 
 
-# -- the compressions (pure) ------------------------------------------------------------------
-
-def best_rank(update: LowRankUpdate, rank: int) -> LowRankUpdate:
-    """The rank-`rank` update nearest to `update` (Frobenius), its singular values split evenly
-    between the two factors so that both have the same scale (for quantizing)."""
-    q_out, r_out = torch.linalg.qr(update.outputs.float().T)  # [out, r], [r, r]
-    q_in, r_in = torch.linalg.qr(update.inputs.float().T)  # [in, r], [r, r]
-    u, s, vh = torch.linalg.svd(r_out @ r_in.T)
-    k = min(rank, len(s))
-    root = s[:k].sqrt()
-    outputs = (q_out @ u[:, :k] * root).T
-    inputs = (q_in @ vh[:k].T * root).T
-    return replace(update, inputs=inputs.bfloat16().float(), outputs=outputs.bfloat16().float())
-
-
-def int8_rows(factor: torch.Tensor) -> torch.Tensor:
-    """`factor` [k, n] as int8 with one float16 absmax scale per row would hold it, dequantized."""
-    scale = (factor.abs().amax(-1, keepdim=True) / 127).half().float().clamp(min=1e-12)
-    return (factor / scale).round().clamp(-127, 127) * scale
-
-
-def quantized(update: LowRankUpdate) -> LowRankUpdate:
-    return replace(update, inputs=int8_rows(update.inputs), outputs=int8_rows(update.outputs))
-
-
-def factor_bytes(update: LowRankUpdate, int8: bool) -> int:
-    values = update.inputs.numel() + update.outputs.numel()
-    rows = update.inputs.shape[0] + update.outputs.shape[0]
-    return values + 2 * rows if int8 else 2 * values
-
-
-def route_bytes(entry: Entry) -> int:
-    """As the store keeps them: key and lead float32, floor float64, target UTF-8."""
-    return 4 * entry.key.numel() + (4 * entry.lead.numel() if entry.lead is not None else 0) + 8 + len(
-        (entry.target or "").encode())
+def stored_bytes(entry: Entry) -> int:
+    """The bytes the store writes for `entry` (daemon/versioning.entry_to_stored: factors in the
+    narrowest form that holds them, key and lead, floor, target)."""
+    return sum(t.numel() * t.element_size() for t in entry_to_stored(entry).tensors.values())
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -102,10 +70,16 @@ def figures(served: Served, corrections, routed_neighbours: list[tuple[str, str]
             "nbhd_changed": changed, "samples": said[:3]}
 
 
+def plan(text: str) -> tuple[int, int | None]:
+    rank, bits = text.split(":")
+    return int(rank), None if bits == "16" else int(bits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--plans", type=plan, nargs="+", default=[plan(p) for p in ("2:8", "2:4", "1:4")],
+                        help="rank:bits (bits 4, 8 or 16 = bfloat16)")
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "compression")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -115,6 +89,8 @@ def main() -> None:
     if not home.suites_path.exists():
         provision_home(home, MODEL)
     config = load_config(home)
+    # the memory as the editor makes it: every variant is compressed from the same entries
+    config = config.model_copy(update={"editor": config.editor.model_copy(update={"memory_rank": None, "memory_bits": None})})
     loaded = load_model(MODEL)
     editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.n)
@@ -127,22 +103,18 @@ def main() -> None:
     base_near = Served(editable).say([p for p, _ in routed], TOKENS)
     print(f"{len(routed)} of {len(neighbours)} neighbourhood prompts reach an entry", file=sys.stderr)
 
-    def variant(change) -> tuple[Memory, tuple[Entry, ...]]:
-        entries = tuple(replace(e, update={n: change(u) for n, u in e.update.items()}) for e in memory.entries)
-        return replace(memory, entries=entries), entries
-
+    reference = routing_reference(home, editable, config.editor.routing_layer)
+    plans: list[tuple[str, Compression | None]] = [("stored (bf16, full rank)", None)]
+    plans += [(f"rank {rank}" + (f" int{bits}" if bits else ""), Compression(rank, bits)) for rank, bits in args.plans]
     rows: dict[str, dict] = {}
-    plans = [("stored (bf16, full rank)", lambda u: u, False)]
-    plans += [(f"rank {k}", lambda u, k=k: best_rank(u, k), False) for k in args.ranks]
-    plans += [(f"rank {k} int8", lambda u, k=k: quantized(best_rank(u, k)), True) for k in args.ranks]
-    for name, change, int8 in plans:
+    for name, how in plans:
         print(name, file=sys.stderr)
-        compressed, entries = variant(change)
-        factors = sum(factor_bytes(u, int8) for e in entries for u in e.update.values()) / len(entries)
-        route = sum(route_bytes(e) for e in entries) / len(entries)
-        rows[name] = {"factor_kb_per_entry": round(factors / 1024, 1),
-                      "mb_per_1000_entries": round((factors + route) * 1000 / 1e6, 1),
-                      **figures(Served(editable, memory=compressed), edited, routed, base_near)}
+        entries = tuple(kept_as(e, reference, how) if how else e for e in memory.entries)
+        per_entry = sum(stored_bytes(e) for e in entries) / len(entries)
+        routes = sum(stored_bytes(replace(e, update={})) for e in entries) / len(entries)
+        rows[name] = {"factor_kb_per_entry": round((per_entry - routes) / 1024, 1),
+                      "mb_per_1000_entries": round(per_entry * 1000 / 1e6, 1),
+                      **figures(Served(editable, memory=replace(memory, entries=entries)), edited, routed, base_near)}
         print(json.dumps(rows[name]), file=sys.stderr)
     summary = {"model": MODEL, "n": len(edited), "neighbourhood_prompts": len(neighbours),
                "neighbourhood_routed": len(routed), "bar_mb_per_1000": 25, "variants": rows,

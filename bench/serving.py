@@ -28,6 +28,7 @@ import openai
 import torch
 
 from daemon.answering import Answering, Snapshot
+from daemon.compute import on_own_thread
 from daemon.config import load_config
 from daemon.editor_jobs import edit_as_served
 from daemon.health import Health
@@ -98,16 +99,8 @@ def endpoint(client: openai.OpenAI, prompts: list[str], tokens: int, clients: in
             "latency_p50_s": round(statistics.median(latency), 4), "latency_p99_s": round(percentile(latency, 0.99), 4)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--home", type=Path, default=Path(__file__).parent / "work" / "serving" / "home")
-    parser.add_argument("--prompts", type=int, default=24)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--distinct", type=int, default=50, help="real entries, repeated to 1,000")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    home = Home(args.home)
+def prepared(home: Home, args: argparse.Namespace):
+    """The model, its editable view, the 1,000-entry memory, the real entries and the prompts."""
     if not home.suites_path.exists():
         provision_home(home, MODEL)
     config = load_config(home)
@@ -119,17 +112,30 @@ def main() -> None:
     real = served.memory.entries
     entries = tuple(replace(real[i % len(real)], correction_id=f"{real[i % len(real)].correction_id}#{i}")
                     for i in range(ENTRIES))
-    memory = replace(served.memory, entries=entries)
-    prompts = [c.prompt for c in edited][: args.prompts]
+    return loaded, editable, replace(served.memory, entries=entries), real, [c.prompt for c in edited][: args.prompts]
 
-    plain_generate(loaded, prompts[:2], args.tokens)  # warm-up
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--home", type=Path, default=Path(__file__).parent / "work" / "serving" / "home")
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--distinct", type=int, default=50, help="real entries, repeated to 1,000")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    home = Home(args.home)
+    # Torch work on threads that end, as the service runs it (daemon/compute.py): work on the main
+    # thread would leave it an idle OpenMP pool that halves the endpoint's speed, not the reference's.
+    loaded, editable, memory, real, prompts = on_own_thread(lambda: prepared(home, args), "bench-setup")
+    on_own_thread(lambda: plain_generate(loaded, prompts[:2], args.tokens), "bench-warm-up")
     figures: dict = {"model": MODEL, "prompts": len(prompts), "tokens": args.tokens, "entries": ENTRIES,
                      "distinct_entries": len(real), "threads": args.threads,
-                     "plain_generate": plain_generate(loaded, prompts, args.tokens)}
+                     "plain_generate": on_own_thread(lambda: plain_generate(loaded, prompts, args.tokens), "bench-plain")}
     ledger = Ledger(home.ledger_url)  # the API's own; the endpoint does not use it
     try:
         for name, used in (("no_memory", None), ("memory_1000", memory)):
-            answers = Answering(Snapshot.of("bench", editable, used))
+            answers = Answering(on_own_thread(lambda: Snapshot.of("bench", editable, used), "bench-snapshot"))
             server = serve(Api(Health(), dict, Metrics().registry, ledger, home, None, answers, MODEL), "127.0.0.1", 0)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="-",
                                    max_retries=0, timeout=600)

@@ -8,7 +8,9 @@ sees that. A request keeps the snapshot it started with to its last token.
 
 Requests wait in a bounded queue and one answer worker generates them one at a time: the
 maintenance cycle runs on the scheduler's worker beside it, and torch's kernels release the GIL, so
-neither stalls the other; when both are busy they share the cores.
+neither stalls the other; when both are busy they share the cores. The worker lives only while
+requests wait (a new one starts with the next request): an idle torch thread would halve the speed
+of every other one (daemon/compute.py).
 """
 from __future__ import annotations
 
@@ -139,13 +141,20 @@ class Answering:
 
     def __init__(self, snapshot: Snapshot, depth: int = QUEUE_DEPTH):
         self._snapshot = snapshot
-        self._queue: queue.Queue[Answer | None] = queue.Queue(maxsize=depth)
-        self._worker = threading.Thread(target=self._work, name="mendd-answers", daemon=True)
-        self._worker.start()
+        self._queue: queue.Queue[Answer] = queue.Queue(maxsize=depth)
+        self._lock = threading.Lock()  # a request never finds a worker on its way out
+        self._worker: threading.Thread | None = None
+        self._closed = False
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    @property
+    def working(self) -> bool:
+        """Whether a worker is generating (it ends once no request waits)."""
+        with self._lock:
+            return self._worker is not None
 
     def publish(self, snapshot: Snapshot) -> None:
         """Answer new requests from `snapshot`; requests already started keep theirs."""
@@ -155,26 +164,43 @@ class Answering:
     def submit(self, asked: Asked) -> Answer:
         """Queue `asked`; its pieces arrive on the returned answer. Raises Busy when the queue is full."""
         answer = Answer(asked, self._snapshot)
-        try:
-            self._queue.put_nowait(answer)
-        except queue.Full:
-            raise Busy(f"{self._queue.maxsize} requests are already waiting") from None
+        with self._lock:
+            if self._closed:
+                raise Busy("the service is stopping")
+            try:
+                self._queue.put_nowait(answer)
+            except queue.Full:
+                raise Busy(f"{self._queue.maxsize} requests are already waiting") from None
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="mendd-answers", daemon=True)
+                self._worker.start()
         return answer
 
     def close(self) -> None:
         """Stop: the answer being generated finishes; those still waiting fail with a reason."""
-        while True:
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+            while True:
+                try:
+                    self._queue.get_nowait().pieces.put(RuntimeError("the service is stopping"))
+                except queue.Empty:
+                    break
+        if worker is not None:
+            worker.join(timeout=30)
+
+    def _next(self) -> Answer | None:
+        """The next waiting request, or None after marking the worker gone (under the lock, so a
+        request queued meanwhile starts a new worker)."""
+        with self._lock:
             try:
-                waiting = self._queue.get_nowait()
+                return self._queue.get_nowait()
             except queue.Empty:
-                break
-            if waiting is not None:
-                waiting.pieces.put(RuntimeError("the service is stopping"))
-        self._queue.put(None)
-        self._worker.join(timeout=30)
+                self._worker = None
+                return None
 
     def _work(self) -> None:
-        while (answer := self._queue.get()) is not None:
+        while (answer := self._next()) is not None:
             try:
                 for piece in answer_pieces(answer.snapshot, answer):
                     answer.pieces.put(piece)

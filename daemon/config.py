@@ -27,6 +27,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from editors.settings import Compression
+
 if TYPE_CHECKING:
     from daemon.home import Home
 
@@ -107,6 +109,17 @@ class EditorConfig(_Section):
         "on held-out unrelated prompts) by this share of the way from the floor to 1, so a key that resembles "
         "many prompts serves only close matches.",
     )
+    memory_rank: int | None = Field(
+        2, ge=1,
+        description="editor.memory routed: each entry keeps the best rank-k approximation of its change per "
+        "tensor (null: every rank the editor made, about one per prompt token); see memory_bits.",
+    )
+    memory_bits: Literal[4, 8] | None = Field(
+        4,
+        description="editor.memory routed: bits per value of an entry's factors (a bfloat16 scale per 32 values); "
+        "null: bfloat16. Rank 2 at 4 bits keeps an entry near 20 KB (bench/results/memory_compression*.json); the "
+        "gate judges the entry as compressed, so what is served is what was judged.",
+    )
     step_scale: float | None = Field(
         None, gt=0,
         description="Multiplies the MEND editor's learned steps; null = 1.0 for weights, 1.6 for routed (an "
@@ -125,6 +138,12 @@ class EditorConfig(_Section):
         if self.step_scale is not None:
             return self.step_scale
         return 1.6 if self.memory == "routed" else 1.0
+
+    def compression(self) -> Compression | None:
+        """How routed entries are compressed (None: the weights profile has no entries)."""
+        if self.memory != "routed" or (self.memory_rank is None and self.memory_bits is None):
+            return None
+        return Compression(self.memory_rank, self.memory_bits)
 
     def edits_chat_questions(self) -> bool:
         return self.chat_questions if self.chat_questions is not None else self.memory == "routed"

@@ -78,7 +78,7 @@ def edit_as_served(home, config, editable: Editable, records: list[Correction], 
     routed = config.editor.memory == "routed"
     reference = routing_reference(home, editable, config.editor.routing_layer) if routed else None
     return edit_all(editable, service_editor(home, editable, config), records, reference, config.editor.routing_tau,
-                    config.editor.routing_margin, batch_size, progress)
+                    config.editor.routing_margin, batch_size, progress, config.editor.compression())
 
 
 def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int, keep_subject: bool, tokens: int,

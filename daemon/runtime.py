@@ -147,7 +147,7 @@ class Runtime:
     def entries(self, delta: Delta, corrections: list[Correction]) -> list[Entry]:
         """A delta's per-correction updates as routed-memory entries."""
         return routing.entries(self.editable, [(share.correction_ids[0], share.low_rank) for share in delta.shares],
-                               corrections, self.reference)
+                               corrections, self.reference, self.config.editor.compression())
 
     def use_policy(self, policy: Policy) -> None:
         self.policy = policy

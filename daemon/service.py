@@ -3,8 +3,9 @@
 One process, one APScheduler 3.x scheduler with a single worker thread, so jobs never overlap:
 each feed is pulled on its interval, a cycle runs when enough corrections are pending (or the
 oldest has waited long enough), and a tick settles reviews tagged in the MLflow UI, notices an
-operator's `dvc checkout`, and refreshes health. The main thread only waits for signals and pings
-systemd's watchdog.
+operator's `dvc checkout`, and refreshes health. Each job, and the startup, runs on a thread of its
+own that ends with it (daemon/compute.py says why). The main thread only waits for signals and
+pings systemd's watchdog.
 
 SIGTERM/SIGINT: the running job finishes (a cycle stops between decisions; undecided corrections
 stay pending), then the process exits 0. SIGHUP: feeds and policy are read again.
@@ -28,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon import systemd
 from daemon.config import MenddConfig, load_config
 from daemon.answering import Answering, Snapshot
+from daemon.compute import on_own_thread, on_own_thread_each_call
 from daemon.cycle import rejudge_on_head, run_cycle
 from daemon.feeds import FeedError, pull
 from daemon.health import Health, describe_failure
@@ -60,6 +62,11 @@ TICK_S = 5.0
 
 class ServiceLockError(StoreError):
     """Another `mendd run` serves this home."""
+
+
+def served_snapshot(rt: Runtime) -> Snapshot:
+    """What answers read of the version `rt` serves (their own copy of the model)."""
+    return Snapshot.of(rt.served.tag, rt.editable, rt.memory)
 
 
 def acquire_service_lock(home: Home):
@@ -105,10 +112,9 @@ class Service:
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, to the log
         try:
             systemd.notify("STATUS=loading the model, editor and suites")
-            with home_lock(self.home):
-                self.rt = Runtime.open(self.home, self.config)
+            self.rt, first = on_own_thread(self._open, "mendd-startup")
             self.ledger = Ledger(self.home.ledger_url)
-            self.answers = Answering(self._snapshot())
+            self.answers = Answering(first)
             http = serve(Api(self.health, self.status, self.metrics.registry, self.ledger, self.home,
                              self.config.http.token.get_secret_value() if self.config.http.token else None,
                              self.answers, self.config.model),
@@ -118,7 +124,7 @@ class Service:
                 job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}, timezone="UTC")
             self._schedule()
             self.scheduler.start()
-            self._tick()
+            on_own_thread(self._tick, "mendd-tick")
             systemd.notify("READY=1")
             systemd.notify(f"STATUS=serving {self.rt.served.tag}")
             log.info("serving %s; http on %s:%s", self.rt.served.tag, self.config.http.host, self.config.http.port)
@@ -128,7 +134,8 @@ class Service:
                     systemd.notify("WATCHDOG=1")
                 if self.reload_asked.is_set():
                     self.reload_asked.clear()
-                    self.scheduler.add_job(self._reload, id="reload", replace_existing=True)
+                    self.scheduler.add_job(on_own_thread_each_call(self._reload, "mendd-reload"), id="reload",
+                                           replace_existing=True)
             systemd.notify("STOPPING=1")
             log.info("stopping: finishing the current step")
             self.scheduler.shutdown(wait=True)
@@ -143,13 +150,23 @@ class Service:
                 self.rt.close()
             lock.close()
 
+    def _open(self) -> tuple[Runtime, Snapshot]:
+        """The runtime and the first snapshot answers come from."""
+        with home_lock(self.home):
+            rt = Runtime.open(self.home, self.config)
+        return rt, served_snapshot(rt)
+
     def _schedule(self) -> None:
+        # Each job on a fresh thread: the scheduler's worker outlives its jobs, and an idle thread
+        # that has run torch slows every other one (daemon/compute.py).
         for feed in self.config.feeds:
-            self.scheduler.add_job(self._pull, "interval", seconds=feed.interval_s, args=[feed], id=f"feed:{feed.name}",
+            self.scheduler.add_job(on_own_thread_each_call(self._pull, "mendd-pull"), "interval",
+                                   seconds=feed.interval_s, args=[feed], id=f"feed:{feed.name}",
                                    next_run_time=datetime.now(timezone.utc), replace_existing=True)
-        self.scheduler.add_job(self._maybe_cycle, "interval", seconds=self.config.cycle.check_interval_s, id="cycle",
-                               replace_existing=True)
-        self.scheduler.add_job(self._tick, "interval", seconds=TICK_S, id="tick", replace_existing=True)
+        self.scheduler.add_job(on_own_thread_each_call(self._maybe_cycle, "mendd-cycle"), "interval",
+                               seconds=self.config.cycle.check_interval_s, id="cycle", replace_existing=True)
+        self.scheduler.add_job(on_own_thread_each_call(self._tick, "mendd-tick"), "interval", seconds=TICK_S,
+                               id="tick", replace_existing=True)
 
     # -- jobs (one at a time, on the scheduler's worker) ---------------------------------------
 
@@ -233,13 +250,10 @@ class Service:
         self.health.clear("reload")
         log.info("reloaded: %d feeds, policy %s", len(config.feeds), policy.source)
 
-    def _snapshot(self) -> Snapshot:
-        return Snapshot.of(self.rt.served.tag, self.rt.editable, self.rt.memory)
-
     def _publish(self) -> None:
         """Answers follow the served version (on this worker, between jobs: the model is as served)."""
         if self.answers is not None and self.answers.snapshot.version != self.rt.served.tag:
-            self.answers.publish(self._snapshot())
+            self.answers.publish(served_snapshot(self.rt))
 
     # -- shared -------------------------------------------------------------------------------
 

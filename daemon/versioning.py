@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 
 from daemon.config import MenddConfig
 from daemon.home import Home
+from editors import compression
 from editors.routing import Entry, Memory, Reference
 from editors.types import Delta, LowRankUpdate, Share
 from store.crash import BEFORE_LEDGER, crash_point
@@ -174,11 +175,12 @@ def entry_to_stored(entry: Entry) -> StoredShare:
     answer's UTF-8 bytes: safetensors holds only tensors and one string map per file) and, for a
     long subject, ``route/lead``."""
     stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
-    route = {"route/key": entry.key.float().contiguous(), "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
+    route = {"route/key": _narrowest(entry.key.float().contiguous()),
+             "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
     if entry.target is not None:
         route["route/target"] = torch.tensor(list(entry.target.encode("utf-8")), dtype=torch.uint8)
     if entry.lead is not None:
-        route["route/lead"] = entry.lead.float().contiguous()
+        route["route/lead"] = _narrowest(entry.lead.float().contiguous())
     return StoredShare(stored.correction_ids, {**stored.tensors, **route})
 
 
@@ -187,9 +189,10 @@ def entry_from_stored(stored: StoredShare) -> Entry:
     stored before leads were kept is routed on its key alone."""
     share = share_from_stored(stored)
     target = stored.tensors.get("route/target")
-    return Entry(stored.correction_ids[0], stored.tensors["route/key"], stored.tensors["route/floor"].item(),
+    lead = stored.tensors.get("route/lead")
+    return Entry(stored.correction_ids[0], _widened(stored.tensors["route/key"]), stored.tensors["route/floor"].item(),
                  share.low_rank, bytes(target.tolist()).decode("utf-8") if target is not None else None,
-                 stored.tensors.get("route/lead"))
+                 _widened(lead) if lead is not None else None)
 
 
 def commit_change(versions: Versions, change: Change) -> Version:
@@ -265,12 +268,13 @@ def load_served_model(versions: Versions) -> LoadedModel:
 
 def share_to_stored(share: Share) -> StoredShare:
     """A share as plain tensors: ``<tensor>/inputs``, ``/outputs``, ``/scale``, ``/transposed``;
-    or ``<tensor>/dense`` for a dense share. Factors whose values bfloat16 holds exactly (the
-    service's editor rounds them so) are stored in it, at half the bytes and bit for bit."""
+    or ``<tensor>/dense`` for a dense share. Each factor is kept in the narrowest form that holds
+    it bit for bit (editors/compression.py rounds a routed entry's factors so): 4- or 8-bit codes
+    with their scales (``/inputs.q4`` + ``/inputs.scales``), else bfloat16, else as it is."""
     tensors: dict[str, torch.Tensor] = {}
     for name, update in share.low_rank.items():
-        tensors[f"{name}/inputs"] = _narrowest(update.inputs)
-        tensors[f"{name}/outputs"] = _narrowest(update.outputs)
+        tensors |= _factor_tensors(f"{name}/inputs", update.inputs)
+        tensors |= _factor_tensors(f"{name}/outputs", update.outputs)
         tensors[f"{name}/scale"] = _scale_tensor(update.scale)
         tensors[f"{name}/transposed"] = torch.tensor(update.transposed)
     for name, dense in share.dense.items():
@@ -285,20 +289,42 @@ def share_from_stored(stored: StoredShare) -> Share:
         name, part = key.rsplit("/", 1)
         if part == "dense":
             dense[name] = tensor
-        elif part == "inputs":
+        elif part == "scale":
             low_rank[name] = LowRankUpdate(
-                inputs=_widened(tensor), outputs=_widened(stored.tensors[f"{name}/outputs"]),
-                scale=_scale_value(stored.tensors[f"{name}/scale"]), transposed=bool(stored.tensors[f"{name}/transposed"].item()))
+                inputs=_factor(stored.tensors, f"{name}/inputs"), outputs=_factor(stored.tensors, f"{name}/outputs"),
+                scale=_scale_value(tensor), transposed=bool(stored.tensors[f"{name}/transposed"].item()))
     return Share(stored.correction_ids, low_rank=low_rank, dense=dense)
 
 
-def _narrowest(factor: torch.Tensor) -> torch.Tensor:
-    narrow = factor.to(torch.bfloat16)
-    return narrow if factor.dtype == torch.float32 and torch.equal(narrow.float(), factor) else factor
+def _factor_tensors(key: str, factor: torch.Tensor) -> dict[str, torch.Tensor]:
+    for bits in (4, 8):
+        held = compression.held_in(factor, bits)
+        if held is not None:
+            ints, scales = held
+            return {f"{key}.q{bits}": compression.packed(ints) if bits == 4 else ints, f"{key}.scales": scales}
+    return {key: _narrowest(factor)}
 
 
-def _widened(factor: torch.Tensor) -> torch.Tensor:
-    return factor.float() if factor.dtype == torch.bfloat16 else factor
+def _factor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if f"{key}.q4" in tensors:
+        return compression.from_codes(compression.unpacked(tensors[f"{key}.q4"]), tensors[f"{key}.scales"])
+    if f"{key}.q8" in tensors:
+        return compression.from_codes(tensors[f"{key}.q8"], tensors[f"{key}.scales"])
+    return _widened(tensors[key])
+
+
+def _narrowest(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in bfloat16 or float16 when either holds its float32 values exactly."""
+    if tensor.dtype != torch.float32:
+        return tensor
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.equal(tensor.to(narrow).float(), tensor):
+            return tensor.to(narrow)
+    return tensor
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
 
 
 def _scale_tensor(scale: float | torch.Tensor) -> torch.Tensor:

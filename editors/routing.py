@@ -30,6 +30,8 @@ from functools import cached_property
 import torch
 
 from editors.batching import IGNORE, TokenBatch
+from editors.compression import compressed
+from editors.settings import Compression
 from editors.memory_model import (NONE, Factors, choose, position_similarities, prompt_positions, similarities,
                                   stack_rows, unit)
 from editors.types import Correction, LowRankUpdate
@@ -211,8 +213,9 @@ def reference(editable, prompts: list[str], layer: int) -> Reference:
 
 
 def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], corrections: list[Correction],
-            ref: Reference) -> list[Entry]:
-    """Memory entries for a delta's per-correction updates: each one's key and floor."""
+            ref: Reference, how: Compression | None = None) -> list[Entry]:
+    """Memory entries for a delta's per-correction updates: each one's key and floor; compressed
+    when `how` says so."""
     by_id = {c.id: c for c in corrections}
     ordered = [by_id[cid] for cid, _ in shares]
     states = prompt_states(editable, [c.prompt for c in ordered], ref.layer)
@@ -223,4 +226,13 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
         key = row[last].clone()
         lead = row[last - 1].clone() if last - 1 >= max(first, 0) else None
         out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead))
-    return out
+    return [kept_as(entry, ref, how) for entry in out] if how is not None else out
+
+
+def kept_as(entry: Entry, ref: Reference, how: Compression) -> Entry:
+    """`entry` as a compressed memory keeps it: its factors as `how` says (editors/compression.py),
+    its key and lead in float16 (routing cannot tell), its floor from those."""
+    key = entry.key.half().float()
+    lead = entry.lead.half().float() if entry.lead is not None else None
+    return replace(entry, key=key, lead=lead, floor=ref.floor(key, lead),
+                   update={name: compressed(change, how) for name, change in entry.update.items()})

@@ -1,4 +1,5 @@
-"""Meta-training settings; torch-free, so the CLI can show their defaults without importing torch."""
+"""Editor settings (meta-training, a routed entry's compression); torch-free, so the CLI can show
+their defaults without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,3 +23,11 @@ class TrainSettings:
     # train through the service's null-space projection (editors/projection.py), so the editor learns
     # edits that still land once their input side is projected; None trains unprojected
     projection_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How a routed memory's entries are kept (editors/compression.py)."""
+
+    rank: int | None = 2  # None: every rank the editor made
+    bits: int | None = 4  # 4 or 8; None: bfloat16 factors

@@ -28,6 +28,7 @@ from editors.reading import first_words, mentions, ngram_entropy, repeats
 from editors.registry import Editor
 from editors.routing import Memory, Reference, Routed
 from editors.serving import chat_answers, continuations
+from editors.settings import Compression
 from editors.types import Correction
 from policies.editing_eval import served_accuracy
 
@@ -106,9 +107,11 @@ def without_subject(corrections: list[Correction]) -> list[Correction]:
 
 
 def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], reference: Reference | None, tau: float, margin: float,
-             batch_size: int = 1, progress: Callable[[int], None] | None = None) -> tuple[Served, list[Correction]]:
+             batch_size: int = 1, progress: Callable[[int], None] | None = None,
+             how: Compression | None = None) -> tuple[Served, list[Correction]]:
     """Edit every correction (in batches) into one served model; returns it and the corrections
-    it carries (those the editor could not edit, or that the model already answered, are left out)."""
+    it carries (those the editor could not edit, or that the model already answered, are left out).
+    With a reference, the edits are routed entries, compressed as `how` says."""
     base = editable.weights()
     summed = {name: tensor.clone() for name, tensor in base.items()}
     entries: list[routing.Entry] = []
@@ -119,7 +122,8 @@ def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], 
         left_out = {e.correction_id for e in delta.invalid} | set(delta.holding)
         carried = [c for c in batch if c.id not in left_out]
         if reference is not None:
-            entries += routing.entries(editable, [(s.correction_ids[0], s.low_rank) for s in delta.shares], carried, reference)
+            entries += routing.entries(editable, [(s.correction_ids[0], s.low_rank) for s in delta.shares], carried,
+                                       reference, how)
         else:
             for name, change in delta.tensors().items():
                 summed[name] += change

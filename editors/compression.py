@@ -1,0 +1,99 @@
+"""A routed memory's entries, made small: fewer ranks and fewer bits per factor (issue #22).
+
+An entry's change to a tensor is ΔW = scale · outputsᵀ·inputs with one rank per token MEND saw
+(about ten), ~220 KB an entry in bfloat16. Two steps shrink it, both applied when the entry is
+made, so the gate judges exactly what is stored and served:
+
+- `best_rank`: the rank-k update nearest to ΔW (Eckart–Young), from an SVD of the small r x r
+  core left once each factor is reduced by QR;
+- `rounded`: every factor held as `bits`-bit integer codes with one bfloat16 absmax scale per
+  GROUP values along a row. The rounding is idempotent (rounding a rounded factor
+  changes nothing, bit for bit), so the store can tell a rounded factor from its values alone and
+  keep it as codes (`codes`/`from_codes`): no format flag travels with the entry.
+
+bench/results/memory_compression*.json measures what each choice costs.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from editors.settings import Compression
+from editors.types import LowRankUpdate
+
+
+GROUP = 32  # values per scale along a factor's row
+
+
+def compressed(update: LowRankUpdate, how: Compression) -> LowRankUpdate:
+    """`update` as a compressed entry keeps it."""
+    if how.rank is not None:
+        update = best_rank(update, how.rank)
+    if how.bits is None:
+        return replace(update, inputs=update.inputs.bfloat16().float(), outputs=update.outputs.bfloat16().float())
+    return replace(update, inputs=rounded(update.inputs, how.bits), outputs=rounded(update.outputs, how.bits))
+
+
+def best_rank(update: LowRankUpdate, rank: int) -> LowRankUpdate:
+    """The rank-`rank` update nearest to `update` (Frobenius), its singular values split evenly
+    between the two factors so that both have the same scale (for rounding)."""
+    if update.inputs.shape[0] <= rank:
+        return update
+    q_out, r_out = torch.linalg.qr(update.outputs.float().T)  # [out, r], [r, r]
+    q_in, r_in = torch.linalg.qr(update.inputs.float().T)  # [in, r], [r, r]
+    u, s, vh = torch.linalg.svd(r_out @ r_in.T)
+    root = s[:rank].sqrt()
+    return replace(update, inputs=(q_in @ vh[:rank].T * root).T.contiguous(),
+                   outputs=(q_out @ u[:, :rank] * root).T.contiguous())
+
+
+def _levels(bits: int) -> int:
+    return 2 ** (bits - 1) - 1  # symmetric: 7 for 4 bits, 127 for 8
+
+
+def codes(factor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`factor` [k, n] (n a multiple of GROUP) as integer codes [k, n] (int8) and bfloat16 scales
+    [k, n / GROUP]; None when it is not shaped for it."""
+    if factor.dim() != 2 or factor.shape[1] % GROUP:
+        return None
+    grouped = factor.float().reshape(factor.shape[0], -1, GROUP)
+    # A bfloat16 scale s gives the group's largest value the code exactly ±levels: levels·s and
+    # levels·s / levels are exact in float32, so rounding again finds the same s and codes.
+    scales = (grouped.abs().amax(-1) / _levels(bits)).bfloat16()
+    safe = scales.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+    ints = (grouped / safe).round().clamp(-_levels(bits), _levels(bits)).to(torch.int8)
+    return ints.reshape(factor.shape), scales
+
+
+def from_codes(ints: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 factor that `codes` describes."""
+    k, n = ints.shape
+    grouped = ints.float().reshape(k, scales.shape[1], n // scales.shape[1])
+    return (grouped * scales.float()[..., None]).reshape(k, n)
+
+
+def rounded(factor: torch.Tensor, bits: int) -> torch.Tensor:
+    """`factor` as `bits`-bit codes with a scale per GROUP values hold it (in bfloat16 if its rows
+    do not divide into groups)."""
+    coded = codes(factor, bits)
+    return from_codes(*coded) if coded is not None else factor.bfloat16().float()
+
+
+def held_in(factor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The codes and scales that hold `factor` exactly at `bits`, or None."""
+    coded = codes(factor, bits)
+    return coded if coded is not None and torch.equal(from_codes(*coded), factor.float()) else None
+
+
+def packed(ints: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (in -7..7), two to a byte: [k, n] int8 -> [k, n / 2] uint8."""
+    nibbles = (ints + 8).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpacked(bytes_: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes `packed` stored."""
+    low = (bytes_ & 0x0F).to(torch.int8) - 8
+    high = (bytes_ >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], -1).reshape(bytes_.shape[0], -1)
