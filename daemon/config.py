@@ -210,6 +210,13 @@ class CycleConfig(_Section):
     check_interval_s: float = Field(10.0, gt=0, description="Seconds between checks for pending corrections.")
     min_pending: int = Field(1, ge=1, description="Run a cycle once this many corrections are pending...")
     max_wait_s: float = Field(300.0, ge=0, description="...or once the oldest pending one has waited this long.")
+    retention_recent: int = Field(
+        100, ge=0,
+        description="The retention check of each decision takes the corrections about a subject a new one names, "
+        "this many of the latest applied ones, and retention_older of the rest at random (seeded by the batch), so a "
+        "decision costs the same at 10,000 applied corrections as at 200.",
+    )
+    retention_older: int = Field(100, ge=0, description="Earlier applied corrections drawn at random for the retention check.")
 
 
 class MenddConfig(BaseSettings):

@@ -21,6 +21,7 @@ from editors.formats import FormatError, from_record
 from editors.routing import Routed
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
+from policies.suites import retention_sample
 from store.crash import JUDGED, PROPOSED, TRACKED, crash_point
 from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
@@ -117,7 +118,7 @@ def _act(rt: Runtime, decision: Decision, delta, corrections: list[Correction], 
 
 
 def _judge(rt: Runtime, delta, corrections: list[Correction]) -> Decision:
-    return rt.gate.judge(rt.served_weights(), rt.with_delta(delta, corrections), corrections, retained(rt))
+    return rt.gate.judge(rt.served_weights(), rt.with_delta(delta, corrections), corrections, retained(rt, corrections))
 
 
 def rejudge_on_head(rt: Runtime) -> Rejudge:
@@ -130,10 +131,12 @@ def rejudge_on_head(rt: Runtime) -> Rejudge:
     return judge
 
 
-def retained(rt: Runtime) -> list[Correction]:
-    """The corrections the served weights carry (applied at some version): the retention suite."""
+def retained(rt: Runtime, new: list[Correction]) -> list[Correction]:
+    """The retention suite of a decision on `new`: a bounded sample of the corrections the served
+    weights carry (applied at some version; policies/suites.retention_sample)."""
     rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
-    return ledger_corrections(row for row in rows if row.version is not None)
+    applied = ledger_corrections(row for row in rows if row.version is not None)
+    return retention_sample(applied, new, rt.config.cycle.retention_recent, rt.config.cycle.retention_older)
 
 
 @dataclass(frozen=True)
@@ -154,11 +157,11 @@ def decide_revert(rt: Runtime, correction_id: str, force: bool = False) -> Rever
     current = rt.served_weights()
     weights = {**rt.editable.weights(), **change.tensors}
     candidate = Routed(rt.memory.without(taken_out), weights) if rt.memory is not None else weights
+    reverted = ledger_corrections([versions.ledger.correction(cid) for cid in change.corrections])
     started = time.perf_counter()
-    decision = rt.gate.judge(current, candidate, [], [c for c in retained(rt) if c.id not in taken_out])
+    kept = [c for c in retained(rt, reverted) if c.id not in taken_out]
+    decision = rt.gate.judge(current, candidate, [], kept)
     seconds = {"gate": time.perf_counter() - started}
-    rows = [versions.ledger.correction(cid) for cid in change.corrections]
-    reverted = ledger_corrections(rows)
     record = tracking.DecisionRecord(decision, reverted, rt.served, rt.editor.name, rt.policy, [], [], len(reverted),
                                      seconds, action="revert")
     run_id = tracking.open_decision_run(rt.records.mlflow, rt.records.experiment, record)

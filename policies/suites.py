@@ -12,6 +12,7 @@ Suites are plain records here; reading and writing them is the daemon's business
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -83,6 +84,23 @@ class RetentionProbe:
 
 def retention_probes(corrections: list[Correction]) -> list[RetentionProbe]:
     return [RetentionProbe(c.id, prompt, c.target_new) for c in corrections for prompt in (c.prompt, *c.rephrases)]
+
+
+def retention_sample(applied: list[Correction], new: list[Correction], recent: int, older: int) -> list[Correction]:
+    """The earlier corrections a decision checks (`applied` oldest first), so that its cost stays
+    flat as they grow: every one about a subject a new correction names (the likeliest to lose
+    their answer to it), the `recent` latest, and `older` of the rest drawn at random, seeded by
+    the new corrections' ids so that a decision can be judged again on the same sample."""
+    subjects = {c.subject.casefold() for c in new if c.subject}
+    same = [c for c in applied if c.subject and c.subject.casefold() in subjects]
+    taken = {c.id for c in same}
+    latest = [c for c in applied[::-1] if c.id not in taken][:recent]
+    taken |= {c.id for c in latest}
+    rest = [c for c in applied if c.id not in taken]
+    seed = int.from_bytes(hashlib.sha256("\n".join(sorted(c.id for c in new)).encode()).digest()[:8], "big")
+    drawn = random.Random(seed).sample(rest, min(older, len(rest)))
+    chosen = taken | {c.id for c in drawn}
+    return [c for c in applied if c.id in chosen]
 
 
 def known_facts(root: Path) -> list[tuple[str, str]]:
