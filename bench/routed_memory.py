@@ -48,9 +48,10 @@ from daemon.suite_files import load_keys
 from editors import scoring
 from editors.batching import TokenBatch, rows_of
 from editors.formats import load_corrections
+from editors.memory_model import choose, similarities, unit
 from editors.mend import MendEditor
 from editors.registry import guarded, pretrained_path
-from editors.routing import choose, key_span, prompt_states, query_states, similarities, unit
+from editors.routing import key_span, prompt_states, query_states
 from editors.types import LowRankUpdate
 from policies.policy import load_policy
 from policies.probes import data_dir, unrelated_prompts

@@ -25,7 +25,8 @@ from daemon.home import Home
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
 from editors.formats import load_corrections
-from editors.routing import Memory, choose, entries, prompt_states, similarities
+from editors.memory_model import route_queries
+from editors.routing import Memory, entries, prompt_states
 from policies.probes import data_dir
 
 MODEL = "smollm2-135m"
@@ -53,7 +54,7 @@ def main() -> None:
         records = [replace(c, subject=None) for c in records]
     built = entries(editable, [(c.id, {}) for c in records], records, ref)
     keyed = Memory(ref.layer, 0.0, ref.centre, tuple(built))
-    alone = replace(keyed, entries=tuple(replace(e, lead=None, floor=ref.floor(e.key)) for e in built))
+    alone = replace(keyed, entries=tuple(replace(e, lead=None, relation=None, floor=ref.floor(e.key)) for e in built))
     queries = {
         "prompt": [(c.prompt, i) for i, c in enumerate(records)],
         "rephrase": [(r, i) for i, c in enumerate(records) for r in c.rephrases],
@@ -65,8 +66,8 @@ def main() -> None:
     def figures(memory: Memory, tau: float, margin: float) -> dict[str, float]:
         out = {}
         for kind, qs in queries.items():
-            chosen = choose(similarities(states[kind], memory.unit_keys, memory.centre, memory.unit_leads),
-                            memory.floors, tau, margin)
+            chosen = route_queries(states[kind], memory.centre, memory.unit_keys, memory.unit_leads,
+                                   memory.unit_relations, memory.floors, tau, margin)
             owners = torch.tensor([owner for _, owner in qs])
             if kind == "locality":  # about no correction: any route is a false one
                 out["locality_routed"] = round((chosen >= 0).float().mean().item(), 4)

@@ -67,18 +67,24 @@ def export_version(store: VersionStore, tag: str, out: Path, tau: float, margin:
     return Exported(tag, out, routed, len(entries))
 
 
+def optional_rows(rows: list[torch.Tensor | None], hidden: int) -> torch.Tensor:
+    """[entries, hidden]: the rows stacked, zeros where an entry has none."""
+    return torch.stack([r.float() if r is not None else torch.zeros(hidden) for r in rows]) if rows else torch.zeros(0, hidden)
+
+
 def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: int, tau: float, margin: float,
                  version: str) -> None:
-    """The memory as editors/memory_model.StoredMemory reads it: keys, leads, floors and the centre
-    stacked, each entry's factors as `i/<tensor>/inputs` and `i/<tensor>/outputs` (times its scale,
+    """The memory as editors/memory_model.StoredMemory reads it: keys, leads, relations, floors and
+    the centre stacked, each entry's factors as `i/<tensor>/inputs` and `i/<tensor>/outputs` (times its scale,
     as serving applies them), targets and correction ids in the metadata."""
     hidden = centre.numel()
     tensors = {
         "centre": centre.float().contiguous(),
         "keys": torch.stack([e.key.float() for e in entries]) if entries else torch.zeros(0, hidden),
-        "leads": torch.stack([e.lead.float() if e.lead is not None else torch.zeros(hidden) for e in entries])
-        if entries else torch.zeros(0, hidden),
+        "leads": optional_rows([e.lead for e in entries], hidden),
         "has_lead": torch.tensor([e.lead is not None for e in entries], dtype=torch.uint8),
+        "relations": optional_rows([e.relation for e in entries], hidden),
+        "has_relation": torch.tensor([e.relation is not None for e in entries], dtype=torch.uint8),
         "floors": torch.tensor([e.floor for e in entries]),
     }
     for i, entry in enumerate(entries):

@@ -179,20 +179,22 @@ def entry_to_stored(entry: Entry) -> StoredShare:
              "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
     if entry.target is not None:
         route["route/target"] = torch.tensor(list(entry.target.encode("utf-8")), dtype=torch.uint8)
-    if entry.lead is not None:
-        route["route/lead"] = _narrowest(entry.lead.float().contiguous())
+    for name, state in (("lead", entry.lead), ("relation", entry.relation)):
+        if state is not None:
+            route[f"route/{name}"] = _narrowest(state.float().contiguous())
     return StoredShare(stored.correction_ids, {**stored.tensors, **route})
 
 
 def entry_from_stored(stored: StoredShare) -> Entry:
     """An entry stored before targets were kept has none: it then acts for the whole answer; one
-    stored before leads were kept is routed on its key alone."""
+    stored before leads were kept is routed on its key alone; one stored before relations were kept
+    gives way to a namesake that has one."""
     share = share_from_stored(stored)
     target = stored.tensors.get("route/target")
-    lead = stored.tensors.get("route/lead")
+    lead, relation = (stored.tensors.get(f"route/{name}") for name in ("lead", "relation"))
     return Entry(stored.correction_ids[0], _widened(stored.tensors["route/key"]), stored.tensors["route/floor"].item(),
                  share.low_rank, bytes(target.tolist()).decode("utf-8") if target is not None else None,
-                 _widened(lead) if lead is not None else None)
+                 _widened(lead) if lead is not None else None, _widened(relation) if relation is not None else None)
 
 
 def commit_change(versions: Versions, change: Change) -> Version:

@@ -29,6 +29,10 @@ NONE = -1  # a query that no entry serves
 # lead tells "Amazon River" from "Nile River", and the same subject reads a little differently after
 # other words. Chosen on CounterFact val[0:500] (bench/routing_precision.py).
 LEAD_TAU = 0.6
+# Eligible entries whose keys are at least this similar to the chosen one's name the same subject
+# (corrections about one entity: "Messi plays for", "Messi's nationality is"); the one whose
+# relation (the state at its prompt's last token) is nearest the query's then serves.
+SAME_SUBJECT = 0.9
 MEMORY_FILE = "memory.safetensors"
 
 
@@ -37,6 +41,12 @@ MEMORY_FILE = "memory.safetensors"
 def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     centred = states - centre
     return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+def present_units(rows: torch.Tensor, present: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """[entries, hidden]: each present row as a unit vector, zeros for an entry without one (a lead
+    or relation it does not have)."""
+    return torch.where(present[:, None], unit(rows, centre), 0.0)
 
 
 def previous(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -72,14 +82,35 @@ def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: t
         0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
 
 
-def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0) -> torch.Tensor:
+def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0,
+           unit_keys: torch.Tensor | None = None, relations: torch.Tensor | None = None) -> torch.Tensor:
     """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
-    own floor raised by `margin` of the way to 1; NONE when none does."""
+    own floor raised by `margin` of the way to 1; NONE when none does. Given the entries' `unit_keys`
+    and `relations` ([queries, entries]: the query's last state against each entry's relation), an
+    entry that shares its subject with other eligible ones (SAME_SUBJECT) gives way to the one of
+    them whose relation is nearest the query's."""
     if similarity.shape[1] == 0:
         return torch.full((similarity.shape[0],), NONE)
     eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
     score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
-    return torch.where(score > -3.0, best, torch.tensor(NONE))
+    chosen = torch.where(score > -3.0, best, torch.tensor(NONE))
+    if unit_keys is None or relations is None:
+        return chosen
+    namesakes = eligible & (unit_keys[best] @ unit_keys.T >= SAME_SUBJECT)
+    # the similarity breaks ties (entries stored without a relation have 0 there)
+    nearest = torch.where(namesakes, relations + 1e-3 * similarity, torch.tensor(-3.0)).argmax(1)
+    return torch.where((chosen != NONE) & (namesakes.sum(1) > 1), nearest, chosen)
+
+
+def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
+                  unit_leads: torch.Tensor, unit_relations: torch.Tensor, floors: torch.Tensor, tau: float,
+                  margin: float) -> torch.Tensor:
+    """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE."""
+    if not queries:
+        return torch.zeros(0, dtype=torch.long)
+    sims = similarities(queries, unit_keys, centre, unit_leads)
+    relations = unit(torch.stack([q[-1] for q in queries]), centre) @ unit_relations.T
+    return choose(sims, floors, tau, margin, unit_keys, relations)
 
 
 def prompt_positions(states: torch.Tensor) -> torch.Tensor:
@@ -260,8 +291,8 @@ class StoredMemory:
         self.targets: list[str | None] = json.loads(meta["targets"])
         self.centre, self.floors = tensors["centre"], tensors["floors"]
         self.unit_keys = unit(tensors["keys"], self.centre)
-        has_lead = tensors["has_lead"].bool()
-        self.unit_leads = torch.where(has_lead[:, None], unit(tensors["leads"], self.centre), 0.0)
+        self.unit_leads = present_units(tensors["leads"], tensors["has_lead"].bool(), self.centre)
+        self.unit_relations = present_units(tensors["relations"], tensors["has_relation"].bool(), self.centre)
         self.updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.correction_ids]
         for key, tensor in tensors.items():
             if key.count("/") == 2:
@@ -274,8 +305,8 @@ class StoredMemory:
         """Each query's entry (NONE: the base weights), from its states entering `layer`."""
         if not self.correction_ids:
             return [NONE] * len(states)
-        sims = similarities([prompt_positions(s) for s in states], self.unit_keys, self.centre, self.unit_leads)
-        return choose(sims, self.floors, self.tau, self.margin).tolist()
+        return route_queries([prompt_positions(s) for s in states], self.centre, self.unit_keys, self.unit_leads,
+                             self.unit_relations, self.floors, self.tau, self.margin).tolist()
 
 
 def _routed_class():

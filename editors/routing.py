@@ -31,9 +31,9 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
+from editors.memory_model import (NONE, Factors, position_similarities, present_units, prompt_positions,
+                                  route_queries, stack_rows, unit)
 from editors.settings import Compression
-from editors.memory_model import (NONE, Factors, choose, position_similarities, prompt_positions, similarities,
-                                  stack_rows, unit)
 from editors.types import Correction, LowRankUpdate
 
 
@@ -48,6 +48,7 @@ class Entry:
     update: dict[str, LowRankUpdate]  # tensor name -> the correction's own low-rank change
     target: str | None = None  # the answer it teaches; generation drops the entry once it is said
     lead: torch.Tensor | None = None  # [hidden]: the state one token before the key (long subjects)
+    relation: torch.Tensor | None = None  # [hidden]: the state at the prompt's last token (tells namesakes apart)
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,17 @@ class Memory:
     @cached_property
     def unit_leads(self) -> torch.Tensor:
         """[entries, hidden]: each entry's unit lead, zeros for an entry without one."""
-        leads = [unit(e.lead, self.centre) if e.lead is not None else torch.zeros_like(self.centre) for e in self.entries]
-        return torch.stack(leads) if leads else torch.zeros(0, self.centre.numel())
+        return self._units([e.lead for e in self.entries])
+
+    @cached_property
+    def unit_relations(self) -> torch.Tensor:
+        """[entries, hidden]: each entry's unit relation, zeros for an entry stored without one."""
+        return self._units([e.relation for e in self.entries])
+
+    def _units(self, rows: list[torch.Tensor | None]) -> torch.Tensor:
+        present = torch.tensor([r is not None for r in rows], dtype=torch.bool)
+        stacked = torch.stack([r if r is not None else self.centre for r in rows]) if rows else torch.zeros(0, self.centre.numel())
+        return present_units(stacked, present, self.centre)
 
     @cached_property
     def floors(self) -> torch.Tensor:
@@ -126,8 +136,8 @@ def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
 
 def route(memory: Memory, states: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """[batch]: the entry serving each row (NONE: the base weights)."""
-    sims = similarities(query_states(states, batch), memory.unit_keys, memory.centre, memory.unit_leads)
-    return choose(sims, memory.floors, memory.tau, memory.margin)
+    return route_queries(query_states(states, batch), memory.centre, memory.unit_keys, memory.unit_leads,
+                         memory.unit_relations, memory.floors, memory.tau, memory.margin)
 
 
 def row_factors(memory: Memory, chosen: torch.Tensor) -> Factors:
@@ -225,14 +235,16 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
         last = min(last, len(row) - 1)
         key = row[last].clone()
         lead = row[last - 1].clone() if last - 1 >= max(first, 0) else None
-        out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead))
+        out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead, row[-1].clone()))
     return [kept_as(entry, ref, how) for entry in out] if how is not None else out
 
 
 def kept_as(entry: Entry, ref: Reference, how: Compression) -> Entry:
     """`entry` as a compressed memory keeps it: its factors as `how` says (editors/compression.py),
-    its key and lead in float16 (routing cannot tell), its floor from those."""
-    key = entry.key.half().float()
-    lead = entry.lead.half().float() if entry.lead is not None else None
-    return replace(entry, key=key, lead=lead, floor=ref.floor(key, lead),
+    its key, lead and relation in float16 (routing cannot tell), its floor from those."""
+    def half(state: torch.Tensor | None) -> torch.Tensor | None:
+        return state.half().float() if state is not None else None
+
+    key, lead = half(entry.key), half(entry.lead)
+    return replace(entry, key=key, lead=lead, relation=half(entry.relation), floor=ref.floor(key, lead),
                    update={name: compressed(change, how) for name, change in entry.update.items()})

@@ -13,7 +13,7 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
-from editors.memory_model import LEAD_TAU
+from editors.memory_model import LEAD_TAU, SAME_SUBJECT, choose, similarities
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
 from store.checkpoint import read_tensor_file
@@ -26,18 +26,41 @@ from test_cli import mendd
 def test_a_query_goes_to_the_most_similar_entry_that_reaches_tau_and_its_floor() -> None:
     similarity = torch.tensor([[0.9, 0.95, 0.2], [0.5, 0.6, 0.7], [0.85, 0.1, 0.99]])
     floors = torch.tensor([0.0, 0.0, 0.995])  # the third key resembles everything: it must match closely
-    assert routing.choose(similarity, floors, tau=0.8).tolist() == [1, NONE, 0]
+    assert choose(similarity, floors, tau=0.8).tolist() == [1, NONE, 0]
 
 
 def test_with_no_entries_every_query_keeps_the_base_weights() -> None:
-    assert routing.choose(torch.zeros(3, 0), torch.zeros(0), 0.5).tolist() == [NONE] * 3
+    assert choose(torch.zeros(3, 0), torch.zeros(0), 0.5).tolist() == [NONE] * 3
 
 
 def test_a_margin_makes_a_key_that_resembles_everything_match_almost_exactly() -> None:
     similarity = torch.tensor([[0.97], [0.99]])
     floors = torch.tensor([0.96])  # halfway from 0.96 to 1 is 0.98
-    assert routing.choose(similarity, floors, tau=0.5, margin=0.0).tolist() == [0, 0]
-    assert routing.choose(similarity, floors, tau=0.5, margin=0.5).tolist() == [NONE, 0]
+    assert choose(similarity, floors, tau=0.5, margin=0.0).tolist() == [0, 0]
+    assert choose(similarity, floors, tau=0.5, margin=0.5).tolist() == [NONE, 0]
+
+
+def test_of_entries_about_one_subject_the_one_whose_relation_is_nearest_the_query_s_serves() -> None:
+    keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.02, 0.0], [0.0, 1.0, 0.0]]), dim=-1)
+    assert (keys[0] @ keys[1]).item() >= SAME_SUBJECT
+    similarity = torch.tensor([[0.95, 0.94, 0.1], [0.95, 0.94, 0.1]])  # both queries name the subject
+    relations = torch.tensor([[0.2, 0.9, 0.0], [0.8, 0.1, 0.0]])  # the first asks the second entry's question
+    chosen = choose(similarity, torch.zeros(3), 0.8, 0.0, keys, relations)
+    assert chosen.tolist() == [1, 0]
+
+
+def test_relations_do_not_choose_between_entries_about_different_subjects() -> None:
+    keys = torch.eye(3)
+    similarity = torch.tensor([[0.95, 0.9, 0.1]])
+    relations = torch.tensor([[0.1, 0.9, 0.9]])
+    assert choose(similarity, torch.zeros(3), 0.8, 0.0, keys, relations).tolist() == [0]
+
+
+def test_a_namesake_that_does_not_reach_tau_is_not_chosen_by_its_relation() -> None:
+    keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01]]), dim=-1)
+    similarity = torch.tensor([[0.95, 0.5]])
+    relations = torch.tensor([[0.1, 0.9]])
+    assert choose(similarity, torch.zeros(2), 0.8, 0.0, keys, relations).tolist() == [0]
 
 
 def _axis(i: int, size: int = 4) -> torch.Tensor:
@@ -50,8 +73,8 @@ def test_a_key_with_a_lead_matches_only_where_the_state_before_it_resembles_the_
     amazon_river = torch.stack([other, lead, key])  # "The Amazon River": the lead, then the key
     nile_river = torch.stack([other, other, key])  # "The Nile River": the key after something else
     keys, leads = key[None], lead[None]
-    assert routing.similarities([amazon_river, nile_river], keys, centre, leads)[:, 0].tolist() == [1.0, -1.0]
-    assert routing.similarities([amazon_river, nile_river], keys, centre)[:, 0].tolist() == [1.0, 1.0]
+    assert similarities([amazon_river, nile_river], keys, centre, leads)[:, 0].tolist() == [1.0, -1.0]
+    assert similarities([amazon_river, nile_river], keys, centre)[:, 0].tolist() == [1.0, 1.0]
 
 
 def test_a_lead_need_only_resemble_the_state_before_the_key_not_match_it() -> None:
@@ -59,13 +82,13 @@ def test_a_lead_need_only_resemble_the_state_before_the_key_not_match_it() -> No
     near = (LEAD_TAU + 0.05) * lead + (1 - (LEAD_TAU + 0.05) ** 2) ** 0.5 * other  # unit, cosine LEAD_TAU + 0.05
     far = (LEAD_TAU - 0.05) * lead + (1 - (LEAD_TAU - 0.05) ** 2) ** 0.5 * other
     queries = [torch.stack([other, near, key]), torch.stack([other, far, key])]
-    assert routing.similarities(queries, key[None], torch.zeros(4), lead[None])[:, 0].tolist() == [1.0, -1.0]
+    assert similarities(queries, key[None], torch.zeros(4), lead[None])[:, 0].tolist() == [1.0, -1.0]
 
 
 def test_the_state_before_a_query_s_first_position_is_never_taken_from_the_query_before_it() -> None:
     key, lead = _axis(0), _axis(1)
     ends_with_lead, starts_with_key = torch.stack([_axis(2), lead]), torch.stack([key, _axis(2)])
-    sims = routing.similarities([ends_with_lead, starts_with_key], key[None], torch.zeros(4), lead[None])
+    sims = similarities([ends_with_lead, starts_with_key], key[None], torch.zeros(4), lead[None])
     assert sims[1, 0].item() < 0.5
 
 
@@ -313,12 +336,13 @@ def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) ->
     assert unrelated["served_by"] is None
 
 
-def test_an_entry_s_lead_is_stored_with_it_and_read_back() -> None:
+def test_an_entry_s_lead_and_relation_are_stored_with_it_and_read_back() -> None:
     from daemon.versioning import entry_from_stored, entry_to_stored
 
     update = {"w": LowRankUpdate(torch.randn(1, 4), torch.randn(1, 3), 1.0)}
-    for lead in (torch.randn(4), None):
-        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", lead)))
-        assert (back.lead is None) == (lead is None)
-        if lead is not None:
-            torch.testing.assert_close(back.lead, lead)
+    for state in (torch.randn(4), None):
+        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", state, state)))
+        assert (back.lead is None) == (back.relation is None) == (state is None)
+        if state is not None:
+            torch.testing.assert_close(back.lead, state)
+            torch.testing.assert_close(back.relation, state)

@@ -1,0 +1,93 @@
+"""Several facts about one subject (issue #22): do both corrections of a pair hold in one routed memory?
+
+The 50 hand-written pairs of tests/data/same_subject_pairs.jsonl (one subject, two relations:
+"Lionel Messi plays for the club" -> Arsenal, "Lionel Messi is a citizen of" -> Japan) are edited
+into one routed memory exactly as the service does (default profile, the shipped editor, its batch
+size, compressed entries). Two entries about one subject have near-identical keys (the subject's
+last token reads the same), so on its key alone the more similar one takes both prompts. Read
+twice: with each entry's relation (the state at its prompt's last token) choosing among namesakes
+(editors/memory_model.choose, the served rule), and with keys alone (relations dropped).
+
+Per variant: both_hold (pairs whose two prompts both say their own target in a 20-token greedy
+answer), gen_prompt and gen_rephrase (the target said), to_own_entry (prompts and rephrasings
+routed to their own entry), teacher-forced reliability and generalization, and sample answers.
+
+    python bench/same_subject.py [--out bench/results/same_subject.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from daemon.config import load_config
+from daemon.editor_jobs import edit_as_served
+from daemon.home import Home
+from daemon.provision import provision_home
+from editors.editable import Editable
+from editors.formats import load_corrections
+from editors.reading import mentions
+from editors.routing import Memory
+from editors.serving import serving_entries
+from policies.served_eval import Served
+from store.models import load_model
+
+MODEL = "smollm2-135m"
+TOKENS = 20
+PAIRS = Path(__file__).resolve().parents[1] / "tests" / "data" / "same_subject_pairs.jsonl"
+
+
+def figures(editable: Editable, memory: Memory, edited) -> dict:
+    served = Served(editable, memory=memory)
+    owner = {e.correction_id: i for i, e in enumerate(memory.entries)}
+    asked = [(c, c.prompt) for c in edited] + [(c, r) for c in edited for r in c.rephrases]
+    said = served.say([q for _, q in asked], TOKENS)
+    routes = serving_entries(editable, [q for _, q in asked], memory)
+    hit = [mentions(text, c.target_new) for (c, _), text in zip(asked, said)]
+    own = [route == owner[c.id] for (c, _), route in zip(asked, routes)]
+    on_prompt = {c.id: h for (c, _), h in zip(asked[: len(edited)], hit)}
+    pairs = {c.id[:-2] for c in edited if f"{c.id[:-2]}-a" in on_prompt and f"{c.id[:-2]}-b" in on_prompt}
+    reliability, generalization = served.teacher_forced(edited)
+    n = len(edited)
+    return {"pairs": len(pairs),
+            "both_hold": round(sum(on_prompt[f"{p}-a"] and on_prompt[f"{p}-b"] for p in pairs) / max(len(pairs), 1), 4),
+            "gen_prompt": round(sum(hit[:n]) / n, 4), "gen_rephrase": round(sum(hit[n:]) / max(len(hit) - n, 1), 4),
+            "to_own_entry": round(sum(own) / len(own), 4),
+            "reliability": round(reliability, 4), "generalization": round(generalization, 4),
+            "samples": [f"{q} -> {text}" for (_, q), text in list(zip(asked, said))[:6]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "same_subject")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    home = Home(args.work / "home")
+    if not home.suites_path.exists():
+        provision_home(home, MODEL)
+    config = load_config(home)
+    loaded = load_model(MODEL)
+    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    records, _ = load_corrections(PAIRS)
+    print(f"editing {len(records)} corrections...", file=sys.stderr)
+    served, edited = edit_as_served(home, config, editable, records, config.batch_size)
+    memory = served.memory
+    key_only = replace(memory, entries=tuple(replace(e, relation=None) for e in memory.entries))
+    rows = {name: figures(editable, used, edited) for name, used in (("relations", memory), ("keys_alone", key_only))}
+    summary = {"model": MODEL, "records": len(records), "edited": len(edited), "variants": rows,
+               "bar_both_hold": 0.9, "seconds": round(time.perf_counter() - started)}
+    text = json.dumps(summary, indent=1, ensure_ascii=False)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
