@@ -8,6 +8,11 @@ bisected). Every --every corrections it measures the served model:
   locality                     the gate suite's 733 unrelated prompts against the base model
   ppl_drawdown                 WikiText-2 sample against the base model
   acceptance                   accepted / submitted (held counts as not accepted: nobody reviews here)
+  text_routed                  routed memory: the share of the perplexity sample's 128-token chunks an entry serves
+  seconds_per_decision         the chunk's cycle time over its decisions (the cost per decision as T grows)
+  memory_bytes, rss_bytes      model/memory/ on disk; this process's resident memory
+Past CounterFact val's 1,919 records the stream goes on with train (the shipped editor was
+meta-trained on those: reliability and generalization there are optimistic).
 
 Rows (batches of --batch unless the row sets its own):
   mend-nogate  plain MEND, every batch applied, no gate (in memory; no store)
@@ -21,10 +26,12 @@ Rows (batches of --batch unless the row sets its own):
                (editors/routing.py), each accepted correction kept as its own update with a key, the
                weights unchanged; projection on, the default gate; the reported `final`
 
-Resumable: each row's home and progress live under --work; run it again to go on where it stopped.
+Resumable: each row's home and progress live under --work (default bench/work/continual, ignored by
+git, so it survives a restart); run it again to go on where it stopped, to the decision.
 Prints one JSON object, writes it and a PNG of the curves to --out, and logs both to MLflow.
 
     python bench/continual.py [--quick] [--n 1000] [--rows mend-nogate mend ft mendd] [--work DIR]
+    nohup python bench/continual.py --n 10000 --every 1000 --rows mendd-routed &   # issue #22
 """
 from __future__ import annotations
 
@@ -67,6 +74,8 @@ ROWS = {  # row -> settings for its home's mendd.yaml (batch_size: --batch unles
     "mendd-routed": {"editor": {"memory": "routed"}},
 }
 BEST = "mendd-routed"
+FINAL = ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed")
+VAL = 1919  # CounterFact val records; the stream goes on with train
 
 
 @dataclass(frozen=True)
@@ -79,17 +88,35 @@ class Point:
     ppl_drawdown: float
     acceptance: float
     seconds: float  # wall time of the row so far (cycles and measurements)
+    text_routed: float | None = None  # routed memory: share of the perplexity sample's chunks an entry serves
+    seconds_per_decision: float | None = None  # the chunk's cycle time / its decisions (gated rows)
+    memory_bytes: int | None = None  # model/memory/ on disk (routed rows)
+    rss_bytes: int | None = None  # the bench process's resident memory after the chunk
 
 
 def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Correction], submitted: int,
-            seconds: float) -> Point:
-    """The served model (`weights`, as the gate takes them) measured."""
+            seconds: float, **costs) -> Point:
+    """The served model (`weights`, as the gate takes them) measured; `costs` as the row saw them."""
     with torch.no_grad():
         reliability, generalization = served_accuracy(editable, accepted, weights)
         locality, _ = gate.locality(weights)
         ppl = gate.ppl_drawdown(weights)
+        routed = gate.text_routed(weights)
     return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
-                 round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1))
+                 round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1), _round(routed),
+                 rss_bytes=resident_bytes(), **costs)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
 class Progress:
@@ -131,11 +158,15 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
             if submitted < end:
                 enqueue(ledger, records[submitted:end], FEED)
                 submitted = end
+            decisions, cycling = 0, time.perf_counter()
             while ledger.pending(1):
-                run_cycle(rt)
+                decisions += sum(step.decision is not None for step in run_cycle(rt).steps)
+            per_decision = (time.perf_counter() - cycling) / decisions if decisions else None
             accepted = _accepted(rt)
             point = measure(rt.editable, rt.gate, rt.served_weights(), accepted, end,
-                            progress.seconds + time.perf_counter() - chunk_started)
+                            progress.seconds + time.perf_counter() - chunk_started,
+                            seconds_per_decision=_round(per_decision),
+                            memory_bytes=tree_bytes(rt.records.versions.store.memory_dir) if rt.memory is not None else None)
             progress.add(point)
             say(row, point)
     finally:
@@ -178,14 +209,17 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")
-    bars = {"reliability": 0.90, "generalization": 0.75, "locality": 0.95, "ppl_drawdown": 0.05, "acceptance": 0.80}
+    metrics = tuple(m for m in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed",
+                                "seconds_per_decision") if any(getattr(p, m) is not None for ps in rows.values() for p in ps))
+    bars = {"reliability": 0.90, "generalization": 0.75, "locality": 0.95, "ppl_drawdown": 0.05, "acceptance": 0.80,
+            "text_routed": 0.10}
     figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for axis, metric in zip(axes, metrics):
         for row, points in rows.items():
             xs = [p.corrections for p in points if getattr(p, metric) is not None]
             axis.plot(xs, [getattr(p, metric) for p in points if getattr(p, metric) is not None], marker="o", label=row)
-        axis.axhline(bars[metric], color="grey", linestyle="--", linewidth=1)
+        if metric in bars:
+            axis.axhline(bars[metric], color="grey", linestyle="--", linewidth=1)
         if metric == "ppl_drawdown":  # a collapsed row reaches 1e9 and more: log scale past 1%
             axis.set_yscale("symlog", linthresh=0.01)
             axis.set_ylim(bottom=-0.01)
@@ -207,13 +241,24 @@ def log_to_mlflow(uri: str, summary: dict, json_path: Path, png_path: Path, rows
     params = {"T": summary["T"], "batch": summary["batch"], "every": summary["every"], "model": MODEL, "rows": ",".join(rows)}
     metrics = [Metric(f"{row}.{name}", getattr(p, name), int(time.time() * 1000), p.corrections)
                for row, points in rows.items() for p in points
-               for name in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")
+               for name in (*FINAL, "seconds_per_decision", "memory_bytes", "rss_bytes")
                if getattr(p, name) is not None]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(json_path))
     client.log_artifact(run.info.run_id, str(png_path))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def streamed(n: int) -> list[Correction]:
+    """The first `n` corrections of the stream: CounterFact val, then train (the shipped editor was
+    meta-trained on train: reliability and generalization there are optimistic; locality, perplexity,
+    routing and cost are what a run that long measures)."""
+    records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=n)
+    if len(records) < n:
+        more, _ = load_corrections(data_dir() / "counterfact" / "train.json", limit=n - len(records))
+        records += more
+    return records
 
 
 def main() -> None:
@@ -223,7 +268,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mendd-continual"))
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "continual")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite under --work")
     parser.add_argument("--threads", type=int, default=2)
@@ -234,7 +279,7 @@ def main() -> None:
         args.n, args.every = 100, min(args.every, 50)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.n)
+    records = streamed(args.n)
 
     def say(row: str, p: Point) -> None:
         print(f"[{row}] T={p.corrections} accepted={p.accepted} rel={p.reliability} gen={p.generalization} "
@@ -260,8 +305,8 @@ def main() -> None:
     summary = {
         "T": args.n, "batch": args.batch, "every": args.every, "model": MODEL,
         "threads": None if args.report else args.threads,  # a report only reads what earlier runs measured
-        "final": {k: last[BEST][k] for k in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance")}
-        if BEST in last else None,
+        "final": {k: last[BEST][k] for k in FINAL} if BEST in last else None,
+        "stream": f"CounterFact val ({VAL} records), then train: past {VAL} the editor's own training records",
         "final_row": BEST, "last": last,
         "complete": {row: points[-1].corrections >= args.n for row, points in results.items()},
         "curves": {row: [asdict(p) for p in points] for row, points in results.items()},

@@ -292,6 +292,13 @@ class Gate:
         with torch.no_grad():
             return route(memory, self.editable.states_at(batch, memory.layer), batch)
 
+    def text_routed(self, candidate: Weights) -> float | None:
+        """The share of the perplexity sample's chunks (running text, each routed as one query) that
+        some entry of a routed memory serves; None for weights."""
+        if not isinstance(candidate, Routed):
+            return None
+        return share((self._routes(self.text, candidate.memory) != NONE).float())
+
     def ppl_drawdown(self, candidate: Weights) -> float:
         logits = self.editable.logits(self.text, candidate)
         nll = scoring.token_nll(logits, self.text.answer_labels).mean().item()

@@ -1,0 +1,75 @@
+"""What routing one query costs as the memory grows (issue #22), on a synthetic memory. Prints JSON.
+
+The served rule itself (editors/memory_model.route_queries: every key against every query position,
+the lead veto, floors, namesakes by relation) on random unit keys, leads and relations of the
+default model's width (576), T = 1,000 to 1,000,000 entries. Queries are random states: a 10-token
+prompt, and a 128-token chunk of running text (the perplexity sample's size). Timed per query
+(median of --repeat), on --threads threads, after one warm-up call; the ratios divide by the
+first size's time in the same run. The memory's routing tensors (keys, leads, relations in float32)
+take 3 x 4 x 576 bytes an entry; the factors are not needed to route.
+
+    python bench/routing_cost.py [--sizes 1000 10000 100000 1000000] [--out bench/results/routing_cost.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from editors.memory_model import route_queries, unit
+
+HIDDEN = 576
+
+
+def timed(call, repeat: int) -> float:
+    call()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.zeros(HIDDEN)
+    prompt = [torch.randn(10, HIDDEN, generator=generator)]
+    text = [torch.randn(128, HIDDEN, generator=generator)]
+    rows = {}
+    for size in args.sizes:
+        keys, leads, relations = (unit(torch.randn(size, HIDDEN, generator=generator), centre) for _ in range(3))
+        floors = torch.rand(size, generator=generator) * 0.5
+
+        def route(queries):
+            return lambda: route_queries(queries, centre, keys, leads, relations, floors, 0.75, 0.3)
+
+        rows[str(size)] = {"prompt_ms": round(1000 * timed(route(prompt), args.repeat), 3),
+                           "text_chunk_ms": round(1000 * timed(route(text), args.repeat), 3),
+                           "routing_tensors_mb": round(3 * 4 * HIDDEN * size / 1e6, 1)}
+        del keys, leads, relations
+        print(json.dumps({size: rows[str(size)]}), flush=True)
+    base = rows[str(args.sizes[0])]
+    for row in rows.values():
+        row["prompt_ratio_to_first"] = round(row["prompt_ms"] / base["prompt_ms"], 2)
+        row["text_ratio_to_first"] = round(row["text_chunk_ms"] / base["text_chunk_ms"], 2)
+    summary = {"hidden": HIDDEN, "threads": args.threads, "first": args.sizes[0], "sizes": rows}
+    text_out = json.dumps(summary, indent=1)
+    if args.out:
+        args.out.write_text(text_out + "\n")
+    print(text_out)
+
+
+if __name__ == "__main__":
+    main()
