@@ -42,7 +42,8 @@ class StepResult:
 def decide(rt: Runtime, rows: list[LedgerCorrection], final: bool = True) -> StepResult:
     """Propose, judge, record and act on one batch of pending ledger rows.
 
-    When not `final`, a rejected batch's corrections stay pending: the cycle retries them in halves.
+    When not `final`, a rejected or held batch's corrections stay pending: the cycle retries them in
+    halves.
     """
     ledger = rt.records.versions.ledger
     by_id = {row.external_id: row for row in rows}
@@ -104,7 +105,7 @@ def _act(rt: Runtime, decision: Decision, delta, corrections: list[Correction], 
             rt.served = version
             tracking.close_decision_run(client, run_id, version)
             return version
-        if decision.outcome == "held":
+        if final and decision.outcome == "held":
             routed = memory_chunk(rt.memory, rt.entries(delta, corrections)) if rt.memory is not None else None
             save_held(rt.home, run_id, delta, routed)
             ledger.mark(keys, CorrectionStatus.held, run_id=run_id, reason=decision.summary())
@@ -205,9 +206,10 @@ class CycleReport:
 def run_cycle(rt: Runtime, should_stop=lambda: False) -> CycleReport:
     """Take up to batch_size pending corrections, oldest first, and decide on them.
 
-    Contradictions in the batch (same prompt, different targets) keep the newest. A rejected batch
-    is split in halves and each half decided again, down to single corrections, so one bad
-    correction does not keep the others out.
+    Contradictions in the batch (same prompt, different targets) keep the newest. A rejected or held
+    batch is split in halves and each half decided again, down to single corrections, so one bad
+    correction does not keep the others out, and a reviewer is asked about the one that needs it
+    (one leaking answer of eleven held a whole batch of ten).
     """
     ledger = rt.records.versions.ledger
     cycle_id = ledger.start_cycle()
@@ -219,7 +221,7 @@ def run_cycle(rt: Runtime, should_stop=lambda: False) -> CycleReport:
             part = queue.pop(0)
             step = decide(rt, part, final=len(part) == 1)
             steps.append(step)
-            if step.decision is not None and step.decision.outcome == "rejected" and len(part) > 1:
+            if step.decision is not None and step.decision.outcome in ("rejected", "held") and len(part) > 1:
                 retry = [row for row in part if row.external_id in step.edited]
                 half = len(retry) // 2
                 queue[:0] = [chunk for chunk in (retry[:half], retry[half:]) if chunk]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from daemon.cycle import run_cycle
 from daemon.feeds import enqueue
-from decision_helpers import ACCEPT_ALL, REJECT_ALL, make_decision_home, open_runtime
+from decision_helpers import ACCEPT_ALL, HOLD_ALL, REJECT_ALL, make_decision_home, open_runtime
 from editors.types import Correction
 from test_cli import mendd
 
@@ -49,6 +49,21 @@ def test_a_rejected_batch_is_split_in_halves_down_to_single_corrections(tmp_path
     assert {row.status.value for row in rows} == {"rejected"}
     assert len({row.run_id for row in rows}) == 4  # each rejected on its own run, as a single
     assert len(cycle.run_ids) == 7 and cycle.outcome == "rejected"
+
+
+def test_a_held_batch_is_split_too_and_only_single_corrections_are_held_for_review(tmp_path: Path, data_root) -> None:
+    home = batched(make_decision_home(tmp_path / "home", HOLD_ALL, data_root))
+    rt = open_runtime(home)
+    try:
+        enqueue(rt.records.versions.ledger, FOUR[:2], "t")
+        report = run_cycle(rt)
+        rows = rt.records.versions.ledger.corrections()
+    finally:
+        rt.close()
+    assert [len(step.edited) for step in report.steps] == [2, 1, 1]
+    assert {row.status.value for row in rows} == {"held"}
+    assert len({row.run_id for row in rows}) == 2  # each held on its own run: a reviewer decides one at a time
+    assert len(list(home.held_dir.glob("*.safetensors"))) == 2
 
 
 def test_the_batch_size_caps_a_cycle_and_the_oldest_go_first(tmp_path: Path, data_root) -> None:
