@@ -11,8 +11,9 @@ floor from them), and the same served figures are read again:
 - teacher-forced reliability and generalization; gen_prompt and gen_rephrase (the target in a
   20-token greedy continuation); nbhd_changed (neighbourhood prompts routed to some entry whose
   first 4 words differ from the base model's: only routed ones can differ);
-- bytes per entry as the store writes them (daemon/versioning.entry_to_stored), factors alone and
-  with the route tensors.
+- bytes per entry as the store writes them (daemon/versioning.entry_to_stored): factors alone,
+  all tensors, and on disk (`mb_per_1000_entries`: chunk files of a batch's entries, as versions
+  commit them, safetensors headers included).
 
     python bench/memory_compression.py [--n 100] [--plans 2:8 2:4 1:4] [--out bench/results/memory_compression.json]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
 from daemon.provision import provision_home
 from daemon.suite_files import routing_reference
-from daemon.versioning import entry_to_stored
+from daemon.versioning import entry_to_stored, memory_chunk
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.memory_model import NONE
@@ -43,15 +45,28 @@ from editors.settings import Compression
 from policies.probes import data_dir
 from policies.served_eval import Served
 from store.models import load_model
+from store.versions import write_shares
 
 MODEL = "smollm2-135m"
 TOKENS = 20
 
 
 def stored_bytes(entry: Entry) -> int:
-    """The bytes the store writes for `entry` (daemon/versioning.entry_to_stored: factors in the
-    narrowest form that holds them, key and lead, floor, target)."""
+    """The bytes of `entry`'s tensors as the store writes them (daemon/versioning.entry_to_stored:
+    factors in the narrowest form that holds them, key, lead, relation, floor, target)."""
     return sum(t.numel() * t.element_size() for t in entry_to_stored(entry).tensors.values())
+
+
+def file_bytes(memory: Memory, entries: tuple[Entry, ...], per_version: int, folder: Path) -> int:
+    """The bytes on disk of `entries` written as the store writes a version's chunk (`per_version`
+    entries a file, as a cycle of that batch size commits them), safetensors headers included."""
+    total = 0
+    for start in range(0, len(entries), per_version):
+        chunk = memory_chunk(memory, list(entries[start : start + per_version]))
+        path = folder / f"{start}.safetensors"
+        write_shares(path, chunk.shares, chunk.metadata, chunk.common)
+        total += path.stat().st_size
+    return total
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -112,8 +127,11 @@ def main() -> None:
         entries = tuple(kept_as(e, reference, how) if how else e for e in memory.entries)
         per_entry = sum(stored_bytes(e) for e in entries) / len(entries)
         routes = sum(stored_bytes(replace(e, update={})) for e in entries) / len(entries)
+        with tempfile.TemporaryDirectory() as folder:
+            on_disk = file_bytes(memory, entries, config.batch_size, Path(folder)) / len(entries)
         rows[name] = {"factor_kb_per_entry": round((per_entry - routes) / 1024, 1),
-                      "mb_per_1000_entries": round(per_entry * 1000 / 1e6, 1),
+                      "tensor_mb_per_1000_entries": round(per_entry * 1000 / 1e6, 1),
+                      "mb_per_1000_entries": round(on_disk * 1000 / 1e6, 1),
                       **figures(Served(editable, memory=replace(memory, entries=entries)), edited, routed, base_near)}
         print(json.dumps(rows[name]), file=sys.stderr)
     summary = {"model": MODEL, "n": len(edited), "neighbourhood_prompts": len(neighbours),

@@ -269,16 +269,19 @@ def load_served_model(versions: Versions) -> LoadedModel:
 
 
 def share_to_stored(share: Share) -> StoredShare:
-    """A share as plain tensors: ``<tensor>/inputs``, ``/outputs``, ``/scale``, ``/transposed``;
-    or ``<tensor>/dense`` for a dense share. Each factor is kept in the narrowest form that holds
-    it bit for bit (editors/compression.py rounds a routed entry's factors so): 4- or 8-bit codes
-    with their scales (``/inputs.q4`` + ``/inputs.scales``), else bfloat16, else as it is."""
+    """A share as plain tensors: ``<tensor>/inputs``, ``/outputs``, ``/scale`` (left out when it is
+    1.0), ``/transposed`` (left out when false); or ``<tensor>/dense`` for a dense share. Each factor
+    is kept in the narrowest form that holds it bit for bit (editors/compression.py rounds a routed
+    entry's factors so): 4- or 8-bit codes with their scales in one uint8 tensor (``/inputs.q4``),
+    else bfloat16, else as it is."""
     tensors: dict[str, torch.Tensor] = {}
     for name, update in share.low_rank.items():
         tensors |= _factor_tensors(f"{name}/inputs", update.inputs)
         tensors |= _factor_tensors(f"{name}/outputs", update.outputs)
-        tensors[f"{name}/scale"] = _scale_tensor(update.scale)
-        tensors[f"{name}/transposed"] = torch.tensor(update.transposed)
+        if not (isinstance(update.scale, float) and update.scale == 1.0):
+            tensors[f"{name}/scale"] = _scale_tensor(update.scale)
+        if update.transposed:
+            tensors[f"{name}/transposed"] = torch.tensor(True)
     for name, dense in share.dense.items():
         tensors[f"{name}/dense"] = dense
     return StoredShare(tuple(share.correction_ids), tensors)
@@ -291,10 +294,12 @@ def share_from_stored(stored: StoredShare) -> Share:
         name, part = key.rsplit("/", 1)
         if part == "dense":
             dense[name] = tensor
-        elif part == "scale":
+        elif part.split(".")[0] == "inputs":
+            scale, transposed = stored.tensors.get(f"{name}/scale"), stored.tensors.get(f"{name}/transposed")
             low_rank[name] = LowRankUpdate(
                 inputs=_factor(stored.tensors, f"{name}/inputs"), outputs=_factor(stored.tensors, f"{name}/outputs"),
-                scale=_scale_value(tensor), transposed=bool(stored.tensors[f"{name}/transposed"].item()))
+                scale=_scale_value(scale) if scale is not None else 1.0,
+                transposed=bool(transposed.item()) if transposed is not None else False)
     return Share(stored.correction_ids, low_rank=low_rank, dense=dense)
 
 
@@ -302,16 +307,14 @@ def _factor_tensors(key: str, factor: torch.Tensor) -> dict[str, torch.Tensor]:
     for bits in (4, 8):
         held = compression.held_in(factor, bits)
         if held is not None:
-            ints, scales = held
-            return {f"{key}.q{bits}": compression.packed(ints) if bits == 4 else ints, f"{key}.scales": scales}
+            return {f"{key}.q{bits}": compression.to_bytes(*held, bits)}
     return {key: _narrowest(factor)}
 
 
 def _factor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if f"{key}.q4" in tensors:
-        return compression.from_codes(compression.unpacked(tensors[f"{key}.q4"]), tensors[f"{key}.scales"])
-    if f"{key}.q8" in tensors:
-        return compression.from_codes(tensors[f"{key}.q8"], tensors[f"{key}.scales"])
+    for bits in (4, 8):
+        if f"{key}.q{bits}" in tensors:
+            return compression.from_bytes(tensors[f"{key}.q{bits}"], bits)
     return _widened(tensors[key])
 
 

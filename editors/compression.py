@@ -9,7 +9,7 @@ made, so the gate judges exactly what is stored and served:
 - `rounded`: every factor held as `bits`-bit integer codes with one bfloat16 absmax scale per
   GROUP values along a row. The rounding is idempotent (rounding a rounded factor
   changes nothing, bit for bit), so the store can tell a rounded factor from its values alone and
-  keep it as codes (`codes`/`from_codes`): no format flag travels with the entry.
+  keep it as codes (`held_in`, `to_bytes`/`from_bytes`): no format flag travels with the entry.
 
 bench/results/memory_compression*.json measures what each choice costs.
 """
@@ -27,7 +27,9 @@ GROUP = 32  # values per scale along a factor's row
 
 
 def compressed(update: LowRankUpdate, how: Compression) -> LowRankUpdate:
-    """`update` as a compressed entry keeps it."""
+    """`update` as a compressed entry keeps it (its scale folded into the outputs, so the store need
+    not keep one)."""
+    update = replace(update, outputs=update.outputs * update.scale, scale=1.0)
     if how.rank is not None:
         update = best_rank(update, how.rank)
     if how.bits is None:
@@ -84,6 +86,22 @@ def held_in(factor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     """The codes and scales that hold `factor` exactly at `bits`, or None."""
     coded = codes(factor, bits)
     return coded if coded is not None and torch.equal(from_codes(*coded), factor.float()) else None
+
+
+def to_bytes(ints: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes and scales as one uint8 tensor [k, n·bits/8 + n/16]: each row's codes (4-bit ones two to
+    a byte) followed by its bfloat16 scales' bytes. One tensor, because a safetensors file spends
+    about 100 bytes of header on every tensor it holds."""
+    codes_ = packed(ints) if bits == 4 else ints.view(torch.uint8)
+    return torch.cat([codes_, scales.contiguous().view(torch.uint8)], 1)
+
+
+def from_bytes(row_bytes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 factor `to_bytes` stored (n follows from the width: n·(bits/8 + 1/16) bytes a row)."""
+    n = row_bytes.shape[1] * 16 // (2 * bits + 1)
+    width = n * bits // 8
+    ints = unpacked(row_bytes[:, :width]) if bits == 4 else row_bytes[:, :width].contiguous().view(torch.int8)
+    return from_codes(ints, row_bytes[:, width:].contiguous().view(torch.bfloat16))
 
 
 def packed(ints: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from daemon.versioning import entry_from_stored, entry_to_stored
-from editors.compression import best_rank, compressed, held_in, packed, rounded, unpacked
+from editors.compression import best_rank, compressed, from_bytes, held_in, packed, rounded, to_bytes, unpacked
 from editors.routing import Entry
 from editors.settings import Compression
 from editors.types import LowRankUpdate
@@ -60,15 +60,41 @@ def test_4_bit_codes_pack_two_to_a_byte_and_unpack_unchanged() -> None:
     assert torch.equal(unpacked(packed(ints)), ints)
 
 
-@pytest.mark.parametrize("bits, factor_bytes", [(4, (64 + 96) * 2 // 2), (8, (64 + 96) * 2)])
-def test_a_compressed_entry_is_stored_as_codes_and_read_back_bit_for_bit(bits: int, factor_bytes: int) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_codes_and_scales_stored_as_bytes_read_back_unchanged(bits: int) -> None:
+    factor = rounded(torch.randn(3, 64), bits)
+    stored = to_bytes(*held_in(factor, bits), bits)
+    assert stored.dtype == torch.uint8 and stored.shape == (3, 64 * bits // 8 + 64 // 16)
+    assert torch.equal(from_bytes(stored, bits), factor)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_compressed_entry_is_stored_as_codes_and_read_back_bit_for_bit(bits: int) -> None:
     update = compressed(_update(), Compression(rank=2, bits=bits))
     key = torch.randn(8).half().float()
-    stored = entry_to_stored(Entry("a", key, 0.5, {"w": update}, "Rome", key.flip(0)))
-    codes = [t for name, t in stored.tensors.items() if name.endswith(f".q{bits}")]
-    assert sum(t.numel() * t.element_size() for t in codes) == factor_bytes
+    stored = entry_to_stored(Entry("a", key, 0.5, {"w": update}, "Rome", key.flip(0), key))
+    factor_bytes = sum(t.numel() for name, t in stored.tensors.items() if name.startswith("w/"))
+    assert factor_bytes == 2 * (64 + 96) * (bits // 8 if bits == 8 else 0.5) + 2 * (64 + 96) // 16
     assert stored.tensors["route/key"].dtype == torch.float16
     back = entry_from_stored(stored)
     assert torch.equal(back.update["w"].inputs, update.inputs)
     assert torch.equal(back.update["w"].outputs, update.outputs)
+    assert back.update["w"].scale == 1.0 and not back.update["w"].transposed
     assert torch.equal(back.key, key) and back.key.dtype == torch.float32
+
+
+def test_compressing_folds_the_scale_into_the_outputs() -> None:
+    update = _update()
+    folded = compressed(update, Compression(rank=None, bits=None))
+    assert folded.scale == 1.0
+    torch.testing.assert_close(folded.dense(), update.dense(), atol=0.05, rtol=0.02)
+
+
+def test_an_uncompressed_share_keeps_its_scale_and_orientation() -> None:
+    from daemon.versioning import share_from_stored, share_to_stored
+    from editors.types import Share
+
+    update = LowRankUpdate(torch.randn(2, 5), torch.randn(2, 3), 0.25, transposed=True)
+    back = share_from_stored(share_to_stored(Share(("a",), low_rank={"w": update}))).low_rank["w"]
+    assert back.scale == 0.25 and back.transposed
+    assert torch.equal(back.inputs, update.inputs) and torch.equal(back.outputs, update.outputs)
