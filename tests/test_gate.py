@@ -163,3 +163,16 @@ def test_good_mend_edits_of_the_default_model_are_accepted_and_overscaled_ones_r
     passed = [all(c.outcome in ("pass", "skipped") for c in d.checks if c.name in teacher_forced) for d in decisions]
     assert passed.count(True) >= 3, [d.summary() for d in decisions]
     assert all(d.outcome == "accepted" or d.reasons for d in decisions)
+
+
+def test_text_routed_is_the_share_of_perplexity_chunks_an_entry_serves(tiny, tiny_gate) -> None:
+    from editors.routing import Entry, Memory, Routed
+
+    layer = 1
+    states = tiny.states_at(tiny_gate.text, layer)
+    centre = torch.zeros(states.shape[-1])
+    one_chunk = Entry("a", states[0, 5].clone(), 0.0, {})  # a state of the first chunk itself
+    assert tiny_gate.text_routed(tiny.weights()) is None
+    assert tiny_gate.text_routed(Routed(Memory(layer, 0.99, centre))) == 0.0
+    routed = tiny_gate.text_routed(Routed(Memory(layer, 0.99, centre, (one_chunk,))))
+    assert 0 < routed < 1
