@@ -207,9 +207,9 @@ def run_cycle(rt: Runtime, should_stop=lambda: False) -> CycleReport:
     """Take up to batch_size pending corrections, oldest first, and decide on them.
 
     Contradictions in the batch (same prompt, different targets) keep the newest. A rejected or held
-    batch is split in halves and each half decided again, down to single corrections, so one bad
-    correction does not keep the others out, and a reviewer is asked about the one that needs it
-    (one leaking answer of eleven held a whole batch of ten).
+    batch is decided again in parts (`split`: the corrections the gate named apart, else halves),
+    down to single corrections, so one bad correction does not keep the others out, and a reviewer
+    is asked about the one that needs it (one leaking answer of eleven held a whole batch of ten).
     """
     ledger = rt.records.versions.ledger
     cycle_id = ledger.start_cycle()
@@ -223,8 +223,7 @@ def run_cycle(rt: Runtime, should_stop=lambda: False) -> CycleReport:
             steps.append(step)
             if step.decision is not None and step.decision.outcome in ("rejected", "held") and len(part) > 1:
                 retry = [row for row in part if row.external_id in step.edited]
-                half = len(retry) // 2
-                queue[:0] = [chunk for chunk in (retry[:half], retry[half:]) if chunk]
+                queue[:0] = split(retry, step.decision.suspects)
     except Exception as error:
         ledger.finish_cycle(cycle_id, "failed", detail=f"{type(error).__name__}: {error}")
         raise
@@ -232,6 +231,17 @@ def run_cycle(rt: Runtime, should_stop=lambda: False) -> CycleReport:
     ledger.finish_cycle(cycle_id, outcome, version=rt.served.tag, run_ids=[s.run_id for s in steps if s.run_id],
                         detail=f"{sum(len(s.edited) for s in steps)} judged, {len(superseded)} superseded")
     return CycleReport(cycle_id, outcome, steps, superseded, rt.served.tag)
+
+
+def split(rows: list[LedgerCorrection], suspects: frozenset[str]) -> list[list[LedgerCorrection]]:
+    """How a rejected or held batch is decided again: the corrections the gate named (a leaking or
+    runaway answer, an edit that did not land) apart from the rest, when it named some but not all;
+    else in halves."""
+    named = [row for row in rows if row.external_id in suspects]
+    if 0 < len(named) < len(rows):
+        return [named, [row for row in rows if row.external_id not in suspects]]
+    half = len(rows) // 2
+    return [chunk for chunk in (rows[:half], rows[half:]) if chunk]
 
 
 def supersede(ledger, rows: list[LedgerCorrection]) -> tuple[list[LedgerCorrection], list[str]]:

@@ -75,11 +75,26 @@ class Speech:
     examples: tuple["Example", ...]
 
 
+# The checks whose failing examples name their correction; the others (locality, perplexity,
+# retention) measure the change as a whole.
+BLAMES = {"reliability": "edit", "generalization": "rephrase", "repetition": "answer", "leaks": "leak"}
+
+
 @dataclass(frozen=True)
 class Decision:
     outcome: Outcome
     checks: tuple[Check, ...]
     examples: tuple[Example, ...]
+
+    @property
+    def suspects(self) -> frozenset[str]:
+        """The corrections whose own examples failed, when every check that stopped an accept names
+        its culprits that way; empty when one of them measures the change as a whole."""
+        stopping = {c.name for c in self.checks if c.outcome in ("hold", "fail")}
+        if not stopping or not stopping <= BLAMES.keys():
+            return frozenset()
+        kinds = {BLAMES[name] for name in stopping}
+        return frozenset(e.correction_id for e in self.examples if e.kind in kinds and not e.passed)
 
     @property
     def metrics(self) -> dict[str, float]:

@@ -3,12 +3,15 @@ batches bisected down to single corrections."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
-from daemon.cycle import run_cycle
+from daemon.cycle import run_cycle, split
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, HOLD_ALL, REJECT_ALL, make_decision_home, open_runtime
 from editors.types import Correction
+from store.ledger import LedgerCorrection
+from store.ledger_schema import CorrectionStatus
 from test_cli import mendd
 
 FOUR = [Correction(f"c{i}", f"Fact number {i} is about", f"thing {i}") for i in range(4)]
@@ -93,3 +96,18 @@ def test_status_reports_the_version_counts_and_last_cycle(tmp_path: Path, data_r
     assert status["corrections"]["applied"] == 2 and status["corrections"]["quarantined"] == 1
     assert status["last_cycle"]["outcome"] == "accepted"
     assert status["health"]["ok"] is False  # no service is running
+
+
+def _rows(n: int) -> list[LedgerCorrection]:
+    now = datetime.now(timezone.utc)
+    return [LedgerCorrection(i, "t", f"c{i}", {}, CorrectionStatus.pending, None, None, None, now) for i in range(n)]
+
+
+def test_a_batch_whose_culprits_the_gate_named_is_split_into_them_and_the_rest() -> None:
+    parts = split(_rows(10), frozenset({"c3", "c7"}))
+    assert [[row.external_id for row in part] for part in parts] == [["c3", "c7"], [f"c{i}" for i in range(10) if i not in (3, 7)]]
+
+
+def test_a_batch_the_gate_blamed_as_a_whole_or_entirely_is_split_in_halves() -> None:
+    for suspects in (frozenset(), frozenset(f"c{i}" for i in range(4))):
+        assert [len(part) for part in split(_rows(4), suspects)] == [2, 2]

@@ -176,3 +176,23 @@ def test_text_routed_is_the_share_of_perplexity_chunks_an_entry_serves(tiny, tin
     assert tiny_gate.text_routed(Routed(Memory(layer, 0.99, centre))) == 0.0
     routed = tiny_gate.text_routed(Routed(Memory(layer, 0.99, centre, (one_chunk,))))
     assert 0 < routed < 1
+
+
+def _decision(failing: dict[str, str], examples: list[tuple[str, str, bool]]):
+    from policies.gate import Decision, Example
+    from policies.policy import Threshold
+
+    threshold = Threshold("any", 0.9, 0.5, True)
+    checks = tuple(check(name, 0.0 if outcome == "fail" else 0.7, 1, threshold) for name, outcome in failing.items())
+    rows = tuple(Example(kind, cid, "p", "t", "", "", passed) for kind, cid, passed in examples)
+    return Decision("rejected", checks, rows)
+
+
+def test_a_decision_stopped_by_leaks_names_the_corrections_whose_answers_leaked() -> None:
+    decision = _decision({"leaks": "fail"}, [("leak", "c2", False), ("edit", "c1", True), ("edit", "c2", True)])
+    assert decision.suspects == {"c2"}
+
+
+def test_a_decision_stopped_by_locality_names_no_one() -> None:
+    decision = _decision({"leaks": "fail", "locality": "fail"}, [("leak", "c2", False)])
+    assert decision.suspects == frozenset()
