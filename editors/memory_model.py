@@ -8,7 +8,8 @@ import mendd.
 - routing: a query's token states (entering block `layer`, from position 1) against each entry's key,
   centred and compared by cosine, counting only positions whose previous state resembles the entry's
   lead (the state one token before the key) where it has one; an entry serves when the similarity
-  clears both τ and its floor raised by a margin (see editors/routing.py);
+  clears both τ and its floor raised by a margin (see editors/routing.py); of entries about one
+  subject (near-identical keys), the one whose relation is nearest the query's end serves;
 - an entry adds its low-rank change (x·inputsᵀ·outputs) to the edited tensors' outputs until the
   answer has said its target, or starts to repeat itself; the base weights then re-read the answer
   so far and carry on.
