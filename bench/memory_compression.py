@@ -29,13 +29,11 @@ from pathlib import Path
 
 import torch
 
-from daemon.config import load_config
 from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
-from daemon.provision import provision_home
+from daemon.provision import base_editable, provisioned
 from daemon.suite_files import routing_reference
 from daemon.versioning import entry_to_stored, memory_chunk
-from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.memory_model import NONE
 from editors.reading import first_words, mentions
@@ -44,7 +42,6 @@ from editors.serving import serving_entries
 from editors.settings import Compression
 from policies.probes import data_dir
 from policies.served_eval import Served
-from store.models import load_model
 from store.versions import write_shares
 
 MODEL = "smollm2-135m"
@@ -101,13 +98,10 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
     home = Home(args.work / "home")
-    if not home.suites_path.exists():
-        provision_home(home, MODEL)
-    config = load_config(home)
+    config = provisioned(home, MODEL)
     # the memory as the editor makes it: every variant is compressed from the same entries
     config = config.model_copy(update={"editor": config.editor.model_copy(update={"memory_rank": None, "memory_bits": None})})
-    loaded = load_model(MODEL)
-    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    editable = base_editable(config)
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.n)
     print(f"editing {len(records)} corrections...", file=sys.stderr)
     served, edited = edit_as_served(home, config, editable, records, config.batch_size)

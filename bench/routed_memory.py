@@ -40,9 +40,8 @@ from pathlib import Path
 
 import torch
 
-from daemon.config import load_config
 from daemon.home import Home
-from daemon.provision import provision_home
+from daemon.provision import provisioned
 from daemon.runtime import Runtime
 from daemon.suite_files import load_keys
 from editors import scoring
@@ -120,9 +119,7 @@ def main() -> None:
     started = time.perf_counter()
 
     home = Home(args.work / "home")
-    if not home.suites_path.exists():
-        provision_home(home, MODEL)
-    rt = Runtime.open(home, load_config(home))
+    rt = Runtime.open(home, provisioned(home, MODEL))
     editable, gate = rt.editable, rt.gate
     editor = guarded(MendEditor.load(pretrained_path(MODEL), editable, args.step_scale), editable, load_keys(home),
                      rt.config.editor.projection_threshold, None)  # the service's editor, at this step scale

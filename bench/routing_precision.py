@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from daemon.config import load_config
 from daemon.home import Home
-from daemon.provision import provision_home
+from daemon.provision import provisioned
 from daemon.runtime import Runtime
 from editors.formats import load_corrections
 from editors.memory_model import route_queries
@@ -44,9 +43,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     home = Home(args.work / "home")
-    if not home.suites_path.exists():
-        provision_home(home, MODEL)
-    rt = Runtime.open(home, load_config(home))  # the default profile: a routed memory
+    rt = Runtime.open(home, provisioned(home, MODEL))  # the default profile: a routed memory
     editable, ref = rt.editable, rt.reference
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.start + args.n)
     records = records[args.start :]

@@ -25,17 +25,15 @@ from pathlib import Path
 
 import torch
 
-from daemon.config import load_config
 from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
-from daemon.provision import provision_home
+from daemon.provision import base_editable, provisioned
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.reading import mentions
 from editors.routing import Memory
 from editors.serving import serving_entries
 from policies.served_eval import Served
-from store.models import load_model
 
 MODEL = "smollm2-135m"
 TOKENS = 20
@@ -70,11 +68,8 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
     home = Home(args.work / "home")
-    if not home.suites_path.exists():
-        provision_home(home, MODEL)
-    config = load_config(home)
-    loaded = load_model(MODEL)
-    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    config = provisioned(home, MODEL)
+    editable = base_editable(config)
     records, _ = load_corrections(PAIRS)
     print(f"editing {len(records)} corrections...", file=sys.stderr)
     served, edited = edit_as_served(home, config, editable, records, config.batch_size)

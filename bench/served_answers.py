@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from daemon.config import load_config
 from daemon.editor_jobs import run_served_eval
 from daemon.home import Home
-from daemon.provision import provision_home
+from daemon.provision import provisioned
 from policies.probes import data_dir
 
 MODEL = "smollm2-135m"
@@ -57,9 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     home = Home(args.work / "home")
-    if not home.suites_path.exists():
-        provision_home(home, MODEL)
-    config = load_config(home)
+    config = provisioned(home, MODEL)
     console = Console(file=sys.stderr)
     runs = {"subject": (data_dir() / "counterfact" / "val.json", args.n, True),
             "no_subject": (data_dir() / "counterfact" / "val.json", args.n, False),

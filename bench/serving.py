@@ -29,18 +29,16 @@ import torch
 
 from daemon.answering import Answering, Snapshot
 from daemon.compute import on_own_thread
-from daemon.config import load_config
 from daemon.editor_jobs import edit_as_served
 from daemon.health import Health
 from daemon.home import Home
 from daemon.http_api import Api, serve
 from daemon.metrics import Metrics
-from daemon.provision import provision_home
+from daemon.provision import base_editable, provisioned
 from editors.editable import Editable
 from editors.formats import load_corrections
 from policies.probes import data_dir
 from store.ledger import Ledger
-from store.models import load_model
 
 MODEL = "smollm2-135m"
 ENTRIES = 1000
@@ -51,14 +49,14 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-def plain_generate(loaded, prompts: list[str], tokens: int) -> dict:
+def plain_generate(editable: Editable, prompts: list[str], tokens: int) -> dict:
     """The reference: transformers' own greedy generate, one prompt at a time."""
     produced, started = 0, time.perf_counter()
     with torch.inference_mode():
         for prompt in prompts:
-            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
-            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-                                        pad_token_id=loaded.tokenizer.eos_token_id)
+            ids = editable.tokenizer(prompt, return_tensors="pt").input_ids
+            out = editable.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                                        pad_token_id=editable.tokenizer.eos_token_id)
             produced += out.shape[1] - ids.shape[1]
     return {"tokens_per_s": round(produced / (time.perf_counter() - started), 2)}
 
@@ -100,19 +98,16 @@ def endpoint(client: openai.OpenAI, prompts: list[str], tokens: int, clients: in
 
 
 def prepared(home: Home, args: argparse.Namespace):
-    """The model, its editable view, the 1,000-entry memory, the real entries and the prompts."""
-    if not home.suites_path.exists():
-        provision_home(home, MODEL)
-    config = load_config(home)
-    loaded = load_model(MODEL)
-    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    """The model (its editable view), the 1,000-entry memory, the real entries and the prompts."""
+    config = provisioned(home, MODEL)
+    editable = base_editable(config)
     records, _ = load_corrections(data_dir() / "counterfact" / "val.json", limit=args.distinct)
     print(f"editing {len(records)} corrections for the memory...", file=sys.stderr)
     served, edited = edit_as_served(home, config, editable, records)
     real = served.memory.entries
     entries = tuple(replace(real[i % len(real)], correction_id=f"{real[i % len(real)].correction_id}#{i}")
                     for i in range(ENTRIES))
-    return loaded, editable, replace(served.memory, entries=entries), real, [c.prompt for c in edited][: args.prompts]
+    return editable, replace(served.memory, entries=entries), real, [c.prompt for c in edited][: args.prompts]
 
 
 def main() -> None:
@@ -127,11 +122,11 @@ def main() -> None:
     home = Home(args.home)
     # Torch work on threads that end, as the service runs it (daemon/compute.py): work on the main
     # thread would leave it an idle OpenMP pool that halves the endpoint's speed, not the reference's.
-    loaded, editable, memory, real, prompts = on_own_thread(lambda: prepared(home, args), "bench-setup")
-    on_own_thread(lambda: plain_generate(loaded, prompts[:2], args.tokens), "bench-warm-up")
+    editable, memory, real, prompts = on_own_thread(lambda: prepared(home, args), "bench-setup")
+    on_own_thread(lambda: plain_generate(editable, prompts[:2], args.tokens), "bench-warm-up")
     figures: dict = {"model": MODEL, "prompts": len(prompts), "tokens": args.tokens, "entries": ENTRIES,
                      "distinct_entries": len(real), "threads": args.threads,
-                     "plain_generate": on_own_thread(lambda: plain_generate(loaded, prompts, args.tokens), "bench-plain")}
+                     "plain_generate": on_own_thread(lambda: plain_generate(editable, prompts, args.tokens), "bench-plain")}
     ledger = Ledger(home.ledger_url)  # the API's own; the endpoint does not use it
     try:
         for name, used in (("no_memory", None), ("memory_1000", memory)):

@@ -11,6 +11,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from daemon import tracking
+from daemon.provision import base_editable
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.mend import MendEditor
@@ -85,8 +86,7 @@ def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int
                     console) -> ServedReport:
     """Edit every record into the model the home serves (one routed memory, or summed weights), with
     the editor the service runs, and read the continuations (policies/served_eval.py)."""
-    loaded = load_model(config.model)
-    editable = Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
+    editable = base_editable(config)
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
         console.print(f"[yellow]skipped[/] {error}")

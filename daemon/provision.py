@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from daemon.config import load_config
+from daemon.config import MenddConfig, load_config
 from daemon.home import Home, init_home
 from daemon.suite_files import pin_suites
 from daemon.versioning import create_versions
@@ -36,3 +36,17 @@ def provision_home(home: Home, model_spec: str, loaded: LoadedModel | None = Non
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     return home
+
+
+def provisioned(home: Home, model_spec: str) -> MenddConfig:
+    """`home`'s config, the home made first if its suites are not pinned yet (a benchmark keeps its
+    home between runs)."""
+    if not home.suites_path.exists():
+        provision_home(home, model_spec)
+    return load_config(home)
+
+
+def base_editable(config: MenddConfig) -> Editable:
+    """The configured model, freshly loaded, with the tensors the editor edits."""
+    loaded = load_model(config.model)
+    return Editable(loaded.model, loaded.tokenizer, config.editor.edit_layers)
