@@ -67,11 +67,6 @@ def export_version(store: VersionStore, tag: str, out: Path, tau: float, margin:
     return Exported(tag, out, routed, len(entries))
 
 
-def optional_rows(rows: list[torch.Tensor | None], hidden: int) -> torch.Tensor:
-    """[entries, hidden]: the rows stacked, zeros where an entry has none."""
-    return torch.stack([r.float() if r is not None else torch.zeros(hidden) for r in rows]) if rows else torch.zeros(0, hidden)
-
-
 def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: int, tau: float, margin: float,
                  version: str) -> None:
     """The memory as editors/memory_model.StoredMemory reads it: keys, leads, relations, floors and
@@ -81,9 +76,9 @@ def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: 
     tensors = {
         "centre": centre.float().contiguous(),
         "keys": torch.stack([e.key.float() for e in entries]) if entries else torch.zeros(0, hidden),
-        "leads": optional_rows([e.lead for e in entries], hidden),
+        "leads": memory_model.optional_rows([e.lead for e in entries], hidden),
         "has_lead": torch.tensor([e.lead is not None for e in entries], dtype=torch.uint8),
-        "relations": optional_rows([e.relation for e in entries], hidden),
+        "relations": memory_model.optional_rows([e.relation for e in entries], hidden),
         "has_relation": torch.tensor([e.relation is not None for e in entries], dtype=torch.uint8),
         "floors": torch.tensor([e.floor for e in entries]),
     }

@@ -44,6 +44,11 @@ def unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
 
+def optional_rows(rows: list[torch.Tensor | None], hidden: int) -> torch.Tensor:
+    """[entries, hidden]: the rows stacked (float32), zeros where an entry has none."""
+    return torch.stack([r.float() if r is not None else torch.zeros(hidden) for r in rows]) if rows else torch.zeros(0, hidden)
+
+
 def present_units(rows: torch.Tensor, present: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """[entries, hidden]: each present row as a unit vector, zeros for an entry without one (a lead
     or relation it does not have)."""

@@ -31,8 +31,8 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
-from editors.memory_model import (NONE, Factors, position_similarities, present_units, prompt_positions,
-                                  route_queries, stack_rows, unit)
+from editors.memory_model import (NONE, Factors, optional_rows, position_similarities, present_units,
+                                  prompt_positions, route_queries, stack_rows, unit)
 from editors.settings import Compression
 from editors.types import Correction, LowRankUpdate
 
@@ -83,8 +83,7 @@ class Memory:
 
     def _units(self, rows: list[torch.Tensor | None]) -> torch.Tensor:
         present = torch.tensor([r is not None for r in rows], dtype=torch.bool)
-        stacked = torch.stack([r if r is not None else self.centre for r in rows]) if rows else torch.zeros(0, self.centre.numel())
-        return present_units(stacked, present, self.centre)
+        return present_units(optional_rows(rows, self.centre.numel()), present, self.centre)
 
     @cached_property
     def floors(self) -> torch.Tensor:
