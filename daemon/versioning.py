@@ -171,14 +171,15 @@ def stored_memory(versions: Versions, layer: int, tau: float, margin: float, ref
 
 
 def entry_to_stored(entry: Entry) -> StoredShare:
-    """An entry as a share's tensors plus ``route/key``, ``route/floor``, ``route/target`` (its
-    answer's UTF-8 bytes: safetensors holds only tensors and one string map per file) and, for a
-    long subject, ``route/lead``."""
+    """An entry as a share's tensors plus ``route/key``, ``route/floor``, ``route/target`` and
+    ``route/subject`` (UTF-8 bytes: safetensors holds only tensors and one string map per file) and,
+    where it has them, ``route/lead`` and ``route/relation``."""
     stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
     route = {"route/key": _narrowest(entry.key.float().contiguous()),
              "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
-    if entry.target is not None:
-        route["route/target"] = torch.tensor(list(entry.target.encode("utf-8")), dtype=torch.uint8)
+    for name, text in (("target", entry.target), ("subject", entry.subject)):
+        if text is not None:
+            route[f"route/{name}"] = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
     for name, state in (("lead", entry.lead), ("relation", entry.relation)):
         if state is not None:
             route[f"route/{name}"] = _narrowest(state.float().contiguous())
@@ -188,13 +189,18 @@ def entry_to_stored(entry: Entry) -> StoredShare:
 def entry_from_stored(stored: StoredShare) -> Entry:
     """An entry stored before targets were kept has none: it then acts for the whole answer; one
     stored before leads were kept is routed on its key alone; one stored before relations were kept
-    gives way to a namesake that has one."""
+    gives way to a namesake that has one; one stored before subjects were kept serves a query
+    whatever its text names."""
     share = share_from_stored(stored)
-    target = stored.tensors.get("route/target")
+    target, subject = (stored.tensors.get(f"route/{name}") for name in ("target", "subject"))
     lead, relation = (stored.tensors.get(f"route/{name}") for name in ("lead", "relation"))
     return Entry(stored.correction_ids[0], _widened(stored.tensors["route/key"]), stored.tensors["route/floor"].item(),
-                 share.low_rank, bytes(target.tolist()).decode("utf-8") if target is not None else None,
-                 _widened(lead) if lead is not None else None, _widened(relation) if relation is not None else None)
+                 share.low_rank, _text(target), _widened(lead) if lead is not None else None,
+                 _widened(relation) if relation is not None else None, _text(subject))
+
+
+def _text(stored: torch.Tensor | None) -> str | None:
+    return bytes(stored.tolist()).decode("utf-8") if stored is not None else None
 
 
 def commit_change(versions: Versions, change: Change) -> Version:

@@ -10,7 +10,7 @@ from torch import nn
 
 from editors.anatomy import Anatomy, default_edit_modules
 from editors.batching import TokenBatch, make_batch, rows_of
-from editors.routing import Routed, route, row_factors
+from editors.routing import Memory, Routed, query_texts, route, row_factors
 
 
 ROUTED_ROWS = 64  # rows per routed suffix pass: each row's factors are padded to the largest rank
@@ -63,6 +63,11 @@ class Editable:
             out[i, : len(key)] = found[key]
         return out
 
+    def routes(self, batch: TokenBatch, memory: Memory) -> torch.Tensor:
+        """[batch]: the entry of `memory` serving each row (NONE: the base weights)."""
+        with torch.no_grad():
+            return route(memory, self.states_at(batch, memory.layer), batch, query_texts(self.tokenizer, batch))
+
     def logits(self, batch: TokenBatch, weights: dict[str, torch.Tensor] | Routed | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at `positions` (default: the answer positions), with optional replacement weights,
@@ -78,7 +83,7 @@ class Editable:
         entries, and decision after decision asks for the same pairs."""
         memory = routed.memory
         parts = [rows_of(batch, rows) for rows in _chunks(len(batch.lengths), ROUTED_ROWS)]
-        chosen = torch.cat([route(memory, self.states_at(part, memory.layer), part) for part in parts])
+        chosen = torch.cat([self.routes(part, memory) for part in parts])
         entries = [memory.entries[j] if j >= 0 else None for j in chosen.tolist()]
         keys = [(tuple(ids[:n].tolist()), tuple(where.nonzero()[:, 0].tolist()), id(entry))
                 for ids, n, where, entry in zip(batch.input_ids, batch.lengths, positions, entries)]

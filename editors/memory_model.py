@@ -88,6 +88,23 @@ def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: t
         0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
 
 
+def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: list[str | None]) -> torch.Tensor:
+    """[queries, entries]: the pairs whose similarity reaches τ but whose query's text does not name
+    the entry's subject (`mentions`; an entry stored without one is never vetoed). A key reads
+    the subject's last tokens, so a namesake's surname or a number passes for it ("Scott Parry" for
+    "Natasha Parry", "140" for "Corolla E140"); the words themselves tell them apart. Only pairs
+    that reach τ are read: a query names few of the memory's subjects."""
+    out = torch.zeros(similarity.shape, dtype=torch.bool)
+    spelled_texts: dict[int, str] = {}
+    for query, entry in (similarity >= tau).nonzero().tolist():
+        subject = subjects[entry]
+        if subject is None:
+            continue
+        text = spelled_texts.setdefault(query, spelled(texts[query]))
+        out[query, entry] = spelled(subject) not in text
+    return out
+
+
 def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0,
            unit_keys: torch.Tensor | None = None, relations: torch.Tensor | None = None) -> torch.Tensor:
     """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
@@ -110,11 +127,14 @@ def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: f
 
 def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                   unit_leads: torch.Tensor, unit_relations: torch.Tensor, floors: torch.Tensor, tau: float,
-                  margin: float) -> torch.Tensor:
-    """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE."""
+                  margin: float, texts: list[str] | None = None, subjects: list[str | None] | None = None) -> torch.Tensor:
+    """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE. Given the
+    queries' `texts` and the entries' `subjects`, an entry serves only a query that names its subject."""
     if not queries:
         return torch.zeros(0, dtype=torch.long)
     sims = similarities(queries, unit_keys, centre, unit_leads)
+    if texts is not None and subjects is not None:
+        sims = torch.where(unnamed(sims, tau, texts, subjects), torch.tensor(-1.0), sims)
     relations = unit(torch.stack([q[-1] for q in queries]), centre) @ unit_relations.T
     return choose(sims, floors, tau, margin, unit_keys, relations)
 
@@ -139,9 +159,13 @@ def bare_words(text: str) -> list[str]:
     return [w for w in words(text) if re.match(r"\w", w)]
 
 
+def spelled(text: str) -> str:
+    """`text` as `mentions` compares it: its words, lower-cased, one space between, one either side."""
+    return f" {' '.join(words(text))} "
+
+
 def mentions(text: str, target: str) -> bool:
-    wanted = " ".join(words(target))
-    return bool(wanted) and f" {wanted} " in f" {' '.join(words(text))} "
+    return bool(words(target)) and spelled(target) in spelled(text)
 
 
 def starts_running_away(text: str) -> bool:
@@ -283,7 +307,7 @@ def last_user_message(tokenizer, text: str) -> str:
 
 
 class StoredMemory:
-    """An exported routed memory: keys, leads, floors, targets and each entry's factors."""
+    """An exported routed memory: keys, leads, floors, targets, subjects and each entry's factors."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -295,6 +319,8 @@ class StoredMemory:
         self.version = meta.get("version")
         self.correction_ids: list[str] = json.loads(meta["correction_ids"])
         self.targets: list[str | None] = json.loads(meta["targets"])
+        # exported before subjects were kept: routed on states alone
+        self.subjects: list[str | None] = json.loads(meta.get("subjects", "null")) or [None] * len(self.targets)
         self.centre, self.floors = tensors["centre"], tensors["floors"]
         self.unit_keys = unit(tensors["keys"], self.centre)
         self.unit_leads = present_units(tensors["leads"], tensors["has_lead"].bool(), self.centre)
@@ -307,12 +333,12 @@ class StoredMemory:
                 pair[0 if part == "inputs" else 1] = tensor
         self.updates = [{name: tuple(pair) for name, pair in update.items()} for update in self.updates]
 
-    def route(self, states: list[torch.Tensor]) -> list[int]:
-        """Each query's entry (NONE: the base weights), from its states entering `layer`."""
+    def route(self, states: list[torch.Tensor], texts: list[str]) -> list[int]:
+        """Each query's entry (NONE: the base weights), from its states entering `layer` and its text."""
         if not self.correction_ids:
             return [NONE] * len(states)
         return route_queries([prompt_positions(s) for s in states], self.centre, self.unit_keys, self.unit_leads,
-                             self.unit_relations, self.floors, self.tau, self.margin).tolist()
+                             self.unit_relations, self.floors, self.tau, self.margin, texts, self.subjects).tolist()
 
 
 def _routed_class():
@@ -342,7 +368,7 @@ def _routed_class():
             tokenizer = self.routing_tokenizer
             texts = [last_user_message(tokenizer, tokenizer.decode(row)) for row in rows]
             encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-            return self.memory.route([self.states_entering(ids) if ids else torch.zeros(1, 1) for ids in encoded])
+            return self.memory.route([self.states_entering(ids) if ids else torch.zeros(1, 1) for ids in encoded], texts)
 
         def row_factors(self, chosen: list[int]) -> Factors:
             return stack_rows([self.memory.updates[j] if j != NONE else None for j in chosen])

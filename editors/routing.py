@@ -16,8 +16,12 @@ update whose key it matches, or with the base weights when it matches none:
   position among those its leads let count;
 - an entry fires when the similarity reaches both τ and its floor raised by the margin: the floor is
   the best similarity its key reached on held-out unrelated prompts, and the margin a share of the
-  way from the floor to 1, so a key that resembles everything must match almost exactly; of the
-  entries that fire, the most similar one serves the query.
+  way from the floor to 1, so a key that resembles everything must match almost exactly;
+- and only when the query's text names the entry's subject (its words, in order, any case): states
+  of a name's last tokens read alike for namesakes ("Simon Stephens" and "Henry Pottinger
+  Stephens", "Scott Parry" and "Natasha Parry"), so running text that names someone else would
+  otherwise reach an entry, more often the more entries there are (bench/results/README.md);
+- of the entries that fire, the most similar one serves the query.
 
 Measured offline first (bench/routed_memory.py, bench/results/README.md), then built here.
 """
@@ -49,6 +53,7 @@ class Entry:
     target: str | None = None  # the answer it teaches; generation drops the entry once it is said
     lead: torch.Tensor | None = None  # [hidden]: the state one token before the key (long subjects)
     relation: torch.Tensor | None = None  # [hidden]: the state at the prompt's last token (tells namesakes apart)
+    subject: str | None = None  # what its prompt is about (given or guessed): a query must name it
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,10 @@ class Memory:
     def floors(self) -> torch.Tensor:
         return torch.tensor([e.floor for e in self.entries])
 
+    @cached_property
+    def subjects(self) -> list[str | None]:
+        return [e.subject for e in self.entries]
+
 
 @dataclass(frozen=True)
 class Routed:
@@ -119,24 +128,32 @@ class Reference:
 
 # -- routing a batch (the math itself is in editors/memory_model.py, shared with exported models) --
 
-def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
-    """Each row's states a query is routed on: its prompt's tokens from position 1 (position 0
-    alone for a one-token prompt); running text (text_batch) on all of it from position 1."""
+def query_lengths(batch: TokenBatch) -> list[int]:
+    """Each row's query length: its prompt's tokens; running text (text_batch) all of it."""
+    if batch.running_text:
+        return batch.lengths.tolist()
     out = []
-    for row, length, labels in zip(states, batch.lengths.tolist(), batch.labels):
-        if batch.running_text:
-            out.append(row[1:length])
-            continue
+    for length, labels in zip(batch.lengths.tolist(), batch.labels):
         answers = (labels != IGNORE).nonzero()
-        last = answers[0, 0].item() if len(answers) else length - 1  # the prompt's last token
-        out.append(prompt_positions(row[: last + 1]))
+        out.append(answers[0, 0].item() + 1 if len(answers) else length)  # through the prompt's last token
     return out
 
 
-def route(memory: Memory, states: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """[batch]: the entry serving each row (NONE: the base weights)."""
+def query_states(states: torch.Tensor, batch: TokenBatch) -> list[torch.Tensor]:
+    """Each row's states a query is routed on: its query's tokens from position 1 (position 0 alone
+    for a one-token prompt)."""
+    return [prompt_positions(row[:n]) for row, n in zip(states, query_lengths(batch))]
+
+
+def query_texts(tokenizer, batch: TokenBatch) -> list[str]:
+    """Each row's query as text (all of it, position 0 too: a prompt may open with the subject)."""
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(batch.input_ids, query_lengths(batch))]
+
+
+def route(memory: Memory, states: torch.Tensor, batch: TokenBatch, texts: list[str]) -> torch.Tensor:
+    """[batch]: the entry serving each row (NONE: the base weights), from its states and its query's text."""
     return route_queries(query_states(states, batch), memory.centre, memory.unit_keys, memory.unit_leads,
-                         memory.unit_relations, memory.floors, memory.tau, memory.margin)
+                         memory.unit_relations, memory.floors, memory.tau, memory.margin, texts, memory.subjects)
 
 
 def row_factors(memory: Memory, chosen: torch.Tensor) -> Factors:
@@ -176,17 +193,23 @@ def guessed_subject(prompt: str) -> str | None:
     return re.sub(r"('s|’s|')$", "", prompt[start:end])
 
 
+def named_subject(correction: Correction) -> str | None:
+    """What a correction's prompt is about: its given subject where the prompt says it, else guessed."""
+    if correction.subject and correction.subject in correction.prompt:
+        return correction.subject
+    return guessed_subject(correction.prompt)
+
+
 def key_span(tokenizer, correction: Correction) -> tuple[int, int]:
-    """Where a correction's subject (given, else guessed from the prompt) lies among its query states
-    (counted from position 1, so a subject that opens the prompt starts at -1): its first and last
-    token; the prompt's last token alone when it names nothing. The key is read at the last."""
-    prompt = correction.prompt
-    if correction.subject and correction.subject in prompt:
-        start = prompt.index(correction.subject)
-        end = start + len(correction.subject)
-    else:
-        guessed = guessed_subject(prompt)
-        start, end = (prompt.rindex(guessed), prompt.rindex(guessed) + len(guessed)) if guessed else (len(prompt), len(prompt))
+    """Where a correction's subject (`named_subject`) lies among its query states (counted from
+    position 1, so a subject that opens the prompt starts at -1): its first and last token; the
+    prompt's last token alone when it names nothing. The key is read at the last."""
+    prompt, subject = correction.prompt, named_subject(correction)
+    if subject is None:
+        start = end = len(prompt)
+    else:  # a guessed subject is the prompt's last run of names
+        start = prompt.index(subject) if subject == correction.subject else prompt.rindex(subject)
+        end = start + len(subject)
 
     def tokens(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
@@ -234,7 +257,8 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
         last = min(last, len(row) - 1)
         key = row[last].clone()
         lead = row[last - 1].clone() if last - 1 >= max(first, 0) else None
-        out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead, row[-1].clone()))
+        out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead, row[-1].clone(),
+                         named_subject(correction)))
     return [kept_as(entry, ref, how) for entry in out] if how is not None else out
 
 

@@ -14,7 +14,7 @@ import torch
 from editors.batching import chat_prompt
 from editors.editable import Editable
 from editors.memory_model import generate_steps
-from editors.routing import NONE, Memory, route, row_factors
+from editors.routing import NONE, Memory, row_factors
 
 
 def continuations(editable: Editable, prompts: list[str], tokens: int = 12, memory: Memory | None = None,
@@ -74,7 +74,7 @@ def serving_entries(editable: Editable, prompts: list[str], memory: Memory) -> l
         return [NONE] * len(prompts)
     batch = editable.batch([(p, "x") for p in prompts])
     with torch.inference_mode():
-        return route(memory, editable.states_at(batch, memory.layer), batch).tolist()
+        return editable.routes(batch, memory).tolist()
 
 
 def serving_entry(editable: Editable, prompt: str, memory: Memory) -> int:

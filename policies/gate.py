@@ -24,7 +24,7 @@ from editors import scoring
 from editors.batching import TokenBatch, rows_of, text_batch
 from editors.editable import Editable
 from editors.reading import first_words, mentions, repeats
-from editors.routing import NONE, Memory, Routed, route
+from editors.routing import NONE, Routed
 from editors.types import Correction
 from policies.policy import Policy, Threshold
 from policies.served_eval import Served
@@ -231,7 +231,7 @@ class Gate:
         entries = candidate.memory.entries
         return [(by_id[entries[j].correction_id], probe.prompt)
                 for probes, batch, _ in self.locality_batches
-                for probe, j in zip(probes, self._routes(batch, candidate.memory).tolist())
+                for probe, j in zip(probes, self.editable.routes(batch, candidate.memory).tolist())
                 if j >= known and entries[j].correction_id in by_id]
 
     def _new_edits(self, current: Weights, candidate: Weights, corrections: list[Correction]):
@@ -301,18 +301,15 @@ class Gate:
         memory on the model's own weights, the rows some entry serves."""
         if not isinstance(weights, Routed) or weights.weights is not None:
             return list(range(len(batch.lengths)))
-        return (self._routes(batch, weights.memory) != NONE).nonzero()[:, 0].tolist()
+        return (self.editable.routes(batch, weights.memory) != NONE).nonzero()[:, 0].tolist()
 
-    def _routes(self, batch: TokenBatch, memory: Memory) -> torch.Tensor:
-        with torch.no_grad():
-            return route(memory, self.editable.states_at(batch, memory.layer), batch)
 
     def text_routed(self, candidate: Weights) -> float | None:
         """The share of the perplexity sample's chunks (running text, each routed as one query) that
         some entry of a routed memory serves; None for weights."""
         if not isinstance(candidate, Routed):
             return None
-        return share((self._routes(self.text, candidate.memory) != NONE).float())
+        return share((self.editable.routes(self.text, candidate.memory) != NONE).float())
 
     def ppl_drawdown(self, candidate: Weights) -> float:
         logits = self.editable.logits(self.text, candidate)

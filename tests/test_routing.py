@@ -13,7 +13,7 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
-from editors.memory_model import LEAD_TAU, SAME_SUBJECT, choose, similarities
+from editors.memory_model import LEAD_TAU, SAME_SUBJECT, choose, route_queries, similarities, unnamed
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
 from store.checkpoint import read_tensor_file
@@ -63,6 +63,26 @@ def test_a_namesake_that_does_not_reach_tau_is_not_chosen_by_its_relation() -> N
     assert choose(similarity, torch.zeros(2), 0.8, 0.0, keys, relations).tolist() == [0]
 
 
+def test_an_entry_serves_only_a_query_whose_text_names_its_subject() -> None:
+    similarity = torch.tensor([[0.9], [0.9], [0.9], [0.5]])
+    texts = ["Natasha Parry speaks", "in The Bill he portrayed Scott Parry", "NATASHA  parry's mother tongue", "Parry"]
+    assert unnamed(similarity, 0.8, texts, ["Natasha Parry"]).tolist() == [[False], [True], [False], [False]]
+
+
+def test_an_entry_without_a_subject_is_routed_on_its_states_alone() -> None:
+    assert not unnamed(torch.tensor([[0.9]]), 0.8, ["anything at all"], [None]).any()
+
+
+def test_a_query_that_names_another_subject_falls_to_the_next_entry_or_the_base_weights() -> None:
+    keys = torch.eye(3)
+    query = [torch.tensor([[0.0, 1.0, 0.1], [1.0, 0.0, 0.0]])]  # reads like both keys, most like the first
+    subjects = ["Henry Pottinger Stephens", "Simon Stephens", "Rome"]
+    args = (torch.zeros(3), keys, torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3), 0.8, 0.0)
+    assert route_queries(query, *args).tolist() == [0]  # states alone: the first key is nearest
+    assert route_queries(query, *args, ["the play Herons by Simon Stephens"], subjects).tolist() == [1]
+    assert route_queries(query, *args, ["the play Herons"], subjects).tolist() == [NONE]
+
+
 def _axis(i: int, size: int = 4) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(i), size).float()
 
@@ -90,6 +110,15 @@ def test_the_state_before_a_query_s_first_position_is_never_taken_from_the_query
     ends_with_lead, starts_with_key = torch.stack([_axis(2), lead]), torch.stack([key, _axis(2)])
     sims = similarities([ends_with_lead, starts_with_key], key[None], torch.zeros(4), lead[None])
     assert sims[1, 0].item() < 0.5
+
+
+def test_an_entry_keeps_the_subject_its_prompt_names_given_or_guessed(tiny) -> None:
+    given = Correction("a", "Where is the Al from", "x", subject="Al")
+    guessed = Correction("b", "Where is Tom Bo from", "x", subject="Tim")  # a subject the prompt does not say
+    nothing = Correction("c", "where is it from", "x")
+    ref = routing.reference(tiny, ["Hello there my friend", "What is the time now"], 1)
+    built = routing.entries(tiny, [(c.id, {}) for c in (given, guessed, nothing)], [given, guessed, nothing], ref)
+    assert [e.subject for e in built] == ["Al", "Tom Bo", None]
 
 
 def test_a_subject_of_two_tokens_or_more_gets_a_lead_and_one_of_one_token_does_not(tiny) -> None:
@@ -149,7 +178,7 @@ def _one_entry(tiny, tau: float) -> tuple[Memory, dict, Correction]:
 def test_a_routed_query_runs_with_its_entry_and_any_other_with_the_base_weights(tiny) -> None:
     memory, edited, correction = _one_entry(tiny, tau=0.99)
     batch = tiny.batch([(correction.prompt, correction.target_new), ("Some unrelated thing", "x")])
-    assert routing.route(memory, tiny.states_at(batch, 1), batch).tolist() == [0, NONE]
+    assert tiny.routes(batch, memory).tolist() == [0, NONE]
     routed, rows = tiny.logits(batch, Routed(memory)), batch.row_of_answer
     torch.testing.assert_close(routed[rows == 0], tiny.logits(batch, edited)[rows == 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(routed[rows == 1], tiny.logits(batch)[rows == 1], atol=0, rtol=0)
@@ -215,7 +244,7 @@ def test_a_routed_edit_lands_where_its_key_matches(tmp_path: Path, data_root) ->
         served, base = rt.editable.logits(batch, rt.served_weights()), rt.editable.logits(batch)
     finally:
         rt.close()
-    assert routing.route(rt.memory, rt.editable.states_at(batch, 1), batch).tolist() == [0, 1]
+    assert rt.editable.routes(batch, rt.memory).tolist() == [0, 1]
     assert not torch.allclose(served, base)  # each prompt runs with its own entry's update
 
 
@@ -336,12 +365,13 @@ def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) ->
     assert unrelated["served_by"] is None
 
 
-def test_an_entry_s_lead_and_relation_are_stored_with_it_and_read_back() -> None:
+def test_an_entry_s_lead_relation_and_subject_are_stored_with_it_and_read_back() -> None:
     from daemon.versioning import entry_from_stored, entry_to_stored
 
     update = {"w": LowRankUpdate(torch.randn(1, 4), torch.randn(1, 3), 1.0)}
-    for state in (torch.randn(4), None):
-        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", state, state)))
+    for state, subject in ((torch.randn(4), "Zürich Straße"), (None, None)):
+        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", state, state, subject)))
+        assert back.subject == subject
         assert (back.lead is None) == (back.relation is None) == (state is None)
         if state is not None:
             torch.testing.assert_close(back.lead, state)
