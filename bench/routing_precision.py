@@ -5,8 +5,10 @@ lead, floor against the home's pinned reference), with an empty update, and ever
 the service routes it. Counted per query set: the share that goes to its own correction's entry and
 the share that goes to another's (a false route: that entry's change then answers a prompt it is not
 about). Query sets: the corrections' prompts and rephrasings, CounterFact's neighbourhood prompts
-(same relation, another subject) and the gate's locality suite. Each rule is measured: the key
-alone at τ 0.8 (the rule before leads), and keys with leads at the given τ and margins.
+(same relation, another subject), the gate's locality suite and 64 chunks of 128 tokens of held-out
+running text (WikiText-2 test, the measuring half before the gate's perplexity sample). Each rule is
+measured: the key alone at τ 0.8 (the rule before leads), keys with leads at the given τ and
+margins, and the served rule (keys, leads, and the query must name the entry's subject).
 
     python bench/routing_precision.py [--n 500] [--start 0] [--no-subject] [--rules 0.75:0.3 0.8:0.3]
 """
@@ -25,8 +27,9 @@ from daemon.provision import provisioned
 from daemon.runtime import Runtime
 from editors.formats import load_corrections
 from editors.memory_model import route_queries
-from editors.routing import Memory, entries, prompt_states
-from policies.probes import data_dir
+from editors.batching import text_batch
+from editors.routing import Memory, entries, prompt_states, query_states, query_texts
+from policies.probes import PERPLEXITY_FROM_LINE, data_dir, token_chunks, wikitext_lines
 
 MODEL = "smollm2-135m"
 
@@ -59,15 +62,20 @@ def main() -> None:
         "locality": [(p.prompt, -1) for p in rt.gate.suites.locality],
     }
     states = {kind: prompt_states(editable, [q for q, _ in qs], ref.layer) for kind, qs in queries.items()}
+    chunks = token_chunks(wikitext_lines(data_dir())[0:PERPLEXITY_FROM_LINE:2], editable.tokenizer, 64, 128)
+    text = text_batch(chunks)
+    queries["text"] = [(t, -1) for t in query_texts(editable.tokenizer, text)]
+    states["text"] = query_states(editable.states_at(text, ref.layer), text)
 
-    def figures(memory: Memory, tau: float, margin: float) -> dict[str, float]:
+    def figures(memory: Memory, tau: float, margin: float, named: bool = False) -> dict[str, float]:
         out = {}
         for kind, qs in queries.items():
+            texts, subjects = ([q for q, _ in qs], memory.subjects) if named else (None, None)
             chosen = route_queries(states[kind], memory.centre, memory.unit_keys, memory.unit_leads,
-                                   memory.unit_relations, memory.floors, tau, margin)
+                                   memory.unit_relations, memory.floors, tau, margin, texts, subjects)
             owners = torch.tensor([owner for _, owner in qs])
-            if kind == "locality":  # about no correction: any route is a false one
-                out["locality_routed"] = round((chosen >= 0).float().mean().item(), 4)
+            if owners.max() < 0:  # about no correction: any route is a false one
+                out[f"{kind}_routed"] = round((chosen >= 0).float().mean().item(), 4)
                 continue
             out[f"{kind}_to_own"] = round((chosen == owners).float().mean().item(), 4)
             out[f"{kind}_to_other"] = round(((chosen >= 0) & (chosen != owners)).float().mean().item(), 4)
@@ -77,6 +85,7 @@ def main() -> None:
     for rule in args.rules:
         tau, margin = map(float, rule.split(":"))
         rules[f"key_and_lead tau {tau} margin {margin}"] = figures(keyed, tau, margin)
+        rules[f"key_lead_and_subject tau {tau} margin {margin}"] = figures(keyed, tau, margin, named=True)
     summary = {"model": MODEL, "n": len(records), "start": args.start, "subject": not args.no_subject,
                "with_lead": sum(e.lead is not None for e in built), "rules": rules}
     text = json.dumps(summary, indent=2)

@@ -10,7 +10,7 @@ from torch import nn
 
 from editors.anatomy import Anatomy, default_edit_modules
 from editors.batching import TokenBatch, make_batch, rows_of
-from editors.routing import Memory, Routed, query_texts, route, row_factors
+from editors.routing import SIMILARITY_BYTES, Memory, Routed, SimilarityCache, chosen_entries, query_states, query_texts, row_factors
 
 
 ROUTED_ROWS = 64  # rows per routed suffix pass: each row's factors are padded to the largest rank
@@ -32,6 +32,7 @@ class Editable:
         self._caches: dict[int, OrderedDict[tuple[int, ...], torch.Tensor]] = {}  # block -> sequence -> states
         self._cache_size = cache_size
         self._outputs = RoutedOutputs()
+        self._similarities = SimilarityCache(SIMILARITY_BYTES if cache_size else 0)
 
     def batch(self, pairs: list[tuple[str, str]]) -> TokenBatch:
         return make_batch(self.tokenizer, pairs)
@@ -40,8 +41,8 @@ class Editable:
         """[batch, seq, hidden] entering the first edited block; cached per unpadded sequence, so a
         prompt seen before costs nothing.
 
-        With cache_size 0 nothing is kept and every call runs the prefix: the uncached reference
-        that benchmarks compare against.
+        With cache_size 0 nothing is kept (nor routing similarities) and every call runs the prefix:
+        the uncached reference that benchmarks compare against.
         """
         return self.states_at(batch, self.anatomy.first)
 
@@ -66,7 +67,10 @@ class Editable:
     def routes(self, batch: TokenBatch, memory: Memory) -> torch.Tensor:
         """[batch]: the entry of `memory` serving each row (NONE: the base weights)."""
         with torch.no_grad():
-            return route(memory, self.states_at(batch, memory.layer), batch, query_texts(self.tokenizer, batch))
+            queries = query_states(self.states_at(batch, memory.layer), batch)
+            key = (batch.running_text, *(tuple(ids[:n].tolist()) for ids, n in zip(batch.input_ids, batch.lengths)))
+            sims = self._similarities.similarities(key, memory, queries, lambda: query_texts(self.tokenizer, batch))
+            return chosen_entries(memory, sims, queries)
 
     def logits(self, batch: TokenBatch, weights: dict[str, torch.Tensor] | Routed | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,10 +127,11 @@ class Editable:
     def clear_cache(self) -> None:
         self._caches.clear()
         self._outputs.clear()
+        self._similarities.clear()
 
     def weights_changed(self) -> None:
         """The model's own weights were changed in place: forget routed outputs computed on them
-        (prefix states stay valid: only edited blocks change)."""
+        (prefix states, and routing similarities read from them, stay valid: only edited blocks change)."""
         self._outputs.clear()
 
     def _remember(self, cache: OrderedDict, key: tuple[int, ...], states: torch.Tensor) -> None:

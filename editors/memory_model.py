@@ -106,23 +106,48 @@ def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: li
 
 
 def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0,
-           unit_keys: torch.Tensor | None = None, relations: torch.Tensor | None = None) -> torch.Tensor:
+           unit_keys: torch.Tensor | None = None, ends: torch.Tensor | None = None,
+           unit_relations: torch.Tensor | None = None) -> torch.Tensor:
     """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
     own floor raised by `margin` of the way to 1; NONE when none does. Given the entries' `unit_keys`
-    and `relations` ([queries, entries]: the query's last state against each entry's relation), an
-    entry that shares its subject with other eligible ones (SAME_SUBJECT) gives way to the one of
-    them whose relation is nearest the query's."""
+    and `unit_relations` and the queries' `ends` (each one's last state, centred unit), an entry that
+    shares its subject with other eligible ones (SAME_SUBJECT) gives way to the one of them whose
+    relation is nearest the query's end. Keys and relations are compared for eligible pairs only: a
+    query reaches few entries of a memory that may hold many."""
+    n = similarity.shape[0]
     if similarity.shape[1] == 0:
-        return torch.full((similarity.shape[0],), NONE)
+        return torch.full((n,), NONE)
     eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
     score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
     chosen = torch.where(score > -3.0, best, torch.tensor(NONE))
-    if unit_keys is None or relations is None:
+    if unit_keys is None or ends is None or unit_relations is None:
         return chosen
-    namesakes = eligible & (unit_keys[best] @ unit_keys.T >= SAME_SUBJECT)
+    rows, cols = eligible.nonzero(as_tuple=True)
+    namesake = (unit_keys[best[rows]] * unit_keys[cols]).sum(-1) >= SAME_SUBJECT
+    rows, cols = rows[namesake], cols[namesake]
     # the similarity breaks ties (entries stored without a relation have 0 there)
-    nearest = torch.where(namesakes, relations + 1e-3 * similarity, torch.tensor(-3.0)).argmax(1)
-    return torch.where((chosen != NONE) & (namesakes.sum(1) > 1), nearest, chosen)
+    nearness = (ends[rows] * unit_relations[cols]).sum(-1) + 1e-3 * similarity[rows, cols]
+    nearest_value = torch.full((n,), -3.0).scatter_reduce(0, rows, nearness, reduce="amax")
+    at_nearest = nearness == nearest_value[rows]
+    nearest = torch.full((n,), similarity.shape[1]).scatter_reduce(0, rows[at_nearest], cols[at_nearest], reduce="amin")
+    several = torch.bincount(rows, minlength=n) > 1
+    return torch.where((chosen != NONE) & several, nearest, chosen)
+
+
+def named_similarities(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
+                       unit_leads: torch.Tensor, tau: float, texts: list[str] | None = None,
+                       subjects: list[str | None] | None = None) -> torch.Tensor:
+    """[queries, keys]: `similarities`, with -1 where a query's text does not name the entry's
+    subject (given `texts` and `subjects`: `unnamed`)."""
+    sims = similarities(queries, unit_keys, centre, unit_leads)
+    if texts is None or subjects is None:
+        return sims
+    return torch.where(unnamed(sims, tau, texts, subjects), torch.tensor(-1.0), sims)
+
+
+def query_ends(queries: list[torch.Tensor], centre: torch.Tensor) -> torch.Tensor:
+    """[queries, hidden]: each query's last state, centred unit: what it asks (against relations)."""
+    return unit(torch.stack([q[-1] for q in queries]), centre)
 
 
 def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
@@ -132,11 +157,8 @@ def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: 
     queries' `texts` and the entries' `subjects`, an entry serves only a query that names its subject."""
     if not queries:
         return torch.zeros(0, dtype=torch.long)
-    sims = similarities(queries, unit_keys, centre, unit_leads)
-    if texts is not None and subjects is not None:
-        sims = torch.where(unnamed(sims, tau, texts, subjects), torch.tensor(-1.0), sims)
-    relations = unit(torch.stack([q[-1] for q in queries]), centre) @ unit_relations.T
-    return choose(sims, floors, tau, margin, unit_keys, relations)
+    sims = named_similarities(queries, centre, unit_keys, unit_leads, tau, texts, subjects)
+    return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations)
 
 
 def prompt_positions(states: torch.Tensor) -> torch.Tensor:

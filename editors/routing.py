@@ -28,6 +28,8 @@ Measured offline first (bench/routed_memory.py, bench/results/README.md), then b
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -35,8 +37,8 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
-from editors.memory_model import (NONE, Factors, optional_rows, position_similarities, present_units,
-                                  prompt_positions, route_queries, stack_rows, unit)
+from editors.memory_model import (NONE, Factors, choose, named_similarities, optional_rows, position_similarities,
+                                  present_units, prompt_positions, query_ends, stack_rows, unit)
 from editors.settings import Compression
 from editors.types import Correction, LowRankUpdate
 
@@ -150,10 +152,64 @@ def query_texts(tokenizer, batch: TokenBatch) -> list[str]:
     return [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(batch.input_ids, query_lengths(batch))]
 
 
-def route(memory: Memory, states: torch.Tensor, batch: TokenBatch, texts: list[str]) -> torch.Tensor:
-    """[batch]: the entry serving each row (NONE: the base weights), from its states and its query's text."""
-    return route_queries(query_states(states, batch), memory.centre, memory.unit_keys, memory.unit_leads,
-                         memory.unit_relations, memory.floors, memory.tau, memory.margin, texts, memory.subjects)
+def chosen_entries(memory: Memory, similarity: torch.Tensor, queries: list[torch.Tensor]) -> torch.Tensor:
+    """[queries]: the entry serving each query (NONE: the base weights), from its named similarities
+    with the memory's entries (`SimilarityCache`) and its states."""
+    if not queries:
+        return torch.zeros(0, dtype=torch.long)
+    return choose(similarity, memory.floors, memory.tau, memory.margin, memory.unit_keys,
+                  query_ends(queries, memory.centre), memory.unit_relations)
+
+
+# Similarity columns kept for batches routed again (a 733-prompt suite against 10,000 entries: 29 MB).
+SIMILARITY_BYTES = 128 * 2**20
+
+
+class SimilarityCache:
+    """Each batch's named similarities with the entries of the last memory it was routed against.
+    A gate routes the same suites decision after decision against a memory that only grew (its
+    candidate is the served memory plus new entries, and an accepted candidate is the next served
+    memory), so only the new entries' columns are computed: the cost of routing a suite stays flat
+    as T grows. Entries are known by identity: a memory read afresh from the store starts afresh."""
+
+    def __init__(self, budget_bytes: int = SIMILARITY_BYTES):
+        self.budget_bytes = budget_bytes
+        # batch key -> ((layer, tau, centre, entries) it was routed against, its similarities); not the
+        # memory itself, whose cached unit keys would be kept once per batch
+        self._kept: OrderedDict[tuple, tuple[tuple, torch.Tensor]] = OrderedDict()
+
+    def similarities(self, key: tuple, memory: Memory, queries: list[torch.Tensor],
+                     texts: Callable[[], list[str]]) -> torch.Tensor:
+        """[queries, entries]: `queries` (the batch `key` names; `texts` gives their text when needed)
+        against every entry of `memory`."""
+        seen, sims = self._kept.pop(key, (None, None))
+        kept = _shared_prefix(seen, memory) if seen is not None else 0
+        out = sims[:, :kept] if kept else torch.zeros(len(queries), 0)
+        if kept < len(memory.entries):
+            fresh = named_similarities(queries, memory.centre, memory.unit_keys[kept:], memory.unit_leads[kept:],
+                                       memory.tau, texts(), memory.subjects[kept:])
+            out = torch.cat([out, fresh], 1)
+        self._kept[key] = ((memory.layer, memory.tau, memory.centre, memory.entries), out)
+        while self._kept and sum(s.numel() * s.element_size() for _, s in self._kept.values()) > self.budget_bytes:
+            self._kept.popitem(last=False)
+        return out
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def _shared_prefix(seen: tuple, memory: Memory) -> int:
+    """How many leading entries `memory` shares with the memory `seen` describes (the same objects,
+    routed at the same layer, τ and centre)."""
+    layer, tau, centre, entries = seen
+    if layer != memory.layer or tau != memory.tau or centre is not memory.centre:
+        return 0
+    count = 0
+    for old, new in zip(entries, memory.entries):
+        if old is not new:
+            break
+        count += 1
+    return count
 
 
 def row_factors(memory: Memory, chosen: torch.Tensor) -> Factors:

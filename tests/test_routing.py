@@ -44,23 +44,23 @@ def test_of_entries_about_one_subject_the_one_whose_relation_is_nearest_the_quer
     keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.02, 0.0], [0.0, 1.0, 0.0]]), dim=-1)
     assert (keys[0] @ keys[1]).item() >= SAME_SUBJECT
     similarity = torch.tensor([[0.95, 0.94, 0.1], [0.95, 0.94, 0.1]])  # both queries name the subject
-    relations = torch.tensor([[0.2, 0.9, 0.0], [0.8, 0.1, 0.0]])  # the first asks the second entry's question
-    chosen = choose(similarity, torch.zeros(3), 0.8, 0.0, keys, relations)
+    ends = torch.tensor([[0.2, 0.9, 0.0], [0.8, 0.1, 0.0]])  # the first asks the second entry's question
+    chosen = choose(similarity, torch.zeros(3), 0.8, 0.0, keys, ends, torch.eye(3))
     assert chosen.tolist() == [1, 0]
 
 
 def test_relations_do_not_choose_between_entries_about_different_subjects() -> None:
     keys = torch.eye(3)
     similarity = torch.tensor([[0.95, 0.9, 0.1]])
-    relations = torch.tensor([[0.1, 0.9, 0.9]])
-    assert choose(similarity, torch.zeros(3), 0.8, 0.0, keys, relations).tolist() == [0]
+    ends = torch.tensor([[0.1, 0.9, 0.9]])
+    assert choose(similarity, torch.zeros(3), 0.8, 0.0, keys, ends, torch.eye(3)).tolist() == [0]
 
 
 def test_a_namesake_that_does_not_reach_tau_is_not_chosen_by_its_relation() -> None:
     keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01]]), dim=-1)
     similarity = torch.tensor([[0.95, 0.5]])
-    relations = torch.tensor([[0.1, 0.9]])
-    assert choose(similarity, torch.zeros(2), 0.8, 0.0, keys, relations).tolist() == [0]
+    ends = torch.tensor([[0.1, 0.9]])
+    assert choose(similarity, torch.zeros(2), 0.8, 0.0, keys, ends, torch.eye(2)).tolist() == [0]
 
 
 def test_an_entry_serves_only_a_query_whose_text_names_its_subject() -> None:
@@ -201,6 +201,35 @@ def test_a_row_and_entry_computed_once_is_not_computed_again_until_the_weights_c
     finally:
         tiny.anatomy.run_per_row = real
     assert runs == [2, 2]
+
+
+def test_a_batch_routed_again_against_a_grown_memory_computes_only_the_new_entries(tiny) -> None:
+    memory, _, correction = _one_entry(tiny, tau=0.5)
+    other = Entry("b", memory.entries[0].key + 0.01, -1.0, {}, subject="France")
+    grown = memory.plus([other])
+    batch = tiny.batch([(correction.prompt, correction.target_new), ("Some unrelated thing", "x")])
+    cache = routing.SimilarityCache()
+    key = ("batch",)
+    queries = routing.query_states(tiny.states_at(batch, 1), batch)
+    texts = []
+    first = cache.similarities(key, memory, queries, lambda: texts.append("first") or routing.query_texts(tiny.tokenizer, batch))
+    again = cache.similarities(key, grown, queries, lambda: texts.append("again") or routing.query_texts(tiny.tokenizer, batch))
+    fresh = routing.SimilarityCache().similarities(key, grown, queries, lambda: routing.query_texts(tiny.tokenizer, batch))
+    torch.testing.assert_close(again, fresh, atol=1e-6, rtol=0)  # a matrix product of another width rounds apart
+    torch.testing.assert_close(again[:, :1], first, atol=0, rtol=0)
+    assert texts == ["first", "again"]
+    cache.similarities(key, grown, queries, lambda: texts.append("third") or [])
+    assert texts == ["first", "again"]  # nothing new: nothing computed
+
+
+def test_a_memory_read_afresh_is_routed_from_scratch() -> None:
+    cache = routing.SimilarityCache()
+    entry = Entry("a", torch.tensor([1.0, 0.0]), -1.0, {})
+    queries = [torch.tensor([[1.0, 0.0]])]
+    cache.similarities(("q",), Memory(0, 0.5, torch.zeros(2), (entry,)), queries, lambda: ["x"])
+    same_values = Entry("a", torch.tensor([0.0, 1.0]), -1.0, {})  # another object: a changed entry is never reused
+    sims = cache.similarities(("q",), Memory(0, 0.5, torch.zeros(2), (same_values,)), queries, lambda: ["x"])
+    assert sims.tolist() == [[0.0]]
 
 
 # -- routed versions ---------------------------------------------------------------------------
