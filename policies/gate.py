@@ -27,7 +27,7 @@ from editors.reading import first_words, mentions, repeats
 from editors.routing import NONE, Routed
 from editors.types import Correction
 from policies.policy import Policy, Threshold
-from policies.served_eval import Served
+from policies.served_eval import Served, answered_as, routed_alike
 from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes
 
 SPOKEN = 12  # tokens of each answer the generation checks read
@@ -206,18 +206,22 @@ class Gate:
         examples: list[Example] = []
         if "repetition" in wanted:
             own = [(c, c.prompt) for c in corrections] + [(c, r) for c in corrections for r in c.rephrases]
-            before, after = now.say([p for _, p in own], SPOKEN), then.say([p for _, p in own], SPOKEN)
+            prompts = [p for _, p in own]
+            before = now.say(prompts, SPOKEN)
+            after = answered_as(then, prompts, before, routed_alike(now, then, prompts), SPOKEN)
             runaway = runaways([c.target_new for c, _ in own], before, after)
             figures["repetition"] = (worst_share([c.id for c, _ in own], runaway), len(own))
             examples += [Example("answer", c.id, prompt, c.target_new, b, a, not bad)
                          for (c, prompt), b, a, bad in zip(own, before, after, runaway)]
         if "leaks" in wanted:
             near = [(c, lp.prompt) for c in corrections for lp in c.locality_prompts] + self._routed_to_new(current, candidate, corrections)
-            before, after = now.say([p for _, p in near], SPOKEN), then.say([p for _, p in near], SPOKEN)
-            leaked = leaks([c.target_new for c, _ in near], before, after)
+            # a prompt both models answer alike cannot leak: only the others are generated
+            changed = [pair for pair, same in zip(near, routed_alike(now, then, [p for _, p in near])) if not same]
+            before, after = now.say([p for _, p in changed], SPOKEN), then.say([p for _, p in changed], SPOKEN)
+            leaked = leaks([c.target_new for c, _ in changed], before, after)
             figures["leaks"] = (sum(leaked) / len(near) if near else None, len(near))
             examples += [Example("leak", c.id, prompt, c.target_new, b, a, False)
-                         for (c, prompt), b, a, bad in zip(near, before, after, leaked) if bad]
+                         for (c, prompt), b, a, bad in zip(changed, before, after, leaked) if bad]
         return Speech(figures, tuple(examples))
 
     def _routed_to_new(self, current: Weights, candidate: Weights, corrections: list[Correction]) -> list[tuple[Correction, str]]:

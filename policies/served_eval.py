@@ -26,8 +26,8 @@ from editors.batching import is_question
 from editors.editable import Editable
 from editors.reading import first_words, mentions, ngram_entropy, repeats
 from editors.registry import Editor
-from editors.routing import Memory, Reference, Routed
-from editors.serving import chat_answers, continuations
+from editors.routing import NONE, Entry, Memory, Reference, Routed
+from editors.serving import chat_answers, continuations, serving_entries
 from editors.settings import Compression
 from editors.types import Correction
 from policies.editing_eval import served_accuracy
@@ -88,6 +88,30 @@ class Served:
     def teacher_forced(self, corrections: list[Correction]) -> tuple[float | None, float | None]:
         weights = Routed(self.memory, self.weights) if self.memory is not None else self.weights
         return served_accuracy(self.editable, corrections, weights)
+
+
+def routed_alike(now: Served, then: Served, prompts: list[str]) -> list[bool]:
+    """Per prompt, whether `then` answers it as `now` does without being asked: both are routed
+    memories over the same weights that send it to the same entry (the same object), or to none. A
+    gate's candidate differs from the served memory only by new entries, so most prompts that are not
+    a new correction's own need no answer from either."""
+    if not prompts or now.memory is None or then.memory is None or now.weights is not then.weights:
+        return [False] * len(prompts)
+
+    def entries(memory: Memory) -> list[Entry | None]:
+        return [memory.entries[j] if j != NONE else None for j in serving_entries(now.editable, prompts, memory)]
+
+    return [a is b for a, b in zip(entries(now.memory), entries(then.memory))]
+
+
+def answered_as(served: Served, prompts: list[str], known: list[str], alike: list[bool], tokens: int = TOKENS) -> list[str]:
+    """`served`'s answers to `prompts`: `known` where `alike` says it answers as the model that gave
+    those, generated for the rest."""
+    asked = [i for i, same in enumerate(alike) if not same]
+    out = list(known)
+    for i, text in zip(asked, served.say([prompts[i] for i in asked], tokens)):
+        out[i] = text
+    return out
 
 
 def in_batches(prompts: list[str], answer: Callable[[list[str]], list[str]]) -> list[str]:

@@ -358,6 +358,26 @@ def test_generation_serves_a_routed_prompt_with_its_entry_and_others_with_the_we
     assert continuation(tiny, unrelated, 8, memory) == continuation(tiny, unrelated, 8)
 
 
+def test_a_candidate_answers_alike_only_the_prompts_it_routes_as_the_served_memory_does(tiny) -> None:
+    from policies.served_eval import Served, routed_alike
+
+    memory, _, correction = _one_entry(tiny, tau=0.99)
+    served, candidate = memory.without({"a"}), memory  # the candidate adds the entry
+    prompts = [correction.prompt, "Some unrelated thing"]
+    assert routed_alike(Served(tiny, served), Served(tiny, candidate), prompts) == [False, True]
+    assert routed_alike(Served(tiny, candidate), Served(tiny, candidate), prompts) == [True, True]
+    assert routed_alike(Served(tiny, weights=tiny.weights()), Served(tiny, candidate), prompts) == [False, False]
+
+
+def test_answers_alike_are_taken_as_known_and_only_the_others_generated(tiny) -> None:
+    from policies.served_eval import Served, answered_as
+
+    memory, _, correction = _one_entry(tiny, tau=0.99)
+    prompts = [correction.prompt, "Some unrelated thing"]
+    answers = answered_as(Served(tiny, memory), prompts, ["known 1", "known 2"], [False, True], tokens=6)
+    assert answers == [Served(tiny, memory).say(prompts[:1], 6)[0], "known 2"]
+
+
 def test_an_entry_stops_acting_once_its_target_is_said_and_the_base_weights_carry_on(tiny) -> None:
     from dataclasses import replace
 
