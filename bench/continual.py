@@ -133,7 +133,9 @@ class Progress:
 
     def __init__(self, path: Path):
         self.path = path
-        self.points = [Point(**p) for p in json.loads(path.read_text())["points"]] if path.exists() else []
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.points = [Point(**p) for p in saved.get("points", [])]
+        self.chunk = Chunk(**saved.get("chunk", {}))
 
     @property
     def done(self) -> int:
@@ -145,9 +147,28 @@ class Progress:
 
     def add(self, point: Point) -> None:
         self.points.append(point)
+        self.chunk = Chunk()
+        self._write()
+
+    def _write(self) -> None:
         partial = self.path.with_suffix(".tmp")
-        partial.write_text(json.dumps({"points": [asdict(p) for p in self.points]}))
+        partial.write_text(json.dumps({"points": [asdict(p) for p in self.points], "chunk": asdict(self.chunk)}))
         partial.replace(self.path)
+
+    def spent(self, seconds: float, cycling: float, decisions: int) -> None:
+        """Time spent on the chunk in progress, kept after every cycle: a run stopped mid-chunk counts
+        it when it goes on."""
+        self.chunk = Chunk(self.chunk.seconds + seconds, self.chunk.cycling + cycling, self.chunk.decisions + decisions)
+        self._write()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The chunk in progress: wall seconds, seconds in cycles and decisions so far."""
+
+    seconds: float = 0.0
+    cycling: float = 0.0
+    decisions: int = 0
 
 
 def run_gated(row: str, work: Path, template: Home, records: list[Correction], args, say) -> list[Point]:
@@ -162,18 +183,22 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
         # corrections submitted beyond the last measurement are decided now, then measured with the next chunk
         submitted = sum(1 for row_ in ledger.corrections() if row_.feed == FEED)
         for start in range(progress.done, len(records), args.every):
-            chunk_started = time.perf_counter()
+            mark = time.perf_counter()
             end = min(start + args.every, len(records))
             if submitted < end:
                 enqueue(ledger, records[submitted:end], FEED)
                 submitted = end
-            decisions, cycling = 0, time.perf_counter()
             while ledger.pending(1):
-                decisions += sum(step.decision is not None for step in run_cycle(rt).steps)
-            per_decision = (time.perf_counter() - cycling) / decisions if decisions else None
+                cycle_started = time.perf_counter()
+                decisions = sum(step.decision is not None for step in run_cycle(rt).steps)
+                now = time.perf_counter()
+                progress.spent(now - mark, now - cycle_started, decisions)
+                mark = now
+            chunk = progress.chunk
+            per_decision = chunk.cycling / chunk.decisions if chunk.decisions else None
             accepted = _accepted(rt)
             point = measure(rt.editable, rt.gate, rt.served_weights(), accepted, end,
-                            progress.seconds + time.perf_counter() - chunk_started,
+                            progress.seconds + chunk.seconds + time.perf_counter() - mark,
                             seconds_per_decision=_round(per_decision),
                             memory_bytes=tree_bytes(rt.records.versions.store.memory_dir) if rt.memory is not None else None)
             progress.add(point)
