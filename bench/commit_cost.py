@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from store import dvcrepo
+from report import report
 
 CHUNK_BYTES = 240_000  # a batch of 10 compressed entries, headers included (bench/results/memory_compression_N100.json)
 MODEL_FILES = 273  # SmolLM2-135M's tensors, one file each
@@ -86,10 +87,7 @@ def main() -> None:
     total = lambda row: row["dvc_add_s"] + row["git_commit_s"]  # noqa: E731
     summary = {"chunk_bytes": CHUNK_BYTES, "repeat": args.repeat, "chunks": rows,
                "commit_s_ratio_last_to_first": round(total(last) / total(first), 3)}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ and how many answers differ.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from daemon.runtime import Runtime
 from editors.routing import NONE, Routed
 from editors.serving import continuation, serving_entries
 from store.ledger import Ledger
+from report import report
 
 
 def main() -> None:
@@ -78,10 +78,7 @@ def main() -> None:
                "served_by_an_entry": int(served), "max_abs_logit_difference": worst, "bar": 1e-4,
                "answers_compared": len(asked), "answers_differing": differ,
                "seconds": round(time.perf_counter() - started)}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

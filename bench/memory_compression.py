@@ -43,6 +43,7 @@ from editors.settings import Compression
 from policies.probes import data_dir
 from policies.served_eval import Served
 from store.versions import write_shares
+from report import report
 
 MODEL = "smollm2-135m"
 TOKENS = 20
@@ -131,10 +132,7 @@ def main() -> None:
     summary = {"model": MODEL, "n": len(edited), "neighbourhood_prompts": len(neighbours),
                "neighbourhood_routed": len(routed), "bar_mb_per_1000": 25, "variants": rows,
                "seconds": round(time.perf_counter() - started)}
-    text = json.dumps(summary, indent=1, ensure_ascii=False)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from editors.memory_model import route_queries, unit
+from report import report
 
 HIDDEN = 576
 
@@ -52,23 +53,18 @@ def main() -> None:
         keys, leads, relations = (unit(torch.randn(size, HIDDEN, generator=generator), centre) for _ in range(3))
         floors = torch.rand(size, generator=generator) * 0.5
 
-        def route(queries):
-            return lambda: route_queries(queries, centre, keys, leads, relations, floors, 0.75, 0.3)
-
-        rows[str(size)] = {"prompt_ms": round(1000 * timed(route(prompt), args.repeat), 3),
-                           "text_chunk_ms": round(1000 * timed(route(text), args.repeat), 3),
+        memory = (centre, keys, leads, relations, floors, 0.75, 0.3)
+        rows[str(size)] = {"prompt_ms": round(1000 * timed(lambda: route_queries(prompt, *memory), args.repeat), 3),
+                           "text_chunk_ms": round(1000 * timed(lambda: route_queries(text, *memory), args.repeat), 3),
                            "routing_tensors_mb": round(3 * 4 * HIDDEN * size / 1e6, 1)}
-        del keys, leads, relations
+        memory = keys = leads = relations = None  # freed before the next size's tensors are made
         print(json.dumps({size: rows[str(size)]}), flush=True)
     base = rows[str(args.sizes[0])]
     for row in rows.values():
         row["prompt_ratio_to_first"] = round(row["prompt_ms"] / base["prompt_ms"], 2)
         row["text_ratio_to_first"] = round(row["text_chunk_ms"] / base["text_chunk_ms"], 2)
     summary = {"hidden": HIDDEN, "threads": args.threads, "first": args.sizes[0], "sizes": rows}
-    text_out = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text_out + "\n")
-    print(text_out)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

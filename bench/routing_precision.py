@@ -15,7 +15,6 @@ margins, and the served rule (keys, leads, and the query must name the entry's s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from editors.memory_model import route_queries
 from editors.batching import text_batch
 from editors.routing import Memory, entries, prompt_states, query_states, query_texts
 from policies.probes import PERPLEXITY_FROM_LINE, data_dir, token_chunks, wikitext_lines
+from report import report
 
 MODEL = "smollm2-135m"
 
@@ -88,10 +88,7 @@ def main() -> None:
         rules[f"key_lead_and_subject tau {tau} margin {margin}"] = figures(keyed, tau, margin, named=True)
     summary = {"model": MODEL, "n": len(records), "start": args.start, "subject": not args.no_subject,
                "with_lead": sum(e.lead is not None for e in built), "rules": rules}
-    text = json.dumps(summary, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

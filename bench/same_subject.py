@@ -17,7 +17,6 @@ routed to their own entry), teacher-forced reliability and generalization, and s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -34,6 +33,7 @@ from editors.reading import mentions
 from editors.routing import Memory
 from editors.serving import serving_entries
 from policies.served_eval import Served
+from report import report
 
 MODEL = "smollm2-135m"
 TOKENS = 20
@@ -78,10 +78,7 @@ def main() -> None:
     rows = {name: figures(editable, used, edited) for name, used in (("relations", memory), ("keys_alone", key_only))}
     summary = {"model": MODEL, "records": len(records), "edited": len(edited), "variants": rows,
                "bar_both_hold": 0.9, "seconds": round(time.perf_counter() - started)}
-    text = json.dumps(summary, indent=1, ensure_ascii=False)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from editors.formats import load_corrections  # noqa: E402
 from policies.probes import data_dir  # noqa: E402
 from service_harness import configure, free_port, start_service, wait_for  # noqa: E402
 from store.ledger import Ledger  # noqa: E402
+from report import report
 
 MODEL = "smollm2-135m"
 
@@ -181,10 +182,7 @@ def main() -> None:
                "answers_kept": round(figures["answers_during_cycle"]["tokens_per_s"]
                                      / figures["answers_alone"]["tokens_per_s"], 3),
                "cycle_slowdown": round(figures["cycle_with_answers"]["seconds"] / figures["cycle_alone"]["seconds"], 3)}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    report(summary, args.out)
 
 
 if __name__ == "__main__":
