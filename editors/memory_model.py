@@ -90,19 +90,47 @@ def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: t
 
 def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: list[str | None]) -> torch.Tensor:
     """[queries, entries]: the pairs whose similarity reaches τ but whose query's text does not name
-    the entry's subject (`mentions`; an entry stored without one is never vetoed). A key reads
-    the subject's last tokens, so a namesake's surname or a number passes for it ("Scott Parry" for
-    "Natasha Parry", "140" for "Corolla E140"); the words themselves tell them apart. Only pairs
-    that reach τ are read: a query names few of the memory's subjects."""
+    the entry's subject (`names`). A key reads the subject's last tokens, so a namesake's surname or
+    a number passes for it ("Scott Parry" for "Natasha Parry", "140" for "Corolla E140"); the words
+    themselves tell them apart. Only pairs that reach τ are read: a query names few of the memory's
+    subjects."""
     out = torch.zeros(similarity.shape, dtype=torch.bool)
     spelled_texts: dict[int, str] = {}
     for query, entry in (similarity >= tau).nonzero().tolist():
-        subject = subjects[entry]
-        if subject is None:
-            continue
-        text = spelled_texts.setdefault(query, spelled(texts[query]))
-        out[query, entry] = spelled(subject) not in text
+        out[query, entry] = not names(spelled_texts.setdefault(query, spelled(texts[query])), subjects[entry])
     return out
+
+
+def names(spelled_text: str, subject: str | None) -> bool:
+    """Whether a text (as `spelled` gives it) names `subject`: its words, in order. An entry stored
+    without a subject (or with one of no words) is routed on its states alone: any text names it."""
+    return not first_word(subject) or spelled(subject) in spelled_text
+
+
+def first_word(subject: str | None) -> str:
+    """The word `subject_index` files a subject under; "" for none."""
+    found = words(subject) if subject else []
+    return found[0] if found else ""
+
+
+def subject_index(first_words: list[str]) -> dict[str, list[int]]:
+    """Entries by their subject's first word (`first_word`): which entries a query's words can name."""
+    index: dict[str, list[int]] = {}
+    for entry, word in enumerate(first_words):
+        index.setdefault(word, []).append(entry)
+    return index
+
+
+def named_entries(texts: list[str], subjects: list[str | None], index: dict[str, list[int]]) -> list[int]:
+    """The entries whose subject one of `texts` names, and those without one: the only entries
+    routing can choose. Found from the texts' words (`index`), so the cost does not grow with the
+    memory, only with the entries the texts name."""
+    found = set(index.get("", ()))
+    for text in texts:
+        spelled_text = spelled(text)
+        for word in set(words(text)):
+            found.update(entry for entry in index.get(word, ()) if names(spelled_text, subjects[entry]))
+    return sorted(found)
 
 
 def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0,
@@ -136,10 +164,17 @@ def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: f
 
 def named_similarities(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                        unit_leads: torch.Tensor, tau: float, texts: list[str] | None = None,
-                       subjects: list[str | None] | None = None) -> torch.Tensor:
+                       subjects: list[str | None] | None = None, columns: list[int] | None = None) -> torch.Tensor:
     """[queries, keys]: `similarities`, with -1 where a query's text does not name the entry's
-    subject (given `texts` and `subjects`: `unnamed`)."""
-    sims = similarities(queries, unit_keys, centre, unit_leads)
+    subject (given `texts` and `subjects`: `unnamed`). Given `columns` (`named_entries`), only those
+    keys are compared and the rest get -1: no query could be routed to them."""
+    if columns is None:
+        sims = similarities(queries, unit_keys, centre, unit_leads)
+    else:
+        sims = torch.full((len(queries), len(unit_keys)), -1.0)
+        if columns:
+            picked = torch.tensor(columns)
+            sims[:, picked] = similarities(queries, unit_keys[picked], centre, unit_leads[picked])
     if texts is None or subjects is None:
         return sims
     return torch.where(unnamed(sims, tau, texts, subjects), torch.tensor(-1.0), sims)
@@ -152,12 +187,15 @@ def query_ends(queries: list[torch.Tensor], centre: torch.Tensor) -> torch.Tenso
 
 def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                   unit_leads: torch.Tensor, unit_relations: torch.Tensor, floors: torch.Tensor, tau: float,
-                  margin: float, texts: list[str] | None = None, subjects: list[str | None] | None = None) -> torch.Tensor:
+                  margin: float, texts: list[str] | None = None, subjects: list[str | None] | None = None,
+                  index: dict[str, list[int]] | None = None) -> torch.Tensor:
     """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE. Given the
-    queries' `texts` and the entries' `subjects`, an entry serves only a query that names its subject."""
+    queries' `texts` and the entries' `subjects`, an entry serves only a query that names its
+    subject; given their `index` too (`subject_index`), only those entries are compared."""
     if not queries:
         return torch.zeros(0, dtype=torch.long)
-    sims = named_similarities(queries, centre, unit_keys, unit_leads, tau, texts, subjects)
+    columns = named_entries(texts, subjects, index) if texts is not None and subjects is not None and index is not None else None
+    sims = named_similarities(queries, centre, unit_keys, unit_leads, tau, texts, subjects, columns)
     return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations)
 
 
@@ -343,6 +381,7 @@ class StoredMemory:
         self.targets: list[str | None] = json.loads(meta["targets"])
         # exported before subjects were kept: routed on states alone
         self.subjects: list[str | None] = json.loads(meta.get("subjects", "null")) or [None] * len(self.targets)
+        self.subject_index = subject_index([first_word(s) for s in self.subjects])
         self.centre, self.floors = tensors["centre"], tensors["floors"]
         self.unit_keys = unit(tensors["keys"], self.centre)
         self.unit_leads = present_units(tensors["leads"], tensors["has_lead"].bool(), self.centre)
@@ -360,7 +399,8 @@ class StoredMemory:
         if not self.correction_ids:
             return [NONE] * len(states)
         return route_queries([prompt_positions(s) for s in states], self.centre, self.unit_keys, self.unit_leads,
-                             self.unit_relations, self.floors, self.tau, self.margin, texts, self.subjects).tolist()
+                             self.unit_relations, self.floors, self.tau, self.margin, texts, self.subjects,
+                             self.subject_index).tolist()
 
 
 def _routed_class():

@@ -37,8 +37,9 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
-from editors.memory_model import (NONE, Factors, choose, named_similarities, optional_rows, position_similarities,
-                                  present_units, prompt_positions, query_ends, stack_rows, unit)
+from editors.memory_model import (NONE, Factors, choose, first_word, named_entries, named_similarities, optional_rows,
+                                  position_similarities, present_units, prompt_positions, query_ends, stack_rows,
+                                  subject_index, unit)
 from editors.settings import Compression
 from editors.types import Correction, LowRankUpdate
 
@@ -56,6 +57,11 @@ class Entry:
     lead: torch.Tensor | None = None  # [hidden]: the state one token before the key (long subjects)
     relation: torch.Tensor | None = None  # [hidden]: the state at the prompt's last token (tells namesakes apart)
     subject: str | None = None  # what its prompt is about (given or guessed): a query must name it
+
+    @cached_property
+    def first_word(self) -> str:
+        """Its subject's first word, once per entry: each new memory indexes its entries by it."""
+        return first_word(self.subject)
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,10 @@ class Memory:
     @cached_property
     def subjects(self) -> list[str | None]:
         return [e.subject for e in self.entries]
+
+    @cached_property
+    def subject_index(self) -> dict[str, list[int]]:
+        return subject_index([e.first_word for e in self.entries])
 
 
 @dataclass(frozen=True)
@@ -169,8 +179,9 @@ class SimilarityCache:
     """Each batch's named similarities with the entries of the last memory it was routed against.
     A gate routes the same suites decision after decision against a memory that only grew (its
     candidate is the served memory plus new entries, and an accepted candidate is the next served
-    memory), so only the new entries' columns are computed: the cost of routing a suite stays flat
-    as T grows. Entries are known by identity: a memory read afresh from the store starts afresh."""
+    memory), so only the new entries' columns are computed, and of those only the entries a query
+    names (`named_entries`): the cost of routing a suite stays flat as T grows. Entries are known by
+    identity: a memory read afresh from the store starts afresh."""
 
     def __init__(self, budget_bytes: int = SIMILARITY_BYTES):
         self.budget_bytes = budget_bytes
@@ -186,8 +197,10 @@ class SimilarityCache:
         kept = _shared_prefix(seen, memory) if seen is not None else 0
         out = sims[:, :kept] if kept else torch.zeros(len(queries), 0)
         if kept < len(memory.entries):
+            said = texts()
+            columns = [j - kept for j in named_entries(said, memory.subjects, memory.subject_index) if j >= kept]
             fresh = named_similarities(queries, memory.centre, memory.unit_keys[kept:], memory.unit_leads[kept:],
-                                       memory.tau, texts(), memory.subjects[kept:])
+                                       memory.tau, said, memory.subjects[kept:], columns)
             out = torch.cat([out, fresh], 1)
         self._kept[key] = ((memory.layer, memory.tau, memory.centre, memory.entries), out)
         while self._kept and sum(s.numel() * s.element_size() for _, s in self._kept.values()) > self.budget_bytes:

@@ -13,7 +13,8 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
-from editors.memory_model import LEAD_TAU, SAME_SUBJECT, choose, route_queries, similarities, unnamed
+from editors.memory_model import (LEAD_TAU, SAME_SUBJECT, choose, first_word, named_entries, route_queries, similarities,
+                                  subject_index, unnamed)
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
 from store.checkpoint import read_tensor_file
@@ -81,6 +82,26 @@ def test_a_query_that_names_another_subject_falls_to_the_next_entry_or_the_base_
     assert route_queries(query, *args).tolist() == [0]  # states alone: the first key is nearest
     assert route_queries(query, *args, ["the play Herons by Simon Stephens"], subjects).tolist() == [1]
     assert route_queries(query, *args, ["the play Herons"], subjects).tolist() == [NONE]
+
+
+def test_the_subject_index_finds_the_entries_a_text_names_and_those_without_a_subject() -> None:
+    subjects = ["Natasha Parry", "Scott Parry", None, "Paris", "Paris Hilton"]
+    index = subject_index([first_word(s) for s in subjects])
+    assert named_entries(["natasha parry's mother tongue is"], subjects, index) == [0, 2]
+    assert named_entries(["Paris Hilton lives in", "Where is Scott Parry from?"], subjects, index) == [1, 2, 3, 4]
+    assert named_entries(["nothing named here"], subjects, index) == [2]
+
+
+def test_routing_through_the_subject_index_chooses_as_routing_every_entry_does() -> None:
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator), dim=-1)
+    subjects = [f"Person {i % 13}" for i in range(40)]
+    queries = [torch.cat([torch.randn(3, 8, generator=generator), keys[i : i + 1] + 0.05]) for i in range(0, 40, 3)]
+    texts = [f"a question about person {i % 13} and Person {(i + 5) % 13}" for i in range(0, 40, 3)]
+    args = (torch.zeros(8), keys, torch.zeros(40, 8), torch.zeros(40, 8), torch.zeros(40), 0.8, 0.0, texts, subjects)
+    every = route_queries(queries, *args)
+    assert (every != NONE).sum() > 5
+    assert route_queries(queries, *args, subject_index([first_word(s) for s in subjects])).tolist() == every.tolist()
 
 
 def _axis(i: int, size: int = 4) -> torch.Tensor:
