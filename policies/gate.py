@@ -307,7 +307,6 @@ class Gate:
             return list(range(len(batch.lengths)))
         return (self.editable.routes(batch, weights.memory) != NONE).nonzero()[:, 0].tolist()
 
-
     def text_routed(self, candidate: Weights) -> float | None:
         """The share of the perplexity sample's chunks (running text, each routed as one query) that
         some entry of a routed memory serves; None for weights."""
