@@ -13,6 +13,7 @@ bisected). Every --every corrections it measures the served model:
                                perplexity sample): 8 chunks can only say 0, 0.125, 0.25...
   seconds_per_decision         the chunk's cycle time over its decisions (the cost per decision as T grows)
   memory_bytes, rss_bytes      model/memory/ on disk; this process's resident memory
+  cache_bytes                  of which the editable's caches hold (each bounded; the rest is model, memory, Python)
 Past CounterFact val's 1,919 records the stream goes on with train (the shipped editor was
 meta-trained on those: reliability and generalization there are optimistic).
 
@@ -97,6 +98,7 @@ class Point:
     seconds_per_decision: float | None = None  # the chunk's cycle time / its decisions (gated rows)
     memory_bytes: int | None = None  # model/memory/ on disk (routed rows)
     rss_bytes: int | None = None  # the bench process's resident memory after the chunk
+    cache_bytes: int | None = None  # of which the editable's caches (prefix states, routed outputs, similarities)
 
 
 def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Correction], submitted: int,
@@ -113,7 +115,8 @@ def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Cor
             heldout = (editable.routes(text, weights.memory) != NONE).float().mean().item()
     return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
                  round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1), _round(routed),
-                 _round(heldout), rss_bytes=resident_bytes(), **costs)
+                 _round(heldout), rss_bytes=resident_bytes(),
+                 cache_bytes=editable.cached_bytes(), **costs)
 
 
 def resident_bytes() -> int:
@@ -278,7 +281,7 @@ def log_to_mlflow(uri: str, summary: dict, json_path: Path, png_path: Path, rows
     params = {"T": summary["T"], "batch": summary["batch"], "every": summary["every"], "model": MODEL, "rows": ",".join(rows)}
     metrics = [Metric(f"{row}.{name}", getattr(p, name), int(time.time() * 1000), p.corrections)
                for row, points in rows.items() for p in points
-               for name in (*FINAL, "text_routed_heldout", "seconds_per_decision", "memory_bytes", "rss_bytes")
+               for name in (*FINAL, "text_routed_heldout", "seconds_per_decision", "memory_bytes", "rss_bytes", "cache_bytes")
                if getattr(p, name) is not None]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(json_path))

@@ -124,6 +124,12 @@ class Editable:
                     params[name].copy_(tensor)
             self.weights_changed()
 
+    def cached_bytes(self) -> int:
+        """What the caches hold now: prefix states, routed outputs and routing similarities (each
+        bounded: prefix states by count, the others by bytes)."""
+        prefix = sum(_nbytes(states) for cache in self._caches.values() for states in cache.values())
+        return prefix + self._outputs.bytes + self._similarities.bytes()
+
     def clear_cache(self) -> None:
         self._caches.clear()
         self._outputs.clear()

@@ -203,9 +203,12 @@ class SimilarityCache:
                                        memory.tau, said, memory.subjects[kept:], columns)
             out = torch.cat([out, fresh], 1)
         self._kept[key] = ((memory.layer, memory.tau, memory.centre, memory.entries), out)
-        while self._kept and sum(s.numel() * s.element_size() for _, s in self._kept.values()) > self.budget_bytes:
+        while self._kept and self.bytes() > self.budget_bytes:
             self._kept.popitem(last=False)
         return out
+
+    def bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for _, s in self._kept.values())
 
     def clear(self) -> None:
         self._kept.clear()

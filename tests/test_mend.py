@@ -167,6 +167,16 @@ def test_suffix_from_cached_prefix_equals_the_full_forward(tiny: Editable, arch:
     assert torch.allclose(full[real], suffix[real], atol=1e-5)
 
 
+def test_cached_bytes_counts_the_kept_prefix_states_and_clearing_frees_them(tiny: Editable) -> None:
+    editable = Editable(tiny.model, tiny.tokenizer)
+    assert editable.cached_bytes() == 0
+    batch = editable.batch([("The capital of France is", " Paris"), ("Hi", " there")])
+    editable.prefix_states(batch)
+    assert editable.cached_bytes() == int(batch.lengths.sum()) * editable.hidden_size * 4
+    editable.clear_cache()
+    assert editable.cached_bytes() == 0
+
+
 @pytest.mark.slow
 def test_shipped_editor_makes_a_val_target_the_argmax_and_leaves_an_unrelated_prompt(smollm2: Editable, data_root) -> None:
     from editors.formats import load_corrections
