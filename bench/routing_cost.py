@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from editors.memory_model import first_word, route_queries, subject_index, unit
+from editors.memory_model import index_words, route_queries, subject_index, unit
 from report import report
 
 HIDDEN = 576
@@ -58,10 +58,10 @@ def main() -> None:
         floors = torch.rand(size, generator=generator) * 0.5
 
         memory = (centre, keys, leads, relations, floors, 0.75, 0.3)
-        subjects = [f"Person{i} Surname{i % 997}" for i in range(size)]
-        named = (subjects, subject_index([first_word(s) for s in subjects]))
-        prompt_text = [f"Where was {subjects[size // 2]} born? The answer is"]
-        chunk_text = [" ".join(f"In {1900 + k} {subjects[k * size // 3]} met others and wrote a long letter home." for k in range(3))]
+        subjects = [(f"Person{i} Surname{i % 997}",) for i in range(size)]
+        named = (subjects, subject_index([index_words(s) for s in subjects]))
+        prompt_text = [f"Where was {subjects[size // 2][0]} born? The answer is"]
+        chunk_text = [" ".join(f"In {1900 + k} {subjects[k * size // 3][0]} met others and wrote a long letter home." for k in range(3))]
         rows[str(size)] = {"prompt_ms": round(1000 * timed(lambda: route_queries(prompt, *memory), args.repeat), 3),
                            "text_chunk_ms": round(1000 * timed(lambda: route_queries(text, *memory), args.repeat), 3),
                            "named_prompt_ms": round(1000 * timed(lambda: route_queries(prompt, *memory, prompt_text, *named), args.repeat), 3),

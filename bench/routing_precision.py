@@ -70,7 +70,7 @@ def main() -> None:
     def figures(memory: Memory, tau: float, margin: float, named: bool = False) -> dict[str, float]:
         out = {}
         for kind, qs in queries.items():
-            texts, subjects, index = ([q for q, _ in qs], memory.subjects, memory.subject_index) if named else (None, None, None)
+            texts, subjects, index = ([q for q, _ in qs], memory.names, memory.subject_index) if named else (None, None, None)
             chosen = route_queries(states[kind], memory.centre, memory.unit_keys, memory.unit_leads,
                                    memory.unit_relations, memory.floors, tau, margin, texts, subjects, index)
             owners = torch.tensor([owner for _, owner in qs])

@@ -12,7 +12,12 @@ Per variant: both_hold (pairs whose two prompts both say their own target in a 2
 answer), gen_prompt and gen_rephrase (the target said), to_own_entry (prompts and rephrasings
 routed to their own entry), teacher-forced reliability and generalization, and sample answers.
 
+With --beside HOME the pairs join the memory that home serves (the continual run's, at T = 10,000:
+issue #22 asks the pairs to hold there), keyed against that home's reference, and the model is the
+home's served model:
+
     python bench/same_subject.py [--out bench/results/same_subject.json]
+    python bench/same_subject.py --beside bench/work/continual/mendd-routed --out bench/results/same_subject_T10000.json
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from daemon.config import load_config
 from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
 from daemon.provision import base_editable, provisioned
+from daemon.runtime import Runtime
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.reading import mentions
@@ -63,20 +70,30 @@ def figures(editable: Editable, memory: Memory, edited) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "same_subject")
+    parser.add_argument("--beside", type=Path, default=None,
+                        help="a routed home whose served memory the pairs join (its model and reference too)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
-    home = Home(args.work / "home")
-    config = provisioned(home, MODEL)
-    editable = base_editable(config)
     records, _ = load_corrections(PAIRS)
-    print(f"editing {len(records)} corrections...", file=sys.stderr)
+    if args.beside:
+        home = Home(args.beside)
+        rt = Runtime.open(home, load_config(home))
+        config, editable, stored = rt.config, rt.editable, rt.memory
+        rt.close()
+    else:
+        home = Home(args.work / "home")
+        config = provisioned(home, MODEL)
+        editable, stored = base_editable(config), None
+    before = len(stored.entries) if stored else 0
+    print(f"editing {len(records)} corrections beside {before} entries...", file=sys.stderr)
     served, edited = edit_as_served(home, config, editable, records, config.batch_size)
-    memory = served.memory
+    memory = stored.plus(list(served.memory.entries)) if stored else served.memory
     key_only = replace(memory, entries=tuple(replace(e, relation=None) for e in memory.entries))
     rows = {name: figures(editable, used, edited) for name, used in (("relations", memory), ("keys_alone", key_only))}
-    summary = {"model": MODEL, "records": len(records), "edited": len(edited), "variants": rows,
+    summary = {"model": MODEL, "records": len(records), "edited": len(edited), "entries_before": before,
+               "beside": str(args.beside) if args.beside else None, "variants": rows,
                "bar_both_hold": 0.9, "seconds": round(time.perf_counter() - started)}
     report(summary, args.out)
 

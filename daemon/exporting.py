@@ -71,7 +71,7 @@ def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: 
                  version: str) -> None:
     """The memory as editors/memory_model.StoredMemory reads it: keys, leads, relations, floors and
     the centre stacked, each entry's factors as `i/<tensor>/inputs` and `i/<tensor>/outputs` (times its scale,
-    as serving applies them), targets, subjects and correction ids in the metadata."""
+    as serving applies them), targets, subjects, aliases and correction ids in the metadata."""
     hidden = centre.numel()
     tensors = {
         "centre": centre.float().contiguous(),
@@ -89,7 +89,8 @@ def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: 
     write_tensor_file(path, tensors, metadata={
         "layer": str(layer), "tau": str(tau), "margin": str(margin), "version": version,
         "correction_ids": json.dumps([e.correction_id for e in entries]),
-        "targets": json.dumps([e.target for e in entries]), "subjects": json.dumps([e.subject for e in entries])})
+        "targets": json.dumps([e.target for e in entries]), "subjects": json.dumps([e.subject for e in entries]),
+        "aliases": json.dumps([list(e.aliases) for e in entries])})
 
 
 def name_routed_class(config_path: Path) -> None:

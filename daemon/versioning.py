@@ -8,6 +8,7 @@ Every function that changes the store then brings the ledger into agreement with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -171,13 +172,14 @@ def stored_memory(versions: Versions, layer: int, tau: float, margin: float, ref
 
 
 def entry_to_stored(entry: Entry) -> StoredShare:
-    """An entry as a share's tensors plus ``route/key``, ``route/floor``, ``route/target`` and
-    ``route/subject`` (UTF-8 bytes: safetensors holds only tensors and one string map per file) and,
-    where it has them, ``route/lead`` and ``route/relation``."""
+    """An entry as a share's tensors plus ``route/key``, ``route/floor``, ``route/target``,
+    ``route/subject`` and ``route/aliases`` (a JSON list) as UTF-8 bytes (safetensors holds only
+    tensors and one string map per file) and, where it has them, ``route/lead`` and ``route/relation``."""
     stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
     route = {"route/key": _narrowest(entry.key.float().contiguous()),
              "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
-    for name, text in (("target", entry.target), ("subject", entry.subject)):
+    aliases = json.dumps(list(entry.aliases), ensure_ascii=False) if entry.aliases else None
+    for name, text in (("target", entry.target), ("subject", entry.subject), ("aliases", aliases)):
         if text is not None:
             route[f"route/{name}"] = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
     for name, state in (("lead", entry.lead), ("relation", entry.relation)):
@@ -190,13 +192,14 @@ def entry_from_stored(stored: StoredShare) -> Entry:
     """An entry stored before targets were kept has none: it then acts for the whole answer; one
     stored before leads were kept is routed on its key alone; one stored before relations were kept
     gives way to a namesake that has one; one stored before subjects were kept serves a query
-    whatever its text names."""
+    whatever its text names; one stored without aliases answers to its subject alone."""
     share = share_from_stored(stored)
-    target, subject = (stored.tensors.get(f"route/{name}") for name in ("target", "subject"))
+    target, subject, aliases = (stored.tensors.get(f"route/{name}") for name in ("target", "subject", "aliases"))
     lead, relation = (stored.tensors.get(f"route/{name}") for name in ("lead", "relation"))
     return Entry(stored.correction_ids[0], _widened(stored.tensors["route/key"]), stored.tensors["route/floor"].item(),
                  share.low_rank, _text(target), _widened(lead) if lead is not None else None,
-                 _widened(relation) if relation is not None else None, _text(subject))
+                 _widened(relation) if relation is not None else None, _text(subject),
+                 tuple(json.loads(_text(aliases))) if aliases is not None else ())
 
 
 def _text(stored: torch.Tensor | None) -> str | None:

@@ -60,11 +60,15 @@ class CorrectionRecord(_Record):
         "The entity the fact is about, as written in the prompt, e.g. 'France'. It decides which questions the "
         "correction answers: the routed memory keys the correction on the model's hidden state at the subject's "
         "last token in the prompt (and, for a subject of two tokens or more, on the state one token before it), "
-        "and a query is served by this correction when one of its tokens' states comes close to that key (with the "
-        "state before it close to the second). When it is absent or not in the prompt, mendd takes the prompt's "
+        "and a query is served by this correction when its text names the subject (its words in order, any case; "
+        "or one of the aliases) and one of its tokens' states comes close to that key (with the state before it "
+        "close to the second). When it is absent or not in the prompt, mendd takes the prompt's "
         "last run of capitalised words that are not pronouns or sentence openers ('The currency of Japan is the' -> 'Japan'), "
         "and the prompt's last token when there is none; give it for lower-case names. The other editors do not "
         "read it."))
+    aliases: NonBlank | Annotated[list[NonBlank], Strict()] = Field([], description=(
+        "Other names of the subject (one string or a list), e.g. 'Kilimanjaro' for 'Mount Kilimanjaro': the routed "
+        "memory serves a query only when its text names the subject (its words in order, any case) or one of these."))
     target_old: NonBlank | None = Field(None, description="What the model says now; used for CounterFact-style scoring.")
     rephrases: NonBlank | Annotated[list[NonBlank], Strict()] = Field([], description=(
         "Other wordings of the prompt (one string or a list); the gate checks generalization on them, and "
@@ -76,9 +80,14 @@ class CorrectionRecord(_Record):
         return Correction(
             id=self.id or content_id(self.prompt, self.target_new), prompt=self.prompt, target_new=self.target_new,
             subject=self.subject, target_old=self.target_old,
-            rephrases=(self.rephrases,) if isinstance(self.rephrases, str) else tuple(self.rephrases),
+            rephrases=_texts(self.rephrases), aliases=_texts(self.aliases),
             locality_prompts=tuple(LocalityPrompt(lp.prompt, lp.answer) for lp in self.locality_prompts),
             source=source)
+
+
+def _texts(value: str | list[str]) -> tuple[str, ...]:
+    """A field that takes one string or a list of them, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def correction_schema() -> str:
@@ -90,8 +99,8 @@ def _first_problem(error: ValidationError) -> tuple[str, str]:
     """The field and problem of a record's first invalid field, in the words the other formats use."""
     detail = error.errors()[0]
     loc, value = detail["loc"], detail["input"]
-    if loc[0] == "rephrases":  # a union: its errors name pydantic's branches, not the record's field
-        return "rephrases", "must be a string or a list of non-empty strings"
+    if loc[0] in ("rephrases", "aliases"):  # a union: its errors name pydantic's branches, not the record's field
+        return loc[0], "must be a string or a list of non-empty strings"
     if loc[0] == "locality_prompts" and len(loc) == 1:
         return "locality_prompts", "must be a list of {prompt, answer} objects"
     if loc[0] == "locality_prompts" and len(loc) == 2:
@@ -249,8 +258,9 @@ def to_record(correction: Correction) -> dict[str, Any]:
     for name in ("subject", "target_old"):
         if getattr(correction, name) is not None:
             record[name] = getattr(correction, name)
-    if correction.rephrases:
-        record["rephrases"] = list(correction.rephrases)
+    for name in ("rephrases", "aliases"):
+        if getattr(correction, name):
+            record[name] = list(getattr(correction, name))
     if correction.locality_prompts:
         record["locality_prompts"] = [{"prompt": lp.prompt, "answer": lp.answer} for lp in correction.locality_prompts]
     return record

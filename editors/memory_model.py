@@ -35,6 +35,9 @@ LEAD_TAU = 0.6
 # relation (the state at its prompt's last token) is nearest the query's then serves.
 SAME_SUBJECT = 0.9
 MEMORY_FILE = "memory.safetensors"
+# A subject's names: the one its prompt says (given or guessed), then the aliases its record gives;
+# empty when the prompt names nothing.
+Names = tuple[str, ...]
 
 
 # -- routing (pure) -----------------------------------------------------------------------------
@@ -88,7 +91,7 @@ def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: t
         0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
 
 
-def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: list[str | None]) -> torch.Tensor:
+def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: list[Names]) -> torch.Tensor:
     """[queries, entries]: the pairs whose similarity reaches τ but whose query's text does not name
     the entry's subject (`names`). A key reads the subject's last tokens, so a namesake's surname or
     a number passes for it ("Scott Parry" for "Natasha Parry", "140" for "Corolla E140"); the words
@@ -101,27 +104,40 @@ def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: li
     return out
 
 
-def names(spelled_text: str, subject: str | None) -> bool:
-    """Whether a text (as `spelled` gives it) names `subject`: its words, in order. An entry stored
-    without a subject (or with one of no words) is routed on its states alone: any text names it."""
-    return not first_word(subject) or spelled(subject) in spelled_text
+def names(spelled_text: str, subject: Names) -> bool:
+    """Whether a text (as `spelled` gives it) names a subject: the words of one of its names, in
+    order. An entry stored without a subject (or with names of no words) is routed on its states
+    alone: any text names it."""
+    wordy = [name for name in subject if first_word(name)]
+    return not wordy or any(spelled(name) in spelled_text for name in wordy)
 
 
-def first_word(subject: str | None) -> str:
-    """The word `subject_index` files a subject under; "" for none."""
-    found = words(subject) if subject else []
+def first_word(name: str | None) -> str:
+    """A name's first word, as `spelled` would give it; "" for none."""
+    found = words(name) if name else []
     return found[0] if found else ""
 
 
-def subject_index(first_words: list[str]) -> dict[str, list[int]]:
-    """Entries by their subject's first word (`first_word`): which entries a query's words can name."""
+def entry_names(subject: str | None, aliases: list[str] | tuple[str, ...]) -> Names:
+    """An entry's names: its subject, then its aliases (aliases alone when the prompt names nothing)."""
+    return tuple(name for name in (subject, *aliases) if name)
+
+
+def index_words(subject: Names) -> frozenset[str]:
+    """The words `subject_index` files a subject under: each of its names' first word ("" for none)."""
+    return frozenset({first_word(name) for name in subject} - {""} or {""})
+
+
+def subject_index(filed_under: list[frozenset[str]]) -> dict[str, list[int]]:
+    """Entries by their names' first words (`index_words`): which entries a query's words can name."""
     index: dict[str, list[int]] = {}
-    for entry, word in enumerate(first_words):
-        index.setdefault(word, []).append(entry)
+    for entry, found in enumerate(filed_under):
+        for word in found:
+            index.setdefault(word, []).append(entry)
     return index
 
 
-def named_entries(texts: list[str], subjects: list[str | None], index: dict[str, list[int]]) -> list[int]:
+def named_entries(texts: list[str], subjects: list[Names], index: dict[str, list[int]]) -> list[int]:
     """The entries whose subject one of `texts` names, and those without one: the only entries
     routing can choose. Found from the texts' words (`index`), so the cost does not grow with the
     memory, only with the entries the texts name."""
@@ -164,7 +180,7 @@ def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: f
 
 def named_similarities(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                        unit_leads: torch.Tensor, tau: float, texts: list[str] | None = None,
-                       subjects: list[str | None] | None = None, columns: list[int] | None = None) -> torch.Tensor:
+                       subjects: list[Names] | None = None, columns: list[int] | None = None) -> torch.Tensor:
     """[queries, keys]: `similarities`, with -1 where a query's text does not name the entry's
     subject (given `texts` and `subjects`: `unnamed`). Given `columns` (`named_entries`), only those
     keys are compared and the rest get -1: no query could be routed to them."""
@@ -187,7 +203,7 @@ def query_ends(queries: list[torch.Tensor], centre: torch.Tensor) -> torch.Tenso
 
 def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                   unit_leads: torch.Tensor, unit_relations: torch.Tensor, floors: torch.Tensor, tau: float,
-                  margin: float, texts: list[str] | None = None, subjects: list[str | None] | None = None,
+                  margin: float, texts: list[str] | None = None, subjects: list[Names] | None = None,
                   index: dict[str, list[int]] | None = None) -> torch.Tensor:
     """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE. Given the
     queries' `texts` and the entries' `subjects`, an entry serves only a query that names its
@@ -379,9 +395,11 @@ class StoredMemory:
         self.version = meta.get("version")
         self.correction_ids: list[str] = json.loads(meta["correction_ids"])
         self.targets: list[str | None] = json.loads(meta["targets"])
-        # exported before subjects were kept: routed on states alone
-        self.subjects: list[str | None] = json.loads(meta.get("subjects", "null")) or [None] * len(self.targets)
-        self.subject_index = subject_index([first_word(s) for s in self.subjects])
+        # exported before subjects (or aliases) were kept: routed on states alone (or on the subject alone)
+        subjects = json.loads(meta.get("subjects", "null")) or [None] * len(self.targets)
+        aliases = json.loads(meta.get("aliases", "null")) or [[]] * len(self.targets)
+        self.subjects: list[Names] = [entry_names(s, a) for s, a in zip(subjects, aliases)]
+        self.subject_index = subject_index([index_words(n) for n in self.subjects])
         self.centre, self.floors = tensors["centre"], tensors["floors"]
         self.unit_keys = unit(tensors["keys"], self.centre)
         self.unit_leads = present_units(tensors["leads"], tensors["has_lead"].bool(), self.centre)

@@ -17,7 +17,8 @@ update whose key it matches, or with the base weights when it matches none:
 - an entry fires when the similarity reaches both τ and its floor raised by the margin: the floor is
   the best similarity its key reached on held-out unrelated prompts, and the margin a share of the
   way from the floor to 1, so a key that resembles everything must match almost exactly;
-- and only when the query's text names the entry's subject (its words, in order, any case): states
+- and only when the query's text names the entry's subject (its words, in order, any case; or an
+  alias its record gives: "Kilimanjaro" for "Mount Kilimanjaro"): states
   of a name's last tokens read alike for namesakes ("Simon Stephens" and "Henry Pottinger
   Stephens", "Scott Parry" and "Natasha Parry"), so running text that names someone else would
   otherwise reach an entry, more often the more entries there are (bench/results/README.md);
@@ -37,9 +38,9 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
-from editors.memory_model import (NONE, Factors, choose, first_word, named_entries, named_similarities, optional_rows,
-                                  position_similarities, present_units, prompt_positions, query_ends, stack_rows,
-                                  subject_index, unit)
+from editors.memory_model import (NONE, Factors, Names, choose, entry_names, index_words, named_entries, named_similarities,
+                                  optional_rows, position_similarities, present_units, prompt_positions, query_ends,
+                                  stack_rows, subject_index, unit)
 from editors.settings import Compression
 from editors.types import Correction, LowRankUpdate
 
@@ -57,11 +58,16 @@ class Entry:
     lead: torch.Tensor | None = None  # [hidden]: the state one token before the key (long subjects)
     relation: torch.Tensor | None = None  # [hidden]: the state at the prompt's last token (tells namesakes apart)
     subject: str | None = None  # what its prompt is about (given or guessed): a query must name it
+    aliases: tuple[str, ...] = ()  # other names of the subject (its record's): naming one will do
 
     @cached_property
-    def first_word(self) -> str:
-        """Its subject's first word, once per entry: each new memory indexes its entries by it."""
-        return first_word(self.subject)
+    def names(self) -> Names:
+        return entry_names(self.subject, self.aliases)
+
+    @cached_property
+    def filed_under(self) -> frozenset[str]:
+        """Its names' first words, once per entry: each new memory indexes its entries by them."""
+        return index_words(self.names)
 
 
 @dataclass(frozen=True)
@@ -103,12 +109,12 @@ class Memory:
         return torch.tensor([e.floor for e in self.entries])
 
     @cached_property
-    def subjects(self) -> list[str | None]:
-        return [e.subject for e in self.entries]
+    def names(self) -> list[Names]:
+        return [e.names for e in self.entries]
 
     @cached_property
     def subject_index(self) -> dict[str, list[int]]:
-        return subject_index([e.first_word for e in self.entries])
+        return subject_index([e.filed_under for e in self.entries])
 
 
 @dataclass(frozen=True)
@@ -198,9 +204,9 @@ class SimilarityCache:
         out = sims[:, :kept] if kept else torch.zeros(len(queries), 0)
         if kept < len(memory.entries):
             said = texts()
-            columns = [j - kept for j in named_entries(said, memory.subjects, memory.subject_index) if j >= kept]
+            columns = [j - kept for j in named_entries(said, memory.names, memory.subject_index) if j >= kept]
             fresh = named_similarities(queries, memory.centre, memory.unit_keys[kept:], memory.unit_leads[kept:],
-                                       memory.tau, said, memory.subjects[kept:], columns)
+                                       memory.tau, said, memory.names[kept:], columns)
             out = torch.cat([out, fresh], 1)
         self._kept[key] = ((memory.layer, memory.tau, memory.centre, memory.entries), out)
         while self._kept and self.bytes() > self.budget_bytes:
@@ -330,7 +336,7 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
         key = row[last].clone()
         lead = row[last - 1].clone() if last - 1 >= max(first, 0) else None
         out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead, row[-1].clone(),
-                         named_subject(correction)))
+                         named_subject(correction), correction.aliases))
     return [kept_as(entry, ref, how) for entry in out] if how is not None else out
 
 

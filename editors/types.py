@@ -33,6 +33,7 @@ class Correction:
     subject: str | None = None
     target_old: str | None = None
     rephrases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other names of the subject: a query naming one is served too
     locality_prompts: tuple[LocalityPrompt, ...] = ()
     source: str = "manual"
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
@@ -51,9 +52,10 @@ class Correction:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise EditInputError(self.id, name, f"must be a string or absent, got {type(value).__name__}")
-        for i, text in enumerate(self.rephrases):
-            if not isinstance(text, str) or not text.strip():
-                raise EditInputError(self.id, f"rephrases[{i}]", "must be a non-empty string")
+        for field_name in ("rephrases", "aliases"):
+            for i, text in enumerate(getattr(self, field_name)):
+                if not isinstance(text, str) or not text.strip():
+                    raise EditInputError(self.id, f"{field_name}[{i}]", "must be a non-empty string")
 
 
 @dataclass(frozen=True)

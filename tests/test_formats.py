@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from editors.formats import FormatError, correction_schema, detect_format, load_corrections, parse_record, read_file
+from editors.formats import (FormatError, correction_schema, detect_format, from_record, load_corrections, parse_record, read_file,
+                             to_record)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "daemon" / "correction.schema.json"
 
@@ -107,6 +108,13 @@ def test_a_mendd_record_may_give_one_rephrase_as_a_string() -> None:
     assert c.rephrases == ("Is A",)
 
 
+def test_a_mendd_record_s_aliases_are_read_and_written_back() -> None:
+    [one] = parse_record({"prompt": "Mount Kilimanjaro is in", "target_new": "Peru", "aliases": "Kilimanjaro"}, "mendd")
+    [two] = parse_record({"prompt": "A is", "target_new": "B", "aliases": ["Ay", "Aa"]}, "mendd")
+    assert (one.aliases, two.aliases) == (("Kilimanjaro",), ("Ay", "Aa"))
+    assert from_record(two.id, to_record(two), "mendd").aliases == ("Ay", "Aa")
+
+
 def test_a_mendd_record_without_an_id_gets_one_from_its_content() -> None:
     [a] = parse_record({"prompt": "A is", "target_new": "B"}, "mendd")
     [b] = parse_record({"prompt": "A is", "target_new": "B", "id": None}, "mendd")
@@ -121,6 +129,7 @@ def test_a_mendd_record_without_an_id_gets_one_from_its_content() -> None:
     ({"prompt": "A is", "target_new": "B", "subject": ""}, "subject", "is empty or whitespace"),
     ({"prompt": "A is", "target_new": "B", "target_old": ["C"]}, "target_old", "must be a string, got list"),
     ({"prompt": "A is", "target_new": "B", "rephrases": ["ok", ""]}, "rephrases", "a list of non-empty strings"),
+    ({"prompt": "A is", "target_new": "B", "aliases": ["ok", " "]}, "aliases", "a list of non-empty strings"),
     ({"prompt": "A is", "target_new": "B", "locality_prompts": {"prompt": "C"}}, "locality_prompts", "must be a list"),
     ({"prompt": "A is", "target_new": "B", "locality_prompts": ["C is"]}, "locality_prompts[0]", "must be an object"),
     ({"prompt": "A is", "target_new": "B", "locality_prompts": [{"prompt": "C is", "answer": "D"}, {"prompt": "E is"}]},
@@ -138,7 +147,7 @@ def test_a_bad_mendd_field_is_named_with_its_problem(record: dict, field: str, p
 @given(record=st.fixed_dictionaries({}, optional={
     key: st.none() | st.integers() | st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=2)
     | st.lists(st.fixed_dictionaries({}, optional={"prompt": st.text(max_size=5), "answer": st.text(max_size=5)}), max_size=2)
-    for key in ("id", "prompt", "target_new", "subject", "target_old", "rephrases", "locality_prompts")}))
+    for key in ("id", "prompt", "target_new", "subject", "target_old", "rephrases", "aliases", "locality_prompts")}))
 def test_the_schema_accepts_exactly_the_mendd_records_the_parser_reads(record: dict) -> None:
     import jsonschema
 

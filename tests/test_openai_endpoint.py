@@ -7,7 +7,6 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest

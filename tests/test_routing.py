@@ -13,7 +13,7 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
-from editors.memory_model import (LEAD_TAU, SAME_SUBJECT, choose, first_word, named_entries, route_queries, similarities,
+from editors.memory_model import (LEAD_TAU, SAME_SUBJECT, choose, index_words, named_entries, route_queries, similarities,
                                   subject_index, unnamed)
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
@@ -67,17 +67,24 @@ def test_a_namesake_that_does_not_reach_tau_is_not_chosen_by_its_relation() -> N
 def test_an_entry_serves_only_a_query_whose_text_names_its_subject() -> None:
     similarity = torch.tensor([[0.9], [0.9], [0.9], [0.5]])
     texts = ["Natasha Parry speaks", "in The Bill he portrayed Scott Parry", "NATASHA  parry's mother tongue", "Parry"]
-    assert unnamed(similarity, 0.8, texts, ["Natasha Parry"]).tolist() == [[False], [True], [False], [False]]
+    assert unnamed(similarity, 0.8, texts, [("Natasha Parry",)]).tolist() == [[False], [True], [False], [False]]
+
+
+def test_a_query_that_names_an_alias_of_the_subject_names_the_subject() -> None:
+    texts = ["Kilimanjaro is a mountain in", "Mount Kilimanjaro is in", "Mount Kenya is in"]
+    names = [("Mount Kilimanjaro", "Kilimanjaro")]
+    assert unnamed(torch.tensor([[0.9]] * 3), 0.8, texts, names).tolist() == [[False], [False], [True]]
+    assert unnamed(torch.tensor([[0.9]]), 0.8, texts[:1], [("Mount Kilimanjaro",)]).tolist() == [[True]]
 
 
 def test_an_entry_without_a_subject_is_routed_on_its_states_alone() -> None:
-    assert not unnamed(torch.tensor([[0.9]]), 0.8, ["anything at all"], [None]).any()
+    assert not unnamed(torch.tensor([[0.9]]), 0.8, ["anything at all"], [()]).any()
 
 
 def test_a_query_that_names_another_subject_falls_to_the_next_entry_or_the_base_weights() -> None:
     keys = torch.eye(3)
     query = [torch.tensor([[0.0, 1.0, 0.1], [1.0, 0.0, 0.0]])]  # reads like both keys, most like the first
-    subjects = ["Henry Pottinger Stephens", "Simon Stephens", "Rome"]
+    subjects = [("Henry Pottinger Stephens",), ("Simon Stephens",), ("Rome",)]
     args = (torch.zeros(3), keys, torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3), 0.8, 0.0)
     assert route_queries(query, *args).tolist() == [0]  # states alone: the first key is nearest
     assert route_queries(query, *args, ["the play Herons by Simon Stephens"], subjects).tolist() == [1]
@@ -85,23 +92,24 @@ def test_a_query_that_names_another_subject_falls_to_the_next_entry_or_the_base_
 
 
 def test_the_subject_index_finds_the_entries_a_text_names_and_those_without_a_subject() -> None:
-    subjects = ["Natasha Parry", "Scott Parry", None, "Paris", "Paris Hilton"]
-    index = subject_index([first_word(s) for s in subjects])
+    subjects = [("Natasha Parry",), ("Scott Parry",), (), ("Paris",), ("Paris Hilton",), ("Mount Kilimanjaro", "Kilimanjaro")]
+    index = subject_index([index_words(s) for s in subjects])
     assert named_entries(["natasha parry's mother tongue is"], subjects, index) == [0, 2]
     assert named_entries(["Paris Hilton lives in", "Where is Scott Parry from?"], subjects, index) == [1, 2, 3, 4]
     assert named_entries(["nothing named here"], subjects, index) == [2]
+    assert named_entries(["Kilimanjaro is in"], subjects, index) == named_entries(["Mount Kilimanjaro"], subjects, index) == [2, 5]
 
 
 def test_routing_through_the_subject_index_chooses_as_routing_every_entry_does() -> None:
     generator = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator), dim=-1)
-    subjects = [f"Person {i % 13}" for i in range(40)]
+    subjects = [(f"Person {i % 13}",) for i in range(40)]
     queries = [torch.cat([torch.randn(3, 8, generator=generator), keys[i : i + 1] + 0.05]) for i in range(0, 40, 3)]
     texts = [f"a question about person {i % 13} and Person {(i + 5) % 13}" for i in range(0, 40, 3)]
     args = (torch.zeros(8), keys, torch.zeros(40, 8), torch.zeros(40, 8), torch.zeros(40), 0.8, 0.0, texts, subjects)
     every = route_queries(queries, *args)
     assert (every != NONE).sum() > 5
-    assert route_queries(queries, *args, subject_index([first_word(s) for s in subjects])).tolist() == every.tolist()
+    assert route_queries(queries, *args, subject_index([index_words(s) for s in subjects])).tolist() == every.tolist()
 
 
 def _axis(i: int, size: int = 4) -> torch.Tensor:
@@ -134,12 +142,13 @@ def test_the_state_before_a_query_s_first_position_is_never_taken_from_the_query
 
 
 def test_an_entry_keeps_the_subject_its_prompt_names_given_or_guessed(tiny) -> None:
-    given = Correction("a", "Where is the Al from", "x", subject="Al")
+    given = Correction("a", "Where is the Al from", "x", subject="Al", aliases=("Alan",))
     guessed = Correction("b", "Where is Tom Bo from", "x", subject="Tim")  # a subject the prompt does not say
     nothing = Correction("c", "where is it from", "x")
     ref = routing.reference(tiny, ["Hello there my friend", "What is the time now"], 1)
     built = routing.entries(tiny, [(c.id, {}) for c in (given, guessed, nothing)], [given, guessed, nothing], ref)
     assert [e.subject for e in built] == ["Al", "Tom Bo", None]
+    assert [e.names for e in built] == [("Al", "Alan"), ("Tom Bo",), ()]
 
 
 def test_a_subject_of_two_tokens_or_more_gets_a_lead_and_one_of_one_token_does_not(tiny) -> None:
@@ -435,14 +444,30 @@ def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) ->
     assert unrelated["served_by"] is None
 
 
-def test_an_entry_s_lead_relation_and_subject_are_stored_with_it_and_read_back() -> None:
+def test_an_entry_s_lead_relation_subject_and_aliases_are_stored_with_it_and_read_back() -> None:
     from daemon.versioning import entry_from_stored, entry_to_stored
 
     update = {"w": LowRankUpdate(torch.randn(1, 4), torch.randn(1, 3), 1.0)}
-    for state, subject in ((torch.randn(4), "Zürich Straße"), (None, None)):
-        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", state, state, subject)))
-        assert back.subject == subject
+    for state, subject, aliases in ((torch.randn(4), "Zürich Straße", ("Zürich", "ZH")), (None, None, ())):
+        back = entry_from_stored(entry_to_stored(Entry("a", torch.randn(4), 0.5, update, "Rome", state, state, subject, aliases)))
+        assert (back.subject, back.aliases) == (subject, aliases)
         assert (back.lead is None) == (back.relation is None) == (state is None)
         if state is not None:
             torch.testing.assert_close(back.lead, state)
             torch.testing.assert_close(back.relation, state)
+
+
+def test_an_exported_memory_keeps_each_entry_s_subject_and_aliases(tmp_path: Path) -> None:
+    from daemon.exporting import write_memory
+    from editors.memory_model import StoredMemory
+
+    def update() -> dict[str, LowRankUpdate]:
+        return {"w": LowRankUpdate(torch.randn(1, 4), torch.randn(1, 3), 1.0)}
+
+    entries = [Entry("a", torch.randn(4), 0.5, update(), "Peru", subject="Mount Kilimanjaro", aliases=("Kilimanjaro",)),
+               Entry("b", torch.randn(4), 0.5, update(), "Rome")]
+    write_memory(tmp_path / "memory.safetensors", entries, torch.zeros(4), 1, 0.8, 0.0, "v0001")
+    stored = StoredMemory(tmp_path / "memory.safetensors")
+    assert stored.subjects == [("Mount Kilimanjaro", "Kilimanjaro"), ()]
+    assert named_entries(["Kilimanjaro is in"], stored.subjects, stored.subject_index) == [0, 1]
+
