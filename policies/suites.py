@@ -88,11 +88,12 @@ def retention_probes(corrections: list[Correction]) -> list[RetentionProbe]:
 
 def retention_sample(applied: list[Correction], new: list[Correction], recent: int, older: int) -> list[Correction]:
     """The earlier corrections a decision checks (`applied` oldest first), so that its cost stays
-    flat as they grow: every one about a subject a new correction names (the likeliest to lose
-    their answer to it), the `recent` latest, and `older` of the rest drawn at random, seeded by
-    the new corrections' ids so that a decision can be judged again on the same sample."""
-    subjects = {c.subject.casefold() for c in new if c.subject}
-    same = [c for c in applied if c.subject and c.subject.casefold() in subjects]
+    flat as they grow: every one about a subject a new correction names (by its subject or an
+    alias: the likeliest to lose their answer to it), the `recent` latest, and `older` of the rest
+    drawn at random, seeded by the new corrections' ids so that a decision can be judged again on
+    the same sample."""
+    subjects = set().union(*(_names(c) for c in new))
+    same = [c for c in applied if _names(c) & subjects]
     taken = {c.id for c in same}
     latest = [c for c in applied[::-1] if c.id not in taken][:recent]
     taken |= {c.id for c in latest}
@@ -101,6 +102,10 @@ def retention_sample(applied: list[Correction], new: list[Correction], recent: i
     drawn = random.Random(seed).sample(rest, min(older, len(rest)))
     chosen = taken | {c.id for c in drawn}
     return [c for c in applied if c.id in chosen]
+
+
+def _names(correction: Correction) -> set[str]:
+    return {name.casefold() for name in (correction.subject, *correction.aliases) if name}
 
 
 def known_facts(root: Path) -> list[tuple[str, str]]:

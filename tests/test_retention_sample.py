@@ -29,6 +29,13 @@ def test_every_correction_about_a_new_correction_s_subject_is_checked() -> None:
     assert applied[7] in retention_sample(applied, new, recent=10, older=10)
 
 
+def test_a_correction_that_names_the_subject_by_an_alias_checks_those_about_it() -> None:
+    applied = _applied(1000)
+    new = [Correction("n", "S7 plays for", "Arsenal", subject="S7", aliases=("Subject 7",))]
+    assert applied[7] in retention_sample(applied, new, recent=10, older=10)
+    assert applied[8] not in retention_sample(applied, new, recent=10, older=0)
+
+
 def test_the_same_batch_draws_the_same_sample_and_another_batch_another() -> None:
     applied = _applied(1000)
     batch = [Correction("n1", "x", "y"), Correction("n2", "x", "y")]
