@@ -10,6 +10,7 @@ from torch import nn
 
 from editors.anatomy import Anatomy, default_edit_modules
 from editors.batching import TokenBatch, make_batch, rows_of
+from editors.kept import BytesBudget, nbytes
 from editors.routing import SIMILARITY_BYTES, Memory, Routed, SimilarityCache, chosen_entries, query_states, query_texts, row_factors
 
 
@@ -127,8 +128,8 @@ class Editable:
     def cached_bytes(self) -> int:
         """What the caches hold now: prefix states, routed outputs and routing similarities (each
         bounded: prefix states by count, the others by bytes)."""
-        prefix = sum(_nbytes(states) for cache in self._caches.values() for states in cache.values())
-        return prefix + self._outputs.bytes + self._similarities.bytes()
+        prefix = sum(nbytes(states) for cache in self._caches.values() for states in cache.values())
+        return prefix + self._outputs.bytes + self._similarities.bytes
 
     def clear_cache(self) -> None:
         self._caches.clear()
@@ -156,30 +157,19 @@ class RoutedOutputs:
     never names another entry."""
 
     def __init__(self, budget_bytes: int = ROUTED_OUTPUTS_BYTES):
-        self.budget = budget_bytes
-        self.bytes = 0
-        self._kept: OrderedDict[tuple, tuple[object, torch.Tensor]] = OrderedDict()
+        self._kept = BytesBudget(budget_bytes)
+
+    @property
+    def bytes(self) -> int:
+        return self._kept.bytes
 
     def get(self, key: tuple, entry) -> torch.Tensor | None:
         kept = self._kept.get(key)
-        if kept is None or kept[0] is not entry:
-            return None
-        self._kept.move_to_end(key)
-        return kept[1]
+        return kept[1] if kept is not None and kept[0] is entry else None
 
     def put(self, key: tuple, entry, logits: torch.Tensor) -> None:
         logits = logits.detach()
-        if key in self._kept:
-            self.bytes -= _nbytes(self._kept.pop(key)[1])
-        self._kept[key] = (entry, logits)
-        self.bytes += _nbytes(logits)
-        while self.bytes > self.budget and self._kept:
-            self.bytes -= _nbytes(self._kept.popitem(last=False)[1][1])
+        self._kept.put(key, (entry, logits), nbytes(logits))
 
     def clear(self) -> None:
         self._kept.clear()
-        self.bytes = 0
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()

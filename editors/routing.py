@@ -29,7 +29,6 @@ Measured offline first (bench/routed_memory.py, bench/results/README.md), then b
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -38,6 +37,7 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
+from editors.kept import BytesBudget, nbytes
 from editors.memory_model import (NONE, Factors, Names, choose, entry_names, index_words, named_entries, named_similarities,
                                   optional_rows, position_similarities, present_units, prompt_positions, query_ends,
                                   stack_rows, subject_index, unit)
@@ -190,16 +190,15 @@ class SimilarityCache:
     identity: a memory read afresh from the store starts afresh."""
 
     def __init__(self, budget_bytes: int = SIMILARITY_BYTES):
-        self.budget_bytes = budget_bytes
         # batch key -> ((layer, tau, centre, entries) it was routed against, its similarities); not the
         # memory itself, whose cached unit keys would be kept once per batch
-        self._kept: OrderedDict[tuple, tuple[tuple, torch.Tensor]] = OrderedDict()
+        self._kept = BytesBudget(budget_bytes)
 
     def similarities(self, key: tuple, memory: Memory, queries: list[torch.Tensor],
                      texts: Callable[[], list[str]]) -> torch.Tensor:
         """[queries, entries]: `queries` (the batch `key` names; `texts` gives their text when needed)
         against every entry of `memory`."""
-        seen, sims = self._kept.pop(key, (None, None))
+        seen, sims = self._kept.get(key) or (None, None)
         kept = _shared_prefix(seen, memory) if seen is not None else 0
         out = sims[:, :kept] if kept else torch.zeros(len(queries), 0)
         if kept < len(memory.entries):
@@ -208,13 +207,12 @@ class SimilarityCache:
             fresh = named_similarities(queries, memory.centre, memory.unit_keys[kept:], memory.unit_leads[kept:],
                                        memory.tau, said, memory.names[kept:], columns)
             out = torch.cat([out, fresh], 1)
-        self._kept[key] = ((memory.layer, memory.tau, memory.centre, memory.entries), out)
-        while self._kept and self.bytes() > self.budget_bytes:
-            self._kept.popitem(last=False)
+        self._kept.put(key, ((memory.layer, memory.tau, memory.centre, memory.entries), out), nbytes(out))
         return out
 
+    @property
     def bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for _, s in self._kept.values())
+        return self._kept.bytes
 
     def clear(self) -> None:
         self._kept.clear()
