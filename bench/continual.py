@@ -246,18 +246,33 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = tuple(m for m in ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed", "text_routed_heldout",
-                                "seconds_per_decision") if any(getattr(p, m) is not None for ps in rows.values() for p in ps))
+    panels = {m: (lambda p, m=m: getattr(p, m)) for m in (
+        "reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed", "text_routed_heldout",
+        "seconds_per_decision")}
+    panels["MB per 1,000 entries"] = lambda p: p.memory_bytes / 1e3 / p.accepted if p.memory_bytes and p.accepted else None
+    panels["resident GB"] = lambda p: p.rss_bytes / 1e9 if p.rss_bytes else None
+    panels = {name: value for name, value in panels.items() if any(value(p) is not None for ps in rows.values() for p in ps)}
     # the bars for T = 1,000 (issue #13), and for T = 10,000 (issue #22) where the run goes that far
     long = max((p.corrections for ps in rows.values() for p in ps), default=0) > 1000
     bars = {"reliability": 0.95 if long else 0.90, "generalization": 0.80 if long else 0.75, "locality": 0.95,
             "ppl_drawdown": 0.02 if long else 0.05, "acceptance": 0.90 if long else 0.80, "text_routed": 0.10,
-            "text_routed_heldout": 0.10}
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
-    for axis, metric in zip(axes, metrics):
+            "text_routed_heldout": 0.10, "MB per 1,000 entries": 25.0}
+    columns = min(len(panels), 5)
+    grid_rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(grid_rows, columns, figsize=(4 * columns, 3.6 * grid_rows), squeeze=False)
+    axes = list(grid.flat)
+    for spare in axes[len(panels):]:
+        spare.set_visible(False)
+    for axis, (metric, value) in zip(axes, panels.items()):
         for row, points in rows.items():
-            xs = [p.corrections for p in points if getattr(p, metric) is not None]
-            axis.plot(xs, [getattr(p, metric) for p in points if getattr(p, metric) is not None], marker="o", label=row)
+            shown = [(p.corrections, value(p)) for p in points if value(p) is not None]
+            axis.plot([x for x, _ in shown], [y for _, y in shown], marker="o", label=row)
+            if metric == "seconds_per_decision" and long and shown:  # issue #22: at most 1.5x its T = 1,000 figure
+                axis.axhline(1.5 * shown[0][1], color="grey", linestyle="--", linewidth=1)
+            if metric == "resident GB":
+                cached = [(p.corrections, p.cache_bytes / 1e9) for p in points if p.cache_bytes]
+                axis.plot([x for x, _ in cached], [y for _, y in cached], marker="x", linestyle=":", label=f"{row}: caches")
+                axis.legend(fontsize="small")
         if metric in bars:
             axis.axhline(bars[metric], color="grey", linestyle="--", linewidth=1)
         if metric == "ppl_drawdown":  # a collapsed row reaches 1e9 and more: log scale past 1%

@@ -21,7 +21,7 @@ from editors.formats import FormatError, from_record
 from editors.routing import Routed
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
-from policies.suites import retention_sample
+from policies.suites import Carried, retention_sample, subject_names
 from store.crash import JUDGED, PROPOSED, TRACKED, crash_point
 from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
@@ -134,10 +134,14 @@ def rejudge_on_head(rt: Runtime) -> Rejudge:
 
 def retained(rt: Runtime, new: list[Correction]) -> list[Correction]:
     """The retention suite of a decision on `new`: a bounded sample of the corrections the served
-    weights carry (applied at some version; policies/suites.retention_sample)."""
-    rows = rt.records.versions.ledger.corrections(CorrectionStatus.applied)
-    applied = ledger_corrections(row for row in rows if row.version is not None)
-    return retention_sample(applied, new, rt.config.cycle.retention_recent, rt.config.cycle.retention_older)
+    weights carry (applied at some version; policies/suites.retention_sample). Only the sample is
+    read back as corrections: the cost of a decision stays flat as the applied ones grow."""
+    carried = rt.records.versions.ledger.carried_records()
+    records = {external_id: (feed, record) for external_id, feed, record in carried}
+    sample = retention_sample([Carried(external_id, subject_names(record.get("subject"), record.get("aliases", ())))
+                               for external_id, _, record in carried],
+                              new, rt.config.cycle.retention_recent, rt.config.cycle.retention_older)
+    return [from_record(c.id, records[c.id][1], records[c.id][0]) for c in sample]
 
 
 @dataclass(frozen=True)

@@ -86,14 +86,30 @@ def retention_probes(corrections: list[Correction]) -> list[RetentionProbe]:
     return [RetentionProbe(c.id, prompt, c.target_new) for c in corrections for prompt in (c.prompt, *c.rephrases)]
 
 
-def retention_sample(applied: list[Correction], new: list[Correction], recent: int, older: int) -> list[Correction]:
+@dataclass(frozen=True)
+class Carried:
+    """An applied correction as the retention sample reads it: its id and its subject's names."""
+
+    id: str
+    names: frozenset[str]  # casefolded: its subject and aliases
+
+    @classmethod
+    def of(cls, correction: Correction) -> "Carried":
+        return cls(correction.id, subject_names(correction.subject, correction.aliases))
+
+
+def subject_names(subject: str | None, aliases: tuple[str, ...] | list[str] = ()) -> frozenset[str]:
+    return frozenset(name.casefold() for name in (subject, *aliases) if name)
+
+
+def retention_sample(applied: list[Carried], new: list[Correction], recent: int, older: int) -> list[Carried]:
     """The earlier corrections a decision checks (`applied` oldest first), so that its cost stays
     flat as they grow: every one about a subject a new correction names (by its subject or an
     alias: the likeliest to lose their answer to it), the `recent` latest, and `older` of the rest
     drawn at random, seeded by the new corrections' ids so that a decision can be judged again on
     the same sample."""
-    subjects = set().union(*(_names(c) for c in new))
-    same = [c for c in applied if _names(c) & subjects]
+    subjects = frozenset().union(*(Carried.of(c).names for c in new))
+    same = [c for c in applied if c.names & subjects]
     taken = {c.id for c in same}
     latest = [c for c in applied[::-1] if c.id not in taken][:recent]
     taken |= {c.id for c in latest}
@@ -102,10 +118,6 @@ def retention_sample(applied: list[Correction], new: list[Correction], recent: i
     drawn = random.Random(seed).sample(rest, min(older, len(rest)))
     chosen = taken | {c.id for c in drawn}
     return [c for c in applied if c.id in chosen]
-
-
-def _names(correction: Correction) -> set[str]:
-    return {name.casefold() for name in (correction.subject, *correction.aliases) if name}
 
 
 def known_facts(root: Path) -> list[tuple[str, str]]:

@@ -224,6 +224,15 @@ class Ledger:
                 query = query.where(CorrectionRow.status == status)
             return [_correction(row) for row in session.scalars(query)]
 
+    def carried_records(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(external id, feed, record) of each correction the weights carry (applied at some version),
+        oldest first: columns only, no row objects, so that a decision reads 10,000 of them cheaply."""
+        with self._transaction() as session:
+            query = (select(CorrectionRow.external_id, FeedRow.name, CorrectionRow.payload).join(FeedRow)
+                     .where(CorrectionRow.status == CorrectionStatus.applied, CorrectionRow.version.is_not(None))
+                     .order_by(CorrectionRow.received_at, CorrectionRow.id))
+            return [(external_id, feed, payload) for external_id, feed, payload in session.execute(query)]
+
     def pending(self, limit: int) -> list[LedgerCorrection]:
         with self._transaction() as session:
             query = (select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.pending)
@@ -286,16 +295,20 @@ class Ledger:
                 tag=version.tag, sha=version.sha, parent=version.parent, kind=version.kind,
                 created_at=version.created_at, corrections=list(version.corrections), run_id=version.run_id,
                 restores=version.restores, reason=version.reason, figures=version.figures, model_md5=version.model_md5))
-            for row in _rows_with_ids(session, list(carried)):
+            # Only rows whose status changes are loaded: read as two columns, the applied ones cost
+            # little however many there are, so a commit's cost stays flat as they grow.
+            applied = dict(session.execute(select(CorrectionRow.external_id, CorrectionRow.version)
+                                           .where(CorrectionRow.status == CorrectionStatus.applied)).all())
+            for row in _rows_with_ids(session, [cid for cid, at in carried.items() if cid not in applied or applied[cid] != at]):
                 applied_at = carried[row.external_id]
                 if row.status != CorrectionStatus.applied or row.version != applied_at:
                     run_id = version.run_id if applied_at == version.tag else row.run_id
                     _set(row, CorrectionStatus.applied, version=applied_at, run_id=run_id,
                          reason=None if applied_at == version.tag else f"restored by {version.tag}")
-            applied = session.scalars(select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.applied))
-            for row in applied:
-                # version None: the model already answered it as asked, so no weights carry it
-                if row.external_id not in carried and row.version is not None:
+            # version None: the model already answered it as asked, so no weights carry it
+            dropped = [cid for cid, at in applied.items() if cid not in carried and at is not None]
+            for row in _rows_with_ids(session, dropped):
+                if row.status == CorrectionStatus.applied and row.version is not None:
                     _set(row, CorrectionStatus.rolled_back, version=row.version, run_id=row.run_id,
                          reason=_removal_reason(version))
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from editors.types import Correction
-from policies.suites import retention_sample
+from policies.suites import Carried, retention_sample
 
 
-def _applied(n: int) -> list[Correction]:
-    return [Correction(f"c{i}", f"Subject {i} plays for", f"Team {i}", subject=f"Subject {i}") for i in range(n)]
+def _applied(n: int) -> list[Carried]:
+    return [Carried.of(Correction(f"c{i}", f"Subject {i} plays for", f"Team {i}", subject=f"Subject {i}")) for i in range(n)]
 
 
 def test_with_few_applied_corrections_every_one_is_checked() -> None:
