@@ -13,7 +13,7 @@ bisected). Every --every corrections it measures the served model:
                                perplexity sample): 8 chunks can only say 0, 0.125, 0.25...
   seconds_per_decision         the chunk's cycle time over its decisions (the cost per decision as T grows)
   memory_bytes, rss_bytes      model/memory/ on disk; this process's resident memory
-  cache_bytes                  of which the editable's caches hold (each bounded; the rest is model, memory, Python)
+  cache_bytes, tensor_bytes    of which the editable's caches hold (each bounded), and every live tensor
 Past CounterFact val's 1,919 records the stream goes on with train (the shipped editor was
 meta-trained on those: reliability and generalization there are optimistic).
 
@@ -39,9 +39,11 @@ Prints one JSON object, writes it and a PNG of the curves to --out, and logs bot
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +101,7 @@ class Point:
     memory_bytes: int | None = None  # model/memory/ on disk (routed rows)
     rss_bytes: int | None = None  # the bench process's resident memory after the chunk
     cache_bytes: int | None = None  # of which the editable's caches (prefix states, routed outputs, similarities)
+    tensor_bytes: int | None = None  # every live tensor's storage (caches, model, memory): the rest is Python and the allocator
 
 
 def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Correction], submitted: int,
@@ -116,7 +119,7 @@ def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Cor
     return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
                  round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1), _round(routed),
                  _round(heldout), rss_bytes=resident_bytes(),
-                 cache_bytes=editable.cached_bytes(), **costs)
+                 cache_bytes=editable.cached_bytes(), tensor_bytes=live_tensor_bytes(), **costs)
 
 
 def resident_bytes() -> int:
@@ -125,6 +128,18 @@ def resident_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor storage this process holds (each storage once)."""
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor):
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def tree_bytes(folder: Path) -> int:
@@ -296,7 +311,7 @@ def log_to_mlflow(uri: str, summary: dict, json_path: Path, png_path: Path, rows
     params = {"T": summary["T"], "batch": summary["batch"], "every": summary["every"], "model": MODEL, "rows": ",".join(rows)}
     metrics = [Metric(f"{row}.{name}", getattr(p, name), int(time.time() * 1000), p.corrections)
                for row, points in rows.items() for p in points
-               for name in (*FINAL, "text_routed_heldout", "seconds_per_decision", "memory_bytes", "rss_bytes", "cache_bytes")
+               for name in (*FINAL, "text_routed_heldout", "seconds_per_decision", "memory_bytes", "rss_bytes", "cache_bytes", "tensor_bytes")
                if getattr(p, name) is not None]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(json_path))
