@@ -56,6 +56,7 @@ from daemon.home import Home
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
 from daemon.suite_files import load_suites
+from daemon.versioning import home_lock
 from editors.batching import text_batch
 from editors.editable import Editable
 from editors.formats import from_record, load_corrections
@@ -195,6 +196,11 @@ def run_gated(row: str, work: Path, template: Home, records: list[Correction], a
     progress = Progress(work / f"{row}.progress.json")
     if not home.config_path.exists():
         provision_home(home, MODEL, settings={"batch_size": args.batch, **ROWS[row]}, suites_from=template)
+    with home_lock(home):  # as the service holds it: a second run on this home waits, then stops
+        return _run_gated(row, home, progress, records, args, say)
+
+
+def _run_gated(row: str, home: Home, progress: "Progress", records: list[Correction], args, say) -> list[Point]:
     rt = Runtime.open(home, load_config(home))
     try:
         ledger = rt.records.versions.ledger
