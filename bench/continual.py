@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
 import sys
 import time
 import warnings
@@ -351,6 +352,9 @@ def main() -> None:
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the JSON, plot and MLflow run from the rows' progress so far")
     args = parser.parse_args()
+    # a run started with `nohup ... &` ignores SIGINT: `kill` (SIGTERM) stops it as Ctrl-C would,
+    # between two statements, so the home is closed (a cycle in flight is decided again on resume)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.quick:
         args.n, args.every = 100, min(args.every, 50)
     torch.set_num_threads(args.threads)
