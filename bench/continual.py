@@ -121,7 +121,7 @@ def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Cor
     return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
                  round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1), _round(routed),
                  _round(heldout), rss_bytes=resident_bytes(),
-                 cache_bytes=editable.cached_bytes(), tensor_bytes=live_tensor_bytes(), **costs)
+                 cache_bytes=editable.cached_bytes(), tensor_bytes=live_tensor_bytes(lambda line: print(line, file=sys.stderr, flush=True)), **costs)
 
 
 def resident_bytes() -> int:
@@ -132,16 +132,23 @@ def resident_bytes() -> int:
     return 0
 
 
-def live_tensor_bytes() -> int:
-    """The bytes of every tensor storage this process holds (each storage once)."""
-    storages = {}
+def live_tensor_bytes(say=None) -> int:
+    """The bytes of every tensor storage this process holds (each storage once); `say` is told the
+    largest groups by shape (to find what holds them)."""
+    storages: dict[int, tuple[int, tuple]] = {}
     with warnings.catch_warnings():  # isinstance on torch's deprecated module proxies warns
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor):
                 storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+                storages[storage.data_ptr()] = (storage.nbytes(), (tuple(obj.shape), obj.dtype))
+    if say is not None:
+        groups: dict[tuple, list[int]] = {}
+        for size, shape in storages.values():
+            groups.setdefault(shape, []).append(size)
+        for shape, sizes in sorted(groups.items(), key=lambda g: -sum(g[1]))[:15]:
+            say(f"  tensors {shape}: {len(sizes)} storages, {sum(sizes) / 1e6:.1f} MB")
+    return sum(size for size, _ in storages.values())
 
 
 def tree_bytes(folder: Path) -> int:
