@@ -168,7 +168,9 @@ class RoutedOutputs:
         return kept[1] if kept is not None and kept[0] is entry else None
 
     def put(self, key: tuple, entry, logits: torch.Tensor) -> None:
-        logits = logits.detach()
+        # a copy: a row split from a batch's logits would keep the whole batch's storage alive
+        # (64 rows of the vocabulary), 50x more than the budget counts
+        logits = logits.detach().clone()
         self._kept.put(key, (entry, logits), nbytes(logits))
 
     def clear(self) -> None:

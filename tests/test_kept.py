@@ -21,3 +21,17 @@ def test_a_value_put_again_replaces_its_bytes_and_a_zero_budget_keeps_nothing() 
     none = BytesBudget(0)
     none.put("a", 1, 1)
     assert (none.get("a"), none.bytes) == (None, 0)
+
+
+def test_a_routed_output_keeps_its_own_rows_not_the_batch_they_were_split_from() -> None:
+    import torch
+
+    from editors.editable import RoutedOutputs
+
+    batch_logits = torch.randn(64, 1000)
+    outputs = RoutedOutputs(budget_bytes=10**6)
+    entry = object()
+    outputs.put(("row",), entry, batch_logits[3:4])
+    kept = outputs.get(("row",), entry)
+    assert torch.equal(kept, batch_logits[3:4])
+    assert kept.untyped_storage().nbytes() == outputs.bytes == 1000 * 4
