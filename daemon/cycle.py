@@ -21,7 +21,7 @@ from editors.formats import FormatError, from_record
 from editors.routing import Routed
 from editors.types import Correction, apply_delta
 from policies.gate import Decision
-from policies.suites import Carried, retention_sample, subject_names
+from policies.suites import Carried, retention_sample
 from store.crash import JUDGED, PROPOSED, TRACKED, crash_point
 from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
@@ -138,8 +138,7 @@ def retained(rt: Runtime, new: list[Correction]) -> list[Correction]:
     read back as corrections: the cost of a decision stays flat as the applied ones grow."""
     carried = rt.records.versions.ledger.carried_records()
     records = {external_id: (feed, record) for external_id, feed, record in carried}
-    sample = retention_sample([Carried(external_id, subject_names(record.get("subject"), record.get("aliases", ())))
-                               for external_id, _, record in carried],
+    sample = retention_sample([Carried.of_record(external_id, record) for external_id, _, record in carried],
                               new, rt.config.cycle.retention_recent, rt.config.cycle.retention_older)
     return [from_record(c.id, records[c.id][1], records[c.id][0]) for c in sample]
 

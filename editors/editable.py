@@ -10,7 +10,7 @@ from torch import nn
 
 from editors.anatomy import Anatomy, default_edit_modules
 from editors.batching import TokenBatch, make_batch, rows_of
-from editors.kept import BytesBudget, nbytes
+from editors.kept import BytesBudget
 from editors.routing import SIMILARITY_BYTES, Memory, Routed, SimilarityCache, chosen_entries, query_states, query_texts, row_factors
 
 
@@ -128,7 +128,7 @@ class Editable:
     def cached_bytes(self) -> int:
         """What the caches hold now: prefix states, routed outputs and routing similarities (each
         bounded: prefix states by count, the others by bytes)."""
-        prefix = sum(nbytes(states) for cache in self._caches.values() for states in cache.values())
+        prefix = sum(states.nbytes for cache in self._caches.values() for states in cache.values())
         return prefix + self._outputs.bytes + self._similarities.bytes
 
     def clear_cache(self) -> None:
@@ -171,7 +171,7 @@ class RoutedOutputs:
         # a copy: a row split from a batch's logits would keep the whole batch's storage alive
         # (64 rows of the vocabulary), 50x more than the budget counts
         logits = logits.detach().clone()
-        self._kept.put(key, (entry, logits), nbytes(logits))
+        self._kept.put(key, (entry, logits), logits.nbytes)
 
     def clear(self) -> None:
         self._kept.clear()

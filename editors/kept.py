@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-import torch
-
 
 class BytesBudget:
     """Values by key, each counted at the bytes its owner says, least recently used dropped first
@@ -35,7 +33,3 @@ class BytesBudget:
     def clear(self) -> None:
         self._kept.clear()
         self.bytes = 0
-
-
-def nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()

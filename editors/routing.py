@@ -37,7 +37,7 @@ import torch
 
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import compressed
-from editors.kept import BytesBudget, nbytes
+from editors.kept import BytesBudget
 from editors.memory_model import (NONE, Factors, Names, choose, entry_names, index_words, named_entries, named_similarities,
                                   optional_rows, position_similarities, present_units, prompt_positions, query_ends,
                                   stack_rows, subject_index, unit)
@@ -207,7 +207,7 @@ class SimilarityCache:
             fresh = named_similarities(queries, memory.centre, memory.unit_keys[kept:], memory.unit_leads[kept:],
                                        memory.tau, said, memory.names[kept:], columns)
             out = torch.cat([out, fresh], 1)
-        self._kept.put(key, ((memory.layer, memory.tau, memory.centre, memory.entries), out), nbytes(out))
+        self._kept.put(key, ((memory.layer, memory.tau, memory.centre, memory.entries), out), out.nbytes)
         return out
 
     @property

@@ -22,6 +22,7 @@ import torch
 
 from editors.batching import pair_ids, text_batch
 from editors.editable import Editable
+from editors.memory_model import entry_names
 from editors.types import Correction
 from policies.probes import unrelated_prompts, wikitext_chunks
 
@@ -95,11 +96,16 @@ class Carried:
 
     @classmethod
     def of(cls, correction: Correction) -> "Carried":
-        return cls(correction.id, subject_names(correction.subject, correction.aliases))
+        return cls(correction.id, _casefolded(entry_names(correction.subject, correction.aliases)))
+
+    @classmethod
+    def of_record(cls, correction_id: str, record: dict) -> "Carried":
+        """From a correction's record as the ledger keeps it (editors/formats.to_record)."""
+        return cls(correction_id, _casefolded(entry_names(record.get("subject"), record.get("aliases", ()))))
 
 
-def subject_names(subject: str | None, aliases: tuple[str, ...] | list[str] = ()) -> frozenset[str]:
-    return frozenset(name.casefold() for name in (subject, *aliases) if name)
+def _casefolded(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(name.casefold() for name in names)
 
 
 def retention_sample(applied: list[Carried], new: list[Correction], recent: int, older: int) -> list[Carried]:
