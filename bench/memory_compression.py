@@ -52,7 +52,7 @@ TOKENS = 20
 def stored_bytes(entry: Entry) -> int:
     """The bytes of `entry`'s tensors as the store writes them (daemon/versioning.entry_to_stored:
     factors in the narrowest form that holds them, key, lead, relation, floor, target)."""
-    return sum(t.numel() * t.element_size() for t in entry_to_stored(entry).tensors.values())
+    return sum(t.nbytes for t in entry_to_stored(entry).tensors.values())
 
 
 def file_bytes(memory: Memory, entries: tuple[Entry, ...], per_version: int, folder: Path) -> int:

@@ -151,17 +151,24 @@ def named_entries(texts: list[str], subjects: list[Names], index: dict[str, list
 
 def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0,
            unit_keys: torch.Tensor | None = None, ends: torch.Tensor | None = None,
-           unit_relations: torch.Tensor | None = None) -> torch.Tensor:
+           unit_relations: torch.Tensor | None = None, relation_tau: float | None = None) -> torch.Tensor:
     """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
     own floor raised by `margin` of the way to 1; NONE when none does. Given the entries' `unit_keys`
     and `unit_relations` and the queries' `ends` (each one's last state, centred unit), an entry that
     shares its subject with other eligible ones (SAME_SUBJECT) gives way to the one of them whose
-    relation is nearest the query's end. Keys and relations are compared for eligible pairs only: a
-    query reaches few entries of a memory that may hold many."""
+    relation is nearest the query's end; given `relation_tau` too, an entry whose relation is further
+    than that from the query's end serves it not at all (it asks another question of the subject).
+    Keys and relations are compared for eligible pairs only: a query reaches few entries of a memory
+    that may hold many."""
     n = similarity.shape[0]
     if similarity.shape[1] == 0:
         return torch.full((n,), NONE)
     eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
+    if relation_tau is not None and ends is not None and unit_relations is not None:
+        rows, cols = eligible.nonzero(as_tuple=True)
+        has_relation = unit_relations[cols].abs().sum(-1) > 0
+        other_question = has_relation & ((ends[rows] * unit_relations[cols]).sum(-1) < relation_tau)
+        eligible[rows[other_question], cols[other_question]] = False
     score, best = torch.where(eligible, similarity, torch.tensor(-3.0)).max(1)
     chosen = torch.where(score > -3.0, best, torch.tensor(NONE))
     if unit_keys is None or ends is None or unit_relations is None:
@@ -204,7 +211,7 @@ def query_ends(queries: list[torch.Tensor], centre: torch.Tensor) -> torch.Tenso
 def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                   unit_leads: torch.Tensor, unit_relations: torch.Tensor, floors: torch.Tensor, tau: float,
                   margin: float, texts: list[str] | None = None, subjects: list[Names] | None = None,
-                  index: dict[str, list[int]] | None = None) -> torch.Tensor:
+                  index: dict[str, list[int]] | None = None, relation_tau: float | None = None) -> torch.Tensor:
     """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE. Given the
     queries' `texts` and the entries' `subjects`, an entry serves only a query that names its
     subject; given their `index` too (`subject_index`), only those entries are compared."""
@@ -212,7 +219,7 @@ def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: 
         return torch.zeros(0, dtype=torch.long)
     columns = named_entries(texts, subjects, index) if texts is not None and subjects is not None and index is not None else None
     sims = named_similarities(queries, centre, unit_keys, unit_leads, tau, texts, subjects, columns)
-    return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations)
+    return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations, relation_tau)
 
 
 def prompt_positions(states: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class LowRankUpdate:
         return stacked_dense([self])
 
     def nbytes(self) -> int:
-        return self.inputs.numel() * self.inputs.element_size() + self.outputs.numel() * self.outputs.element_size()
+        return self.inputs.nbytes + self.outputs.nbytes
 
     def rounded(self, dtype: torch.dtype) -> "LowRankUpdate":
         """The same update with its factors rounded to values `dtype` holds exactly (their type unchanged)."""

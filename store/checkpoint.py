@@ -133,7 +133,7 @@ def save_model(folder: Path, model, tokenizer) -> None:
 
 
 def _write_index(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.nbytes for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": {name: tensor_file(name) for name in tensors}}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 

@@ -64,6 +64,22 @@ def test_a_namesake_that_does_not_reach_tau_is_not_chosen_by_its_relation() -> N
     assert choose(similarity, torch.zeros(2), 0.8, 0.0, keys, ends, torch.eye(2)).tolist() == [0]
 
 
+def test_given_relation_tau_an_entry_does_not_serve_a_query_that_asks_another_question() -> None:
+    similarity = torch.tensor([[0.95], [0.95]])  # both queries name the entry's subject
+    ends = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # the second asks something else
+    relations = torch.tensor([[1.0, 0.0]])
+    args = (similarity, torch.zeros(1), 0.8, 0.0, torch.eye(1, 2), ends, relations)
+    assert choose(*args).tolist() == [0, 0]
+    assert choose(*args, relation_tau=0.5).tolist() == [0, NONE]
+
+
+def test_relation_tau_passes_an_entry_stored_without_a_relation() -> None:
+    similarity = torch.tensor([[0.95]])
+    chosen = choose(similarity, torch.zeros(1), 0.8, 0.0, torch.eye(1, 2), torch.tensor([[0.0, 1.0]]),
+                    torch.zeros(1, 2), relation_tau=0.5)
+    assert chosen.tolist() == [0]
+
+
 def test_an_entry_serves_only_a_query_whose_text_names_its_subject() -> None:
     similarity = torch.tensor([[0.9], [0.9], [0.9], [0.5]])
     texts = ["Natasha Parry speaks", "in The Bill he portrayed Scott Parry", "NATASHA  parry's mother tongue", "Parry"]
