@@ -11,6 +11,9 @@ twice: with each entry's relation (the state at its prompt's last token) choosin
 Per variant: both_hold (pairs whose two prompts both say their own target in a 20-token greedy
 answer), gen_prompt and gen_rephrase (the target said), to_own_entry (prompts and rephrasings
 routed to their own entry), teacher-forced reliability and generalization, and sample answers.
+And other_question: with one side of each pair left out of the memory, that side's prompts and
+rephrasings ask the kept entry's subject another question; leak is the share whose answer says the
+kept entry's target (the base model's does not), changed the share whose first 4 words change.
 
 With --beside HOME the pairs join the memory that home serves (the continual run's, at T = 10,000:
 issue #22 asks the pairs to hold there), keyed against that home's reference, and the model is the
@@ -36,7 +39,7 @@ from daemon.provision import base_editable, provisioned
 from daemon.runtime import Runtime
 from editors.editable import Editable
 from editors.formats import load_corrections
-from editors.reading import mentions
+from editors.reading import first_words, mentions
 from editors.routing import Memory
 from editors.serving import serving_entries
 from policies.served_eval import Served
@@ -67,6 +70,28 @@ def figures(editable: Editable, memory: Memory, edited) -> dict:
             "samples": [f"{q} -> {text}" for (_, q), text in list(zip(asked, said))[:6]]}
 
 
+def other_question(editable: Editable, memory: Memory, edited) -> dict:
+    """With one side of each pair left out of the memory, its prompts and rephrasings ask another
+    question about a subject the memory holds a correction for: the share whose answer says the
+    kept side's target where the base model's does not (the entry answered a question it was not
+    about), the share whose first 4 words change at all, and sample answers."""
+    by_id = {c.id: c for c in edited}
+    asked, said, base = [], [], []  # (the kept correction, a question of its partner's)
+    for side, other in (("a", "b"), ("b", "a")):
+        kept = memory.without({c.id for c in edited if c.id.endswith(other)})
+        rows = [(by_id[c.id[:-1] + side], q) for c in edited if c.id.endswith(other) and c.id[:-1] + side in by_id
+                for q in (c.prompt, *c.rephrases)]
+        asked += rows
+        said += Served(editable, memory=kept).say([q for _, q in rows], TOKENS)
+        base += Served(editable).say([q for _, q in rows], TOKENS)
+    leak = [mentions(s, k.target_new) and not mentions(b, k.target_new) for (k, _), s, b in zip(asked, said, base)]
+    changed = [first_words(s, 4) != first_words(b, 4) for s, b in zip(said, base)]
+    return {"asked": len(asked), "leak": round(sum(leak) / max(len(leak), 1), 4),
+            "changed": round(sum(changed) / max(len(changed), 1), 4),
+            "samples": [f"{q} -> {s} (base: {b}) [the memory holds: {k.prompt} {k.target_new}]"
+                        for (k, q), s, b, hit in zip(asked, said, base, leak) if hit][:6]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "same_subject")
@@ -92,6 +117,7 @@ def main() -> None:
     memory = stored.plus(list(served.memory.entries)) if stored else served.memory
     key_only = replace(memory, entries=tuple(replace(e, relation=None) for e in memory.entries))
     rows = {name: figures(editable, used, edited) for name, used in (("relations", memory), ("keys_alone", key_only))}
+    rows["other_question"] = other_question(editable, memory, edited)
     summary = {"model": MODEL, "records": len(records), "edited": len(edited), "entries_before": before,
                "beside": str(args.beside) if args.beside else None, "variants": rows,
                "bar_both_hold": 0.9, "seconds": round(time.perf_counter() - started)}
