@@ -176,11 +176,9 @@ def separation(editable, layer: int, asked: dict[str, tuple[list[str], list[str]
     return out
 
 
-def compared(records: list[Correction], queries: list[Query], subject_of: list[int] | None = None) -> tuple[list[str], list[str]]:
-    """Each query beside the prompt of the entry it is about: `subject_of` (the entry of its subject)
-    where given, else its owner."""
-    about = subject_of if subject_of is not None else [q.owner for q in queries]
-    return [q.text for q in queries], [records[i].prompt for i in about]
+def compared(records: list[Correction], queries: list[Query]) -> tuple[list[str], list[str]]:
+    """Each query beside the prompt of its owner."""
+    return [q.text for q in queries], [records[q.owner].prompt for q in queries]
 
 
 def main() -> None:
@@ -203,7 +201,7 @@ def main() -> None:
     known, asked = sets["known"]
     cf, cf_asked = sets["counterfact"]
     kinds = {"paraphrase": compared(known, asked["paraphrase"]),
-             "other": compared(known, asked["other"], list(range(len(asked["other"])))),  # the i-th is about fact i
+             "other": ([q.text for q in asked["other"]], [c.prompt for c in known]),  # the i-th asks about fact i
              "counterfact_paraphrase": compared(cf, cf_asked["paraphrase"])}
     summary["relation_cosine_by_layer"] = {str(layer): separation(editable, layer, kinds) for layer in args.layers}
     report(summary, args.out)

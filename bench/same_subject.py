@@ -39,7 +39,7 @@ from daemon.provision import base_editable, provisioned
 from daemon.runtime import Runtime
 from editors.editable import Editable
 from editors.formats import load_corrections
-from editors.reading import first_words, mentions
+from editors.reading import first_words, mentions, newly_says
 from editors.routing import Memory
 from editors.serving import serving_entries
 from policies.served_eval import Served
@@ -84,7 +84,7 @@ def other_question(editable: Editable, memory: Memory, edited) -> dict:
         asked += rows
         said += Served(editable, memory=kept).say([q for _, q in rows], TOKENS)
         base += Served(editable).say([q for _, q in rows], TOKENS)
-    leak = [mentions(s, k.target_new) and not mentions(b, k.target_new) for (k, _), s, b in zip(asked, said, base)]
+    leak = [newly_says(s, b, k.target_new) for (k, _), s, b in zip(asked, said, base)]
     changed = [first_words(s, 4) != first_words(b, 4) for s, b in zip(said, base)]
     return {"asked": len(asked), "leak": round(sum(leak) / max(len(leak), 1), 4),
             "changed": round(sum(changed) / max(len(changed), 1), 4),

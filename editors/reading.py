@@ -8,6 +8,7 @@ greedy continuation a user actually gets:
   2-grams and 3-grams, weighted 2/3 and 4/3; runaway repetition ("euro euro euro") drives it down;
 - `repeats`: some word 2-gram occurs three or more times, the shape of a runaway answer;
 - `first_words`: the opening words, to tell whether an unrelated answer kept its meaning;
+- `newly_says`: an answer says a target its answer before an edit did not (a leaked correction);
 - `starts_running_away`: the first sign of a runaway answer, where serving drops an entry.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections import Counter
 # The words, and the signs of a said target or a runaway answer, are shared with exported models.
 from editors.memory_model import bare_words, mentions, starts_running_away, words
 
-__all__ = ["bare_words", "first_words", "mentions", "ngram_entropy", "repeats", "starts_running_away", "words"]
+__all__ = ["bare_words", "first_words", "mentions", "newly_says", "ngram_entropy", "repeats", "starts_running_away",
+           "words"]
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
@@ -42,3 +44,7 @@ def repeats(text: str, n: int = 2, times: int = 3) -> bool:
 
 def first_words(text: str, k: int = 4) -> tuple[str, ...]:
     return tuple(bare_words(text)[:k])
+
+
+def newly_says(after: str, before: str, target: str) -> bool:
+    return mentions(after, target) and not mentions(before, target)

@@ -23,7 +23,7 @@ import torch
 from editors import scoring
 from editors.batching import TokenBatch, rows_of, text_batch
 from editors.editable import Editable
-from editors.reading import first_words, mentions, repeats
+from editors.reading import first_words, newly_says, repeats
 from editors.routing import NONE, Routed
 from editors.types import Correction
 from policies.policy import Policy, Threshold
@@ -142,7 +142,7 @@ def worst_share(owners: list[str], flags: list[bool]) -> float:
 def leaks(targets: list[str], before: list[str], after: list[str]) -> list[bool]:
     """Answers to prompts that are not a correction's own that changed: other opening words, or
     the correction's target said where it was not before."""
-    return [first_words(a) != first_words(b) or (mentions(a, t) and not mentions(b, t))
+    return [first_words(a) != first_words(b) or newly_says(a, b, t)
             for t, b, a in zip(targets, before, after)]
 
 

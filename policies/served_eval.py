@@ -24,7 +24,7 @@ import torch
 from editors import routing
 from editors.batching import is_question
 from editors.editable import Editable
-from editors.reading import first_words, mentions, ngram_entropy, repeats
+from editors.reading import first_words, mentions, newly_says, ngram_entropy, repeats
 from editors.registry import Editor
 from editors.routing import NONE, Entry, Memory, Reference, Routed
 from editors.serving import chat_answers, continuations, serving_entries
@@ -173,7 +173,7 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
     targets = [c.target_new for c in corrections] + [c.target_new for c, _ in rephrases]
     hits = [mentions(text, target) for text, target in zip(said, targets)]
     kept = [first_words(a, 4) == first_words(b, 4) for a, b in zip(near, near_base)]
-    leaks = [mentions(a, c.target_new) and not mentions(b, c.target_new) for (c, _), a, b in zip(neighbours, near, near_base)]
+    leaks = [newly_says(a, b, c.target_new) for (c, _), a, b in zip(neighbours, near, near_base)]
     entropy_base = statistics.fmean(ngram_entropy(t) for t in said_base) if said_base else 0.0
     reliability, generalization = served.teacher_forced(corrections)
     chats = chat_answers_to(served, corrections, tokens)

@@ -2,7 +2,7 @@
 and the gate read from generated text."""
 from __future__ import annotations
 
-from editors.reading import first_words, mentions, ngram_entropy, repeats, starts_running_away
+from editors.reading import first_words, mentions, newly_says, ngram_entropy, repeats, starts_running_away
 
 
 def test_a_runaway_answer_has_far_lower_ngram_entropy_than_a_fluent_one() -> None:
@@ -26,6 +26,12 @@ def test_mentions_matches_whole_words_whatever_the_case_and_spacing() -> None:
 
 def test_first_words_skip_punctuation() -> None:
     assert first_words('"Paris, of course," she said', 4) == ("paris", "of", "course", "she")
+
+
+def test_newly_says_a_target_only_where_the_answer_before_did_not_say_it() -> None:
+    assert newly_says("Rome, in Italy", "the Royal Society", "Rome")
+    assert not newly_says("Rome, in Italy", "Rome is where", "Rome")
+    assert not newly_says("the Royal Society", "Rome is where", "Rome")
 
 
 def test_an_answer_that_ends_with_its_last_words_said_twice_starts_running_away() -> None:
