@@ -9,7 +9,8 @@ import mendd.
   centred and compared by cosine, counting only positions whose previous state resembles the entry's
   lead (the state one token before the key) where it has one; an entry serves when the similarity
   clears both τ and its floor raised by a margin (see editors/routing.py); of entries about one
-  subject (near-identical keys), the one whose relation is nearest the query's end serves;
+  subject (near-identical keys), the one whose relation is nearest the query's end serves; a key
+  counts only where the query names the subject near its end (ASKED_WITHIN);
 - an entry adds its low-rank change (x·inputsᵀ·outputs) to the edited tensors' outputs until the
   answer has said its target, or starts to repeat itself; the base weights then re-read the answer
   so far and carry on.
@@ -34,6 +35,12 @@ LEAD_TAU = 0.6
 # (corrections about one entity: "Messi plays for", "Messi's nationality is"); the one whose
 # relation (the state at its prompt's last token) is nearest the query's then serves.
 SAME_SUBJECT = 0.9
+# A query asks about a subject it names near its end: in CounterFact, zsRE and MQuAKE prompts,
+# rephrasings and questions the subject's last token lies at most 12 tokens before the query's
+# (bench/results/README.md). Running text that named a subject further back has moved on to something
+# else ("... 2010) Guinness World Records ..." 56 tokens before the chunk ends on a wrestling title), and
+# an entry serving it changes text it has nothing to say about.
+ASKED_WITHIN = 32
 MEMORY_FILE = "memory.safetensors"
 # A subject's names: the one its prompt says (given or guessed), then the aliases its record gives;
 # empty when the prompt names nothing.
@@ -78,15 +85,24 @@ def position_similarities(unit_states: torch.Tensor, lengths: torch.Tensor, unit
     return torch.where(vetoed, torch.tensor(-1.0), own)
 
 
+def near_end(lengths: torch.Tensor) -> torch.Tensor:
+    """[positions]: whether each position of the sequences of `lengths` (one after another) is one of
+    its sequence's last ASKED_WITHIN."""
+    ends = torch.repeat_interleave(torch.cumsum(lengths, 0), lengths)
+    return ends - torch.arange(len(ends)) <= ASKED_WITHIN
+
+
 def similarities(queries: list[torch.Tensor], unit_keys: torch.Tensor, centre: torch.Tensor,
                  unit_leads: torch.Tensor | None = None) -> torch.Tensor:
-    """[queries, keys]: each key's best similarity with any of a query's token states ([positions, hidden])."""
+    """[queries, keys]: each key's best similarity with a query's token states ([positions, hidden])
+    among its last ASKED_WITHIN (earlier ones still serve as the leads' predecessors)."""
     if not queries:
         return torch.zeros(0, len(unit_keys))
     lengths = torch.tensor([len(q) for q in queries])
     owner = torch.repeat_interleave(torch.arange(len(queries)), lengths)
     leads = torch.zeros_like(unit_keys) if unit_leads is None else unit_leads
     per_position = position_similarities(unit(torch.cat(queries), centre), lengths, unit_keys, leads)
+    per_position = torch.where(near_end(lengths)[:, None], per_position, torch.tensor(-1.0))
     return torch.full((len(queries), len(unit_keys)), -2.0).scatter_reduce(
         0, owner.unsqueeze(1).expand_as(per_position), per_position, reduce="amax")
 

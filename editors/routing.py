@@ -13,7 +13,8 @@ update whose key it matches, or with the base weights when it matches none:
   lead (cosine at least LEAD_TAU, a looser bar than τ: the lead only tells "Amazon" from "Nile");
 - similarity: the cosine between the key and a query's token states from position 1 on (position 0
   is an attention sink), both centred by the mean state of held-out prompts; a query takes its best
-  position among those its leads let count;
+  position among those its leads let count and that lie among its last ASKED_WITHIN (32): a query asks
+  about a subject it names near its end, and running text that named one further back has moved on;
 - an entry fires when the similarity reaches both τ and its floor raised by the margin: the floor is
   the best similarity its key reached on held-out unrelated prompts, and the margin a share of the
   way from the floor to 1, so a key that resembles everything must match almost exactly;

@@ -171,7 +171,8 @@ def test_text_routed_is_the_share_of_perplexity_chunks_an_entry_serves(tiny, tin
     layer = 1
     states = tiny.states_at(tiny_gate.text, layer)
     centre = torch.zeros(states.shape[-1])
-    one_chunk = Entry("a", states[0, 5].clone(), 0.0, {})  # a state of the first chunk itself
+    near_end = int(tiny_gate.text.lengths[0]) - 3  # routing reads a query's last tokens (ASKED_WITHIN)
+    one_chunk = Entry("a", states[0, near_end].clone(), 0.0, {})  # a state of the first chunk itself
     assert tiny_gate.text_routed(tiny.weights()) is None
     assert tiny_gate.text_routed(Routed(Memory(layer, 0.99, centre))) == 0.0
     routed = tiny_gate.text_routed(Routed(Memory(layer, 0.99, centre, (one_chunk,))))

@@ -13,7 +13,7 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
-from editors.memory_model import (LEAD_TAU, SAME_SUBJECT, choose, index_words, named_entries, route_queries, similarities,
+from editors.memory_model import (ASKED_WITHIN, LEAD_TAU, SAME_SUBJECT, choose, index_words, named_entries, route_queries, similarities,
                                   subject_index, unnamed)
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
@@ -105,6 +105,17 @@ def test_a_query_that_names_another_subject_falls_to_the_next_entry_or_the_base_
     assert route_queries(query, *args).tolist() == [0]  # states alone: the first key is nearest
     assert route_queries(query, *args, ["the play Herons by Simon Stephens"], subjects).tolist() == [1]
     assert route_queries(query, *args, ["the play Herons"], subjects).tolist() == [NONE]
+
+
+def test_a_key_counts_only_among_a_query_s_last_asked_within_positions() -> None:
+    key = torch.tensor([[1.0, 0.0]])
+    other = torch.tensor([0.0, 1.0])
+    def query(named_at: int) -> torch.Tensor:  # the subject named `named_at` positions before the end
+        states = other.repeat(ASKED_WITHIN + 10, 1)
+        states[-1 - named_at] = key[0]
+        return states
+    near, at_edge, far = query(3), query(ASKED_WITHIN - 1), query(ASKED_WITHIN)
+    assert similarities([near, at_edge, far], key, torch.zeros(2)).flatten().tolist() == [1.0, 1.0, 0.0]
 
 
 def test_the_subject_index_finds_the_entries_a_text_names_and_those_without_a_subject() -> None:
