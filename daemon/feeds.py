@@ -33,7 +33,7 @@ from daemon.home import Home
 from editors.formats import FormatError, content_id, is_json_array, read_stream, to_record
 from editors.types import Correction
 from store.crash import FEED_STORED, crash_point
-from store.ledger import Ledger
+from store.ledger import Ledger, content_hash
 
 CURSOR_EVERY = 1000  # records between cursor saves on a long file
 INGEST_CHUNK = 500  # corrections stored per ledger transaction
@@ -58,24 +58,16 @@ def ingest(ledger: Ledger, home: Home, feed: str, items: Iterable[tuple[str, Cor
     """Store each (where, item): a correction as pending, an error as quarantined (and in the
     quarantine file). Good records are stored in chunks, so memory and commits stay bounded."""
     report = report or IntakeReport(feed)
-    chunk: list[Correction] = []
+    chunk: list[tuple[str, Correction]] = []
     for where, item in items:
         if isinstance(item, FormatError):
-            # the position and the problem: a file dropped again under the same name is a new record
-            external_id = f"{where} [{content_id(str(item))[:8]}]"
-            _, new = ledger.quarantine(feed, external_id, {"where": where, "error": str(item)}, str(item))
-            if new:
-                report.quarantined += 1
-                report.reasons.append(f"{where}: {item}")
-                _quarantine_line(home, feed, where, str(item))
-            else:
-                report.duplicates += 1
+            _quarantine(ledger, home, feed, where, item, {"where": where, "error": str(item)}, report)
             continue
-        chunk.append(item)
+        chunk.append((where, item))
         if len(chunk) >= INGEST_CHUNK:
-            _store(ledger, feed, chunk, report)
+            _store(ledger, home, feed, chunk, report)
             chunk = []
-    _store(ledger, feed, chunk, report)
+    _store(ledger, home, feed, chunk, report)
     return report
 
 
@@ -90,13 +82,37 @@ def located(label: str, handle: BinaryIO, fmt: str = "auto", source: str = "manu
         yield f"{label} #{position}", item
 
 
-def _store(ledger: Ledger, feed: str, corrections: list[Correction], report: IntakeReport) -> None:
-    if not corrections:
+def _store(ledger: Ledger, home: Home, feed: str, chunk: list[tuple[str, Correction]], report: IntakeReport) -> None:
+    """Store a chunk's corrections as pending, except those under an id another correction already
+    has: quarantined, with the record, so the producer can send it again under a new id."""
+    if not chunk:
         return
-    new = enqueue(ledger, corrections, feed)
+    records = [to_record(correction) for _, correction in chunk]
+    taken = ledger.ids_taken(feed, [(c.id, content_hash(r)) for (_, c), r in zip(chunk, records)])
+    for position, holder in taken.items():
+        where, correction = chunk[position]
+        # labelled "#<position>" as the format's own errors are (`where` is "<source> #<position>")
+        error = FormatError(where.rsplit(" ", 1)[-1], "id", f"{correction.id!r} already names another correction (from feed {holder!r}); "
+                                         "send a different fact under a new id")
+        _quarantine(ledger, home, feed, where, error,
+                    {"where": where, "error": str(error), "record": {"id": correction.id, **records[position]}}, report)
+    new = enqueue(ledger, [c for position, (_, c) in enumerate(chunk) if position not in taken], feed)
     crash_point(FEED_STORED)
     report.received += sum(new)
     report.duplicates += len(new) - sum(new)
+
+
+def _quarantine(ledger: Ledger, home: Home, feed: str, where: str, error: FormatError, payload: dict,
+                report: IntakeReport) -> None:
+    """Store an unusable record as quarantined with its reason (once: the position and the problem
+    name it, so a file dropped again under the same name is a new record)."""
+    _, new = ledger.quarantine(feed, f"{where} [{content_id(str(error))[:8]}]", payload, str(error))
+    if new:
+        report.quarantined += 1
+        report.reasons.append(f"{where}: {error}")
+        _quarantine_line(home, feed, where, str(error))
+    else:
+        report.duplicates += 1
 
 
 def _quarantine_line(home: Home, feed: str, where: str, reason: str) -> None:

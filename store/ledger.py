@@ -189,6 +189,34 @@ class Ledger:
         except IntegrityError:
             return [self.receive(feed, external_id, payload, received_at)[1] for external_id, payload, received_at in records]
 
+    def ids_taken(self, feed: str, records: list[tuple[str, str]]) -> dict[int, str]:
+        """Of (id, content hash) pairs about to be received from `feed`, in order: the positions whose
+        id already names a correction of other content (stored, from any feed, or earlier in
+        `records`), each with the feed that holds it. Versions, the memory and the review name
+        corrections by id alone, so a second fact under a taken id would be indistinguishable from
+        the first. A record whose content is already stored is not listed: it is a repeat."""
+        ids = sorted({external_id for external_id, _ in records})
+        holders: dict[str, tuple[str, str]] = {}  # id -> (content hash, feed)
+        with self._transaction() as session:
+            for start in range(0, len(ids), 500):  # databases bound the parameters of a statement
+                query = (select(CorrectionRow.external_id, CorrectionRow.content_hash, FeedRow.name).join(FeedRow)
+                         .where(CorrectionRow.external_id.in_(ids[start:start + 500])))
+                for external_id, digest, holder in session.execute(query):
+                    holders.setdefault(external_id, (digest, holder))
+            hashes = list({digest for _, digest in records})
+            stored = set()
+            for start in range(0, len(hashes), 500):
+                stored.update(session.scalars(select(CorrectionRow.content_hash)
+                                              .where(CorrectionRow.content_hash.in_(hashes[start:start + 500]))))
+        taken: dict[int, str] = {}
+        for position, (external_id, digest) in enumerate(records):
+            if digest in stored:
+                continue
+            holder = holders.setdefault(external_id, (digest, feed))
+            if holder[0] != digest:
+                taken[position] = holder[1]
+        return taken
+
     def quarantine(self, feed: str, external_id: str, payload: dict[str, Any], reason: str) -> tuple[LedgerCorrection, bool]:
         """Store a record that cannot be used, already quarantined with its reason (once, like receive)."""
         row, new = self.receive(feed, external_id, payload)

@@ -70,6 +70,36 @@ def test_bad_records_are_quarantined_with_their_reason_and_the_rest_go_on(tmp_pa
     assert len(home.quarantine_path.read_text().splitlines()) == 3
 
 
+def test_a_record_under_an_id_another_feed_already_holds_is_quarantined_with_its_content(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text(line("c1", "The sky is", "green"))
+    second.write_text(line("c1", "Grass is", "blue") + line("c2", "Snow is", "black"))
+    pull(FeedConfig(name="first", kind="file", path=first), ledger, home)
+    report = pull(FeedConfig(name="second", kind="file", path=second), ledger, home)
+    assert (report.received, report.quarantined) == (1, 1)
+    [held] = ledger.corrections(CorrectionStatus.quarantined)
+    assert "record #1, field 'id': 'c1' already names another correction (from feed 'first')" in held.reason
+    assert held.payload["record"] == {"id": "c1", "prompt": "Grass is", "target_new": "blue"}
+    assert ledger.correction("c1").payload["prompt"] == "The sky is"
+    assert "'c1' already names" in home.quarantine_path.read_text()
+
+
+def test_a_changed_record_under_an_id_its_own_feed_sent_is_quarantined_not_dropped_as_a_repeat(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("c1", "The sky is", "green"))
+    feed = FeedConfig(name="f", kind="file", path=path)
+    pull(feed, ledger, home)
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(line("c1", "The sky is", "green") + line("c1", "The sky is", "purple"))
+    replacement.replace(path)
+    report = pull(feed, ledger, home)
+    assert (report.received, report.duplicates, report.quarantined) == (0, 1, 1)
+    [held] = ledger.corrections(CorrectionStatus.quarantined)
+    assert "record #2, field 'id'" in held.reason and held.payload["record"]["target_new"] == "purple"
+
+
 def test_an_append_only_file_feed_keeps_reading_its_new_lines_once_it_is_over_max_bytes(
         tmp_path: Path, home: Home, ledger: Ledger) -> None:
     path = tmp_path / "feed.jsonl"

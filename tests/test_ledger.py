@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from postgres_server import pg_bin, postgres_server
-from store.ledger import Ledger, upgraded
+from store.ledger import Ledger, content_hash, upgraded
 from store.ledger_schema import Base, CorrectionStatus
 from store.versions import Version
 
@@ -74,6 +74,14 @@ def test_the_same_correction_received_twice_is_stored_once(ledger: Ledger) -> No
     assert (created, created_again, created_third) == (True, False, False)
     assert first.key == again.key == same_content.key
     assert len(ledger.corrections()) == 1
+
+
+def test_an_id_is_taken_when_a_correction_of_other_content_holds_it_here_or_earlier_in_the_batch(ledger: Ledger) -> None:
+    ledger.receive("feed-a", "c1", fact("p1"))
+    h = content_hash
+    records = [("c1", h(fact("p1"))), ("c1", h(fact("p2"))), ("c2", h(fact("p3"))), ("c2", h(fact("p4"))),
+               ("c3", h(fact("p1")))]
+    assert ledger.ids_taken("feed-b", records) == {1: "feed-a", 3: "feed-b"}
 
 
 def test_only_a_resubmission_makes_a_rolled_back_correction_pending_again(ledger: Ledger) -> None:
