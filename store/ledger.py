@@ -198,16 +198,14 @@ class Ledger:
         ids = sorted({external_id for external_id, _ in records})
         holders: dict[str, tuple[str, str]] = {}  # id -> (content hash, feed)
         with self._transaction() as session:
-            for start in range(0, len(ids), 500):  # databases bound the parameters of a statement
+            for part in _parts(ids):
                 query = (select(CorrectionRow.external_id, CorrectionRow.content_hash, FeedRow.name).join(FeedRow)
-                         .where(CorrectionRow.external_id.in_(ids[start:start + 500])))
+                         .where(CorrectionRow.external_id.in_(part)))
                 for external_id, digest, holder in session.execute(query):
                     holders.setdefault(external_id, (digest, holder))
-            hashes = list({digest for _, digest in records})
             stored = set()
-            for start in range(0, len(hashes), 500):
-                stored.update(session.scalars(select(CorrectionRow.content_hash)
-                                              .where(CorrectionRow.content_hash.in_(hashes[start:start + 500]))))
+            for part in _parts(list({digest for _, digest in records})):
+                stored.update(session.scalars(select(CorrectionRow.content_hash).where(CorrectionRow.content_hash.in_(part))))
         taken: dict[int, str] = {}
         for position, (external_id, digest) in enumerate(records):
             if digest in stored:
@@ -369,13 +367,16 @@ def _existing(session: Session, feed: str, external_id: str, digest: str) -> Cor
     return session.scalars(select(CorrectionRow).where(CorrectionRow.content_hash == digest)).one_or_none()
 
 
+def _parts(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    """`values` in parts small enough for one IN (...): databases limit how many parameters one
+    statement may bind."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
 def _rows_with_ids(session: Session, external_ids: list[str]) -> list[CorrectionRow]:
-    rows: list[CorrectionRow] = []
-    # In chunks: databases limit how many parameters one statement may bind.
-    for start in range(0, len(external_ids), 500):
-        chunk = external_ids[start:start + 500]
-        rows += session.scalars(select(CorrectionRow).where(CorrectionRow.external_id.in_(chunk))).all()
-    return rows
+    return [row for part in _parts(external_ids)
+            for row in session.scalars(select(CorrectionRow).where(CorrectionRow.external_id.in_(part)))]
 
 
 def _set(row: CorrectionRow, status: CorrectionStatus, *, version: str | None, run_id: str | None,
