@@ -208,7 +208,19 @@ def _text(stored: torch.Tensor | None) -> str | None:
 
 def commit_change(versions: Versions, change: Change) -> Version:
     """Commit ``change`` to the store, then bring the ledger into agreement."""
+    if change.kind == "edit":
+        _refuse_reapplying(versions.ledger, change.corrections)
     return _recorded(versions, versions.store.commit(change))
+
+
+def _refuse_reapplying(ledger: Ledger, corrections: tuple[str, ...]) -> None:
+    """The last guard against a change added twice (a retried approval, a decision made again after
+    a crash): a correction the weights already carry is never applied on top of itself."""
+    carried = ledger.applied_at(list(corrections))
+    if carried:
+        shown = ", ".join(f"{cid!r} (at {tag})" for cid, tag in sorted(carried.items()))
+        raise StoreError(f"already applied: {shown}; applying again would add the change twice. Nothing was "
+                         "changed; `mendd revert` removes a correction before it is applied again")
 
 
 def rollback(versions: Versions, tag: str, reason: str) -> Version:

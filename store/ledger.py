@@ -259,6 +259,12 @@ class Ledger:
                      .order_by(CorrectionRow.received_at, CorrectionRow.id))
             return [(external_id, feed, payload) for external_id, feed, payload in session.execute(query)]
 
+    def applied_at(self, external_ids: list[str]) -> dict[str, str]:
+        """Of these corrections, those whose change the weights carry, with the version that applied each."""
+        with self._transaction() as session:
+            return {row.external_id: row.version for row in _rows_with_ids(session, external_ids)
+                    if row.status == CorrectionStatus.applied and row.version is not None}
+
     def pending(self, limit: int) -> list[LedgerCorrection]:
         with self._transaction() as session:
             query = (select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.pending)

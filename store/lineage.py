@@ -12,21 +12,42 @@ from store.versions import Version
 
 def in_effect(versions: list[Version], tag: str) -> dict[str, str]:
     """Correction id -> the tag of the version that applied it, for every correction ``tag`` carries."""
-    by_tag = {version.tag: version for version in versions}
-    steps: list[Version] = []
-    current = by_tag[tag]
-    # Walk back to the base, skipping over each rollback to the version it restores.
-    while current.kind != "base":
-        if current.kind == "rollback":
-            current = by_tag[current.restores]
-            continue
-        steps.append(current)
-        current = by_tag[current.parent]
     carried: dict[str, str] = {}
-    for step in reversed(steps):
+    for step in steps(versions, tag):
         for correction in step.corrections:
             if step.kind == "edit":
                 carried[correction] = step.tag
             else:
                 carried.pop(correction, None)
     return carried
+
+
+def applied_twice(versions: list[Version], tag: str) -> list[str]:
+    """Corrections that an edit in ``tag``'s lineage applied while an earlier edit's change for them
+    was still in the weights: their change is in the model twice."""
+    carried: set[str] = set()
+    twice: list[str] = []
+    for step in steps(versions, tag):
+        for correction in step.corrections:
+            if step.kind != "edit":
+                carried.discard(correction)
+            elif correction in carried:
+                twice.append(f"{correction} (again by {step.tag})")
+            else:
+                carried.add(correction)
+    return twice
+
+
+def steps(versions: list[Version], tag: str) -> list[Version]:
+    """The edits and reverts whose changes make up ``tag``'s model, oldest first."""
+    by_tag = {version.tag: version for version in versions}
+    found: list[Version] = []
+    current = by_tag[tag]
+    # Walk back to the base, skipping over each rollback to the version it restores.
+    while current.kind != "base":
+        if current.kind == "rollback":
+            current = by_tag[current.restores]
+            continue
+        found.append(current)
+        current = by_tag[current.parent]
+    return found[::-1]

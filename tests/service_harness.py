@@ -25,7 +25,7 @@ from daemon.mlflow_ui import start_server, stop_server, ui_command
 from daemon.versioning import changing
 from decision_helpers import ACCEPT_ALL, make_decision_home
 from store.ledger_schema import CorrectionStatus
-from store.lineage import in_effect
+from store.lineage import applied_twice, in_effect
 from store_helpers import store_is_clean, tool
 
 MENDD = str(Path(sys.executable).with_name("mendd"))
@@ -140,7 +140,7 @@ class Audit:
     """What a home holds after a stop: the problems found, as words."""
 
     lost: list[str] = field(default_factory=list)  # corrections sent but not in the ledger
-    duplicated: list[str] = field(default_factory=list)  # corrections stored more than once
+    duplicated: list[str] = field(default_factory=list)  # corrections whose change the model holds twice
     corrupted: list[str] = field(default_factory=list)  # store or ledger not one consistent version
     statuses: Counter = field(default_factory=Counter)
     head: str = ""
@@ -149,8 +149,9 @@ class Audit:
 def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
     """Recover the home as a restart does, then check it: the store's HEAD is a tagged version,
     `dvc status` and `git status` are clean, every tensor file reads, the ledger records every
-    version and carries exactly the corrections the head does, and each correction in `sent` (ids
-    that reached the ledger's feed `feed`, or any feed) is stored exactly once."""
+    version and carries exactly the corrections the head does, no correction's change is in the model
+    twice (two edits, or two memory entries), and each correction in `sent` (ids that reached the
+    ledger's feed `feed`, or any feed) is stored."""
     found = Audit()
     with changing(home, load_config(home)) as (versions, _recovery):
         store, ledger = versions.store, versions.ledger
@@ -176,8 +177,10 @@ def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
         applied = {r.external_id: r.version for r in rows if r.status == CorrectionStatus.applied and r.version}
         if applied != carried:
             found.corrupted.append(f"ledger applied {sorted(applied)} but {head.tag} carries {sorted(carried)}")
-        counts = Counter((r.feed, r.external_id) for r in rows)
-        found.duplicated = sorted(f"{f}/{i}" for (f, i), n in counts.items() if n > 1)
+        # Applied twice: the change is in the model twice (the ledger's unique ids cannot show it).
+        found.duplicated = applied_twice(history, head.tag)
+        entries = Counter(cid for _, chunk in store.memory_chunks() for share in chunk.shares for cid in share.correction_ids)
+        found.duplicated += sorted(f"{cid} (memory entries: {n})" for cid, n in entries.items() if n > 1)
         stored = {r.external_id for r in rows if feed is None or r.feed == feed}
         found.lost = sorted(set(sent) - stored)
         found.statuses = Counter(r.status.value for r in rows)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from decision_helpers import ACCEPT_ALL, make_decision_home
-from service_harness import configure, free_port, kill_at, kill_rounds
+from daemon.versioning import edit_change, sync_ledger
+from service_harness import audit, configure, free_port, kill_at, kill_rounds
+from store_helpers import FACTS, make_home, mend_delta, open_home
 from store.crash import COMMIT_POINTS, SERVICE_POINTS, TAGGED
 
 ROUNDS = 25
@@ -51,3 +53,16 @@ def test_a_process_gone_before_the_random_kill_is_not_counted_as_killed() -> Non
     process = child("pass")
     process.wait()
     assert kill_at(process, "random", random.Random(0)).startswith("exited by itself with code 0")
+
+
+def test_the_audit_finds_a_correction_whose_change_was_committed_twice(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    delta = mend_delta(FACTS[:1])
+    versions = open_home(home)
+    try:
+        for run in ("r1", "r1-again"):  # past the commit guard, as a store written by an older mendd could be
+            versions.store.commit(edit_change(versions, delta, run_id=run, figures={}))
+        sync_ledger(versions)
+    finally:
+        versions.close()
+    assert audit(home, []).duplicated == ["c1 (again by v0002)"]

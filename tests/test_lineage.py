@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from store.lineage import in_effect
+from store.lineage import applied_twice, in_effect
 from store.versions import Version
 
 
@@ -40,3 +40,13 @@ def test_a_rollback_carries_exactly_what_the_restored_version_carried() -> None:
 
 def test_the_base_carries_nothing() -> None:
     assert in_effect(HISTORY, "v0000") == {}
+
+
+def test_a_correction_applied_by_two_edits_is_applied_twice() -> None:
+    history = [v("v0000", "base", None), v("v0001", "edit", "v0000", ("a",)), v("v0002", "edit", "v0001", ("a", "b"))]
+    assert applied_twice(history, "v0002") == ["a (again by v0002)"]
+
+
+def test_a_correction_reverted_then_applied_again_or_restored_by_a_rollback_is_applied_once() -> None:
+    history = [*HISTORY, v("v0007", "edit", "v0006", ("a",))]  # v0006 carries b and c; a was reverted at v0003
+    assert [applied_twice(history, version.tag) for version in history] == [[]] * len(history)

@@ -95,6 +95,17 @@ def test_commit_weights_are_the_head_plus_the_delta(home: Home, deltas) -> None:
         assert torch.equal(tensor, base[name] + deltas["c1"].tensors()[name])
 
 
+def test_a_correction_the_weights_carry_is_never_applied_again(home: Home, deltas) -> None:
+    versions = open_home(home)
+    try:
+        commit_delta(versions, deltas["c1"], run_id="r1", figures={})
+        with pytest.raises(StoreError, match=r"already applied: 'c1' \(at v0001\)"):
+            commit_delta(versions, deltas["c1"], run_id="r1-again", figures={})
+        assert versions.store.head().tag == "v0001"
+    finally:
+        versions.close()
+
+
 def test_rollback_is_a_new_commit_equal_to_the_old_version_and_rolls_corrections_back(home: Home, deltas) -> None:
     base = digests(home.store_dir / "model")
     versions = open_home(home)
