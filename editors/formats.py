@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
@@ -25,6 +26,22 @@ class FormatError(ValueError):
         super().__init__(f"record {record}, field {field!r}: {problem}")
         self.record, self.field, self.problem = record, field, problem
 
+
+# The id rule. An id is written into version commit messages, logs and every listing, so it is
+# short and plain: nothing in one can start a line, hide a character or pass for a separator. The
+# ids the formats generate (cf-<case_id>, zsre-<hash>, mquake-<case_id>-<i>, content ids) keep it.
+ID_RULE = "1 to 128 characters, each an ASCII letter, digit or one of . _ : @ / + = # -"
+_ID = re.compile(r"[A-Za-z0-9._:@/+=#-]{1,128}")
+
+
+def is_valid_id(value: object) -> bool:
+    """Whether `value` is a correction id under the id rule (see ID_RULE)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+# A native record's id: one under the rule, or empty (as absent). `(?![\s\S])` ends the string in
+# both Python's and JSON Schema's regex dialects, where `$` differs (Python's also matches before a final newline).
+NativeId = Annotated[str, StringConstraints(strict=True, pattern=rf"^(?:{_ID.pattern})?(?![\s\S])")]
 
 # A string with something besides whitespace (`\S` as Python's re reads it, so exactly `str.strip()`).
 NonBlank = Annotated[str, StringConstraints(strict=True, pattern=r"\S")]
@@ -53,9 +70,9 @@ class CorrectionRecord(_Record):
     prompt: NonBlank = Field(description="The text the model continues, e.g. 'The capital of France is'.")
     target_new: NonBlank = Field(description="The continuation the model should give, e.g. 'Lyon'. A leading space "
                                  "is added when the prompt does not end in one.")
-    id: Annotated[str, Strict()] | None = Field(None, description=(
-        "The producer's id. A repeat of (feed, id), or of the same content, is stored once. Default (absent, null "
-        "or empty): a hash of prompt and target_new."))
+    id: NativeId | None = Field(None, description=(
+        f"The producer's id: {ID_RULE}. A repeat of (feed, id), or of the same content, is stored once. Default "
+        "(absent, null or empty): a hash of prompt and target_new."))
     subject: NonBlank | None = Field(None, description=(
         "The entity the fact is about, as written in the prompt, e.g. 'France'. It decides which questions the "
         "correction answers: the routed memory keys the correction on the model's hidden state at the subject's "
@@ -108,6 +125,8 @@ def _first_problem(error: ValidationError) -> tuple[str, str]:
     field = f"locality_prompts[{loc[1]}].{loc[2]}" if loc[0] == "locality_prompts" else str(loc[0])
     if detail["type"] == "missing" or detail["type"] == "string_type" and value is None:
         return field, "is missing"
+    if field == "id" and detail["type"] == "string_pattern_mismatch":
+        return field, f"must be {ID_RULE}"
     problems = {"string_pattern_mismatch": "is empty or whitespace",
                 "string_type": f"must be a string, got {type(value).__name__}"}
     return field, problems.get(detail["type"], detail["msg"])
@@ -141,7 +160,10 @@ def parse_record(record: Any, fmt: str = "auto", source: str = "manual", positio
         raise FormatError(label, "(format)", f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     fields = _Fields(record, label)
     parse = {"mendd": _mendd, "counterfact": _counterfact, "rome": _rome, "zsre": _zsre, "mquake": _mquake}[fmt]
-    return parse(fields, source)
+    corrections = parse(fields, source)
+    if not all(is_valid_id(correction.id) for correction in corrections):  # a derived id, e.g. cf-<case_id>
+        raise FormatError(fields.label, "id", f"must be {ID_RULE}")
+    return corrections
 
 
 def read_file(path: Path, fmt: str = "auto", source: str | None = None) -> Iterator[Correction | FormatError]:
@@ -166,10 +188,13 @@ def read_stream(handle: BinaryIO | Iterable[bytes], fmt: str = "auto", source: s
             yield position, record
             continue
         try:
-            for correction in parse_record(record, fmt, source, position):
-                yield position, correction
+            corrections = parse_record(record, fmt, source, position)
         except FormatError as error:
-            yield position, error
+            corrections = [error]
+        except Exception as exc:  # a limit of Python's or a parser bug costs this record, never the feed
+            corrections = [FormatError(f"#{position}", "(record)", f"could not be read: {_why(exc)}")]
+        for item in corrections:
+            yield position, item
 
 
 def load_corrections(path: Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[Correction], list[FormatError]]:
@@ -195,8 +220,8 @@ def _records(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
     if is_json_array(handle):
         try:
             records = json.loads(handle.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            yield 1, FormatError("(file)", "(json)", f"not a valid JSON array: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # as in _lines
+            yield 1, FormatError("(file)", "(json)", f"not a valid JSON array: {_why(exc)}")
             return
         yield from enumerate(records, start=1)
         return
@@ -208,9 +233,15 @@ def _lines(lines: Iterable[bytes], first: int) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            yield number, FormatError(f"line {number}", "(json)", f"{type(exc).__name__}: {exc}")
+            record = json.loads(line.decode("utf-8"))
+        except Exception as exc:  # valid JSON may still be unreadable: over 4,300 digits is a plain ValueError
+            record = FormatError(f"line {number}", "(json)", _why(exc))
+        yield number, record
+
+
+def _why(exc: Exception) -> str:
+    """An exception as a quarantine reason (bounded: its message may quote the record)."""
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 class _Fields:
@@ -219,8 +250,9 @@ class _Fields:
     def __init__(self, record: dict, label: str):
         self.record = record
         ident = record.get("id", record.get("case_id"))
-        usable = isinstance(ident, int) and not isinstance(ident, bool) or isinstance(ident, str) and ident.strip()
-        self.label = str(ident)[:100] if usable else label
+        name = str(ident) if isinstance(ident, int) and not isinstance(ident, bool) else ident
+        # an id that breaks the id rule must not name the record in errors, logs and listings either
+        self.label = name if is_valid_id(name) else label
 
     def text(self, key: str, data: dict | None = None, required: bool = True) -> str | None:
         data = self.record if data is None else data

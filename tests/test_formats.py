@@ -1,6 +1,7 @@
 """Every correction format the field uses reads into the same Correction; bad records are named."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from editors.formats import (FormatError, correction_schema, detect_format, from_record, load_corrections, parse_record, read_file,
-                             to_record)
+                             read_stream, to_record)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "daemon" / "correction.schema.json"
 
@@ -158,3 +159,49 @@ def test_the_schema_accepts_exactly_the_mendd_records_the_parser_reads(record: d
     except FormatError:
         parsed = False
     assert valid == parsed
+
+
+@pytest.mark.parametrize("bad_id", ["c1\nmendd-version: {}", "c1\x00", "c1\x07", "c1\x1e", "x" * 129, "two words", "caf\u00e9"])
+@pytest.mark.parametrize("fmt", ["mendd", "counterfact"])
+def test_an_id_that_breaks_the_id_rule_is_quarantined_naming_the_record_and_the_rule(bad_id: str, fmt: str) -> None:
+    """Ids reach git commit messages and every listing: no id may carry a line, a control character or a novel."""
+    key = "id" if fmt == "mendd" else "case_id"
+    lines = [{key: bad_id, "prompt": "A is", "target_new": "B"}, {"prompt": "C is", "target_new": "D"}]
+    stream = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    [(first, error), (second, good)] = list(read_stream(io.BytesIO(stream), fmt))
+    assert isinstance(error, FormatError) and (first, error.record, error.field) == (1, "#1", "id")
+    assert "128 characters" in error.problem and bad_id not in str(error)
+    assert second == 2 and good.prompt == "C is"
+
+
+@pytest.mark.parametrize("good_id", ["c1", "demo-01", "cf-7", "zsre-0123456789abcdef", "mquake-12-0", "0123456789abcdef",
+                                     "x" * 128, "feed.a:b@c/d+e=f_g#h-9"])
+def test_ids_within_the_id_rule_are_kept_as_given(good_id: str) -> None:
+    [c] = parse_record({"id": good_id, "prompt": "A is", "target_new": "B"}, "mendd")
+    assert c.id == good_id
+
+
+def test_every_id_the_shipped_data_generates_is_within_the_id_rule(data_root: Path) -> None:
+    for path in [*(data_root / name for name in ("counterfact/val.json", "zsre/zsre_mend-1k.json", "mquake/MQuAKE-CF.json")),
+                 SCHEMA.parent / "demo_feed.jsonl", Path(__file__).parent / "data" / "same_subject_pairs.jsonl"]:
+        _, bad = load_corrections(path)
+        assert not [error for error in bad if error.field == "id"], path
+
+
+def test_a_rome_record_without_a_case_id_gets_a_valid_id_from_its_position() -> None:
+    record = {"requested_rewrite": {"prompt": "{} plays the", "subject": "Miles Davis",
+              "target_new": {"str": "violin"}, "target_true": {"str": "trumpet"}}}
+    [(_, c)] = list(read_stream(io.BytesIO(json.dumps(record).encode() + b"\n"), "rome"))
+    assert c.id == "cf-#1"
+
+
+@pytest.mark.parametrize("array", [False, True])
+def test_a_record_python_cannot_read_is_a_format_error_and_the_next_is_still_read(array: bool) -> None:
+    """A 5,000-digit integer is valid JSON that Python refuses (int max str digits) with a plain ValueError."""
+    huge = '{"prompt": "A is", "target_new": "B", "n": ' + "9" * 5000 + "}"
+    good = '{"prompt": "C is", "target_new": "D"}'
+    stream = f"[{huge}, {good}]" if array else f"{huge}\n{good}\n"
+    items = list(read_stream(io.BytesIO(stream.encode())))
+    assert isinstance(items[0][1], FormatError) and items[0][1].field == "(json)" and "digits" in items[0][1].problem
+    if not array:  # an array is one JSON text: nothing in it can be read
+        assert items[1][0] == 2 and items[1][1].prompt == "C is"
