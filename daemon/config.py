@@ -193,7 +193,10 @@ class FeedConfig(_Section):
     interval_s: float = Field(60.0, gt=0, description="Seconds between pulls.")
     timeout_s: float = Field(30.0, gt=0, description="HTTP timeout per request.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1, description=(
-        "Most bytes one pull reads: of a JSONL file from its cursor (whole lines), a JSON array file or a response body."))
+        "Most bytes one pull reads: of a JSONL file from its cursor (whole lines; a longer line is quarantined), "
+        "a JSON array file or a response body."))
+    max_records: int = Field(10_000, ge=1, description=(
+        "Most records one pull of a file feed stores (JSONL lines or array elements); the rest are the next pull's."))
 
     @model_validator(mode="after")
     def _has_source(self) -> "FeedConfig":

@@ -1,9 +1,16 @@
 """Feeds: where corrections come from. Each pull reads only what is new, stores every record in
 the ledger (good ones pending, bad ones quarantined with their reason), then moves the cursor.
 
-- file: a JSON or JSONL file; the cursor is the last position stored (and the file's identity, so a
-  replaced or truncated file is read from the start; the ledger recognises records it already has).
-  JSONL is read on from the cursor, at most max_bytes of whole lines a pull; a JSON array is read whole.
+- file: a JSON or JSONL file; the cursor is the last position stored and the file's identity: its
+  inode and a hash of the first and last 4 KiB it has seen, so a file replaced, truncated or
+  rewritten in place (shorter, as long, or grown past the cursor) is read from the start, and the
+  ledger recognises records it already has. JSONL is read on from the cursor, whole lines only, at
+  most max_bytes and max_records a pull (the rest is the next pull's); a line longer than max_bytes
+  is quarantined and passed over. A last line without its newline is read when it is a whole JSON
+  value (a producer may end the file without one), and is not stored again when the newline
+  follows; otherwise it is a producer mid-write and waits for the rest. A JSON array is parsed
+  whole, at most max_records of its records stored a pull, and read again whenever it changes
+  (write it elsewhere and rename it in: a half-written one is quarantined).
 - dir: a drop folder; each new file is ingested, then moved to done/ (or quarantine/ when nothing
   in it could be read).
 - http: GET of a JSON/JSONL URL with If-None-Match and `since=<cursor>`; the server names the next
@@ -14,8 +21,10 @@ A cursor moves only after the records before it are in the ledger, so a crash re
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -36,6 +45,7 @@ from store.crash import FEED_STORED, crash_point
 from store.ledger import Ledger, content_hash
 
 CURSOR_EVERY = 1000  # records between cursor saves on a long file
+MARK_BYTES = 4096  # bytes at each end of what a file cursor has seen, hashed to notice a rewrite
 INGEST_CHUNK = 500  # corrections stored per ledger transaction
 USER_AGENT = "mendd-feed/1"
 
@@ -130,75 +140,159 @@ def pull(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
 # -- file ---------------------------------------------------------------------------------------
 
 def pull_file(feed: FeedConfig, ledger: Ledger, home: Home) -> IntakeReport:
-    path = feed.path
     try:
-        stat = path.stat()
+        handle = open(feed.path, "rb")
     except FileNotFoundError:
-        raise FeedError(f"feed {feed.name}: {path} does not exist") from None
-    cursor = json.loads(ledger.cursor(feed.name) or "{}")
-    same_file = cursor.get("inode") == stat.st_ino and stat.st_size >= max(cursor.get("size", 0), cursor.get("offset", 0))
-    if same_file and cursor.get("size") == stat.st_size and cursor.get("mtime") == stat.st_mtime:
-        return IntakeReport(feed.name)  # unchanged since the last pull
-    if not same_file:
-        cursor = {}
-    # JSONL is read from where the last pull ended (`offset`, `line` lines in); `position` is the
-    # last line stored, which a crash part-way through a pull leaves ahead of `line`.
-    offset, first, position = cursor.get("offset", 0), cursor.get("line", 0), cursor.get("position", 0)
-    report = IntakeReport(feed.name)
-    with open(path, "rb") as handle:
-        if is_json_array(handle):  # parsed whole, so a pull reads all of it
-            if stat.st_size > feed.max_bytes:
-                raise FeedError(f"feed {feed.name}: {path} is a JSON array of {stat.st_size} bytes, over max_bytes {feed.max_bytes}")
-            window = None
-            records = read_stream(handle, feed.format, f"feed:{feed.name}", position)
-        else:
-            window = _Window(feed, handle, offset, first, stat.st_size)
-            records = read_stream(window, feed.format, f"feed:{feed.name}", position, first_line=first + 1)
-        for batch in _batches(records, CURSOR_EVERY):
-            ingest(ledger, home, feed.name, ((f"{path.name} #{pos}", item) for pos, item in batch), report)
+        raise FeedError(f"feed {feed.name}: {feed.path} does not exist") from None
+    with handle:
+        stat = os.fstat(handle.fileno())  # of the file opened, even if the path is replaced meanwhile
+        array = is_json_array(handle)
+        cursor = _resumed(json.loads(ledger.cursor(feed.name) or "{}"), stat, handle, grows=not array)
+        if cursor.get("size") == stat.st_size and cursor.get("mtime_ns") == stat.st_mtime_ns:
+            return IntakeReport(feed.name)  # unchanged since the last pull
+        # JSONL is read from where the last pull ended (`offset`, `line` lines in); `position` is the
+        # last line stored, which a crash part-way through a pull leaves ahead of `line`.
+        offset, first, position = cursor.get("offset", 0), cursor.get("line", 0), cursor.get("position", 0)
+        reading = _Array(feed, handle, stat.st_size) if array else _Window(feed, handle, offset, first, stat.st_size)
+        start = {"inode": stat.st_ino, "offset": offset, "line": first, "seen": cursor.get("seen", 0),
+                 "mark": cursor.get("mark") or _mark(handle, 0)}
+        report = IntakeReport(feed.name)
+        for batch in _batches(reading.records(feed.format, f"feed:{feed.name}", position), CURSOR_EVERY):
+            ingest(ledger, home, feed.name, ((f"{feed.path.name} #{pos}", item) for pos, item in batch), report)
             position = batch[-1][0]
-            ledger.set_cursor(feed.name, json.dumps({"inode": stat.st_ino, "offset": offset, "line": first, "position": position}))
-    done = {"inode": stat.st_ino, "position": position}
-    if window is not None:
-        done.update(offset=offset + window.read, line=first + window.lines)
-    if window is None or window.at_end:  # else the rest is the next pull's
-        done.update(size=stat.st_size, mtime=stat.st_mtime)
+            ledger.set_cursor(feed.name, json.dumps({**start, "position": position}))
+        offset, first, seen = reading.end()
+        done = {"inode": stat.st_ino, "offset": offset, "line": first, "seen": seen, "mark": _mark(handle, seen),
+                "position": position}
+        if reading.finished:  # else the rest is the next pull's
+            done.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
     ledger.set_cursor(feed.name, json.dumps(done))
     return report
 
 
+def _resumed(cursor: dict, stat: os.stat_result, handle: BinaryIO, grows: bool) -> dict:
+    """The cursor, if the file is still the one it read: the same inode, and the bytes it has seen
+    unchanged at both ends (grown after them for JSONL, not at all for a JSON array, which is only
+    ever rewritten). Else none, so the file is read from its start and the ledger recognises what it
+    already has: a file replaced, truncated, or rewritten in place (shorter, as long, or longer)."""
+    seen = cursor.get("seen", 0)
+    same = cursor.get("inode") == stat.st_ino and (stat.st_size >= seen if grows else stat.st_size == seen)
+    return cursor if same and cursor.get("mark") == _mark(handle, seen) else {}
+
+
+def _mark(handle: BinaryIO, end: int) -> str:
+    """A hash of the first and the last MARK_BYTES before `end`: a rewrite changes them (unless it
+    changes only the middle of a large file), and the cost does not grow with the file."""
+    digest = hashlib.sha256()
+    for at in (0, max(0, end - MARK_BYTES)):
+        handle.seek(at)
+        digest.update(handle.read(min(MARK_BYTES, end - at)))
+    return digest.hexdigest()[:32]
+
+
+def _whole_json(text: bytes) -> bool:
+    try:
+        json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 class _Window:
-    """The JSONL lines one pull reads from `offset`: at most max_bytes, ending on a complete line,
-    unless it reaches the end of the file as it was when the pull began."""
+    """The JSONL lines one pull reads from `offset`: whole lines of the file as it was when the pull
+    began, at most max_bytes and max_records of them.
+
+    A last line without its newline is read only when it is a whole JSON value (its producer ends
+    the file without one); the cursor stays before it, and the line is not stored again when its
+    newline follows. One that is not (a producer mid-write) waits for the rest. A line longer than
+    max_bytes is passed over, once its newline is there, as its FormatError."""
 
     def __init__(self, feed: FeedConfig, handle: BinaryIO, offset: int, line: int, size: int):
-        self.feed, self.handle, self.offset, self.line = feed, handle, offset, line
-        self.at_end = size - offset <= feed.max_bytes
-        self.limit = min(size - offset, feed.max_bytes)
-        self.read = self.lines = 0
+        self.feed, self.handle, self.offset, self.line, self.size = feed, handle, offset, line, size
+        self.read = self.lines = self.tail = 0  # bytes and lines read whole; bytes of a last line read without newline
+        self.finished = False  # nothing left before the end of the file: the next pull waits for it to change
+        self.skipped: FormatError | None = None
+
+    def records(self, fmt: str, source: str, after: int) -> Iterator[tuple[int, Correction | FormatError]]:
+        yield from read_stream(self, fmt, source, after, first_line=self.line + 1)
+        if self.skipped:
+            yield self.line + 1, self.skipped
+
+    def end(self) -> tuple[int, int, int]:
+        """(offset, line) where the next pull reads on, and the bytes seen (read, or stored)."""
+        return self.offset + self.read, self.line + self.lines, self.offset + self.read + self.tail
 
     def __iter__(self) -> Iterator[bytes]:
         self.handle.seek(self.offset)
-        while self.read < self.limit:
-            text = self.handle.readline(self.limit - self.read)
-            if not text:
-                return
-            if not text.endswith(b"\n") and not self.at_end:  # cut by the cap
-                if self.lines == 0:
-                    raise FeedError(f"feed {self.feed.name}: line {self.line + 1} of {self.feed.path} (at byte "
-                                    f"{self.offset}) is longer than max_bytes {self.feed.max_bytes}")
+        rest = self.size - self.offset
+        budget = min(rest, self.feed.max_bytes)
+        while self.read < budget and self.lines < self.feed.max_records:
+            text = self.handle.readline(budget - self.read)
+            if not text.endswith(b"\n"):
+                yield from self._unterminated(text, rest)
                 return
             self.read += len(text)
             self.lines += 1
             yield text
+        self.finished = self.read == rest
 
-def _batches(items: Iterator, size: int) -> Iterator[list]:
+    def _unterminated(self, text: bytes, rest: int) -> Iterator[bytes]:
+        if self.read + len(text) == rest:  # the file's last line, without its newline so far
+            self.finished = True
+            if _whole_json(text):
+                self.tail = len(text)
+                yield text
+        elif text and self.lines == 0:  # cut by max_bytes alone
+            self._skip(len(text), rest)
+        # else cut by max_bytes after other lines (the next pull's first), or the file shrank meanwhile
+
+    def _skip(self, length: int, rest: int) -> None:
+        """Pass over a line longer than max_bytes, reading on to its newline in chunks."""
+        while True:
+            chunk = self.handle.read(min(1 << 16, rest - length))
+            if not chunk:  # the file's last line, no newline yet: it waits
+                self.finished = True
+                return
+            if (newline := chunk.find(b"\n")) >= 0:
+                break
+            length += len(chunk)
+        self.read, self.lines = length + newline + 1, 1
+        self.finished = self.read == rest
+        self.skipped = FormatError(f"line {self.line + 1}", "(line)", f"{self.read} bytes at byte {self.offset} of "
+                                   f"{self.feed.path}, longer than max_bytes {self.feed.max_bytes}: passed over")
+
+
+class _Array:
+    """A JSON array file: parsed whole (so at most max_bytes), of which a pull stores at most
+    max_records records after the cursor's position."""
+
+    def __init__(self, feed: FeedConfig, handle: BinaryIO, size: int):
+        if size > feed.max_bytes:
+            raise FeedError(f"feed {feed.name}: {feed.path} is a JSON array of {size} bytes, over max_bytes {feed.max_bytes}")
+        self.feed, self.handle, self.size = feed, handle, size
+        self.finished = False
+
+    def records(self, fmt: str, source: str, after: int) -> Iterator[tuple[int, Correction | FormatError]]:
+        self.handle.seek(0)
+        for position, item in read_stream(self.handle, fmt, source, after):
+            if position > after + self.feed.max_records:  # positions are the array's indexes
+                return
+            yield position, item
+        self.finished = True
+
+    def end(self) -> tuple[int, int, int]:
+        return self.size, 0, self.size
+
+
+def _batches(items: Iterator[tuple[int, object]], size: int) -> Iterator[list]:
+    """(position, item) in lists of about `size`, never splitting a position's items (an MQuAKE
+    case's corrections), as the cursor saved after a list passes its last position."""
     batch: list = []
     for item in items:
-        batch.append(item)
-        if len(batch) >= size:
+        if len(batch) >= size and item[0] != batch[-1][0]:
             yield batch
             batch = []
+        batch.append(item)
     if batch:
         yield batch
 

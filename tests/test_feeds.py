@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import FeedConfig
-from daemon.feeds import FeedError, pull
+from editors import formats
+from daemon.feeds import FeedError, IntakeReport, pull
 from daemon.home import Home
 from store.ledger import Ledger
 from store.ledger_schema import CorrectionStatus
@@ -31,6 +32,24 @@ def ledger(home: Home):
 
 def statuses(ledger: Ledger) -> dict[str, str]:
     return {row.external_id: row.status.value for row in ledger.corrections()}
+
+
+def pull_until_idle(feed: FeedConfig, ledger: Ledger, home: Home, most: int = 20) -> list[IntakeReport]:
+    """Every pull's report until one reads nothing (a bounded pull leaves the rest to the next)."""
+    reports = [pull(feed, ledger, home)]
+    while reports[-1].received + reports[-1].duplicates + reports[-1].quarantined:
+        assert len(reports) < most, "the feed never ran dry"
+        reports.append(pull(feed, ledger, home))
+    return reports
+
+
+def rewrite_in_place(path: Path, text: str) -> None:
+    """The producer rewrites the file itself (same inode), as `> file` or truncate-and-write do."""
+    inode = path.stat().st_ino
+    with open(path, "r+b") as handle:
+        handle.truncate(0)
+        handle.write(text.encode())
+    assert path.stat().st_ino == inode
 
 
 def test_a_file_feed_reads_appended_records_once(tmp_path: Path, home: Home, ledger: Ledger) -> None:
@@ -123,13 +142,134 @@ def test_a_pull_reads_at_most_max_bytes_of_whole_lines_and_the_next_pull_reads_o
     assert json.loads(ledger.cursor("f"))["position"] == 7
 
 
-def test_a_line_longer_than_max_bytes_is_a_feed_error_naming_the_line(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+def test_a_line_longer_than_max_bytes_is_quarantined_and_the_feed_reads_on(tmp_path: Path, home: Home, ledger: Ledger) -> None:
     path = tmp_path / "feed.jsonl"
     path.write_text(line("a", "The sky is", "green") + line("b", "Grass is", "x" * 500) + line("c", "Snow is", "red"))
     feed = FeedConfig(name="f", kind="file", path=path, max_bytes=200)
+    reports = pull_until_idle(feed, ledger, home)
+    assert sum(r.quarantined for r in reports) == 1
+    [held] = ledger.corrections(CorrectionStatus.quarantined)
+    assert "line 2" in held.reason and "longer than max_bytes 200" in held.reason
+    assert statuses(ledger) == {"a": "pending", "c": "pending", held.external_id: "quarantined"}
+
+
+def test_a_half_written_last_line_waits_for_its_newline_and_is_stored_whole(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    second = line("b", "Grass is", "blue")
+    path.write_text(line("a", "The sky is", "green") + second[:20])  # the producer is mid-write at the pull
+    feed = FeedConfig(name="f", kind="file", path=path)
+    report = pull(feed, ledger, home)
+    assert (report.received, report.quarantined) == (1, 0)
+    with open(path, "a") as handle:
+        handle.write(second[20:])
+    report = pull(feed, ledger, home)
+    assert (report.received, report.duplicates, report.quarantined) == (1, 0, 0)
+    assert statuses(ledger) == {"a": "pending", "b": "pending"}
+    assert not home.quarantine_path.exists()
+
+
+def test_a_last_record_without_a_newline_is_read_at_once_and_not_again_when_the_file_goes_on(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("a", "The sky is", "green") + line("b", "Grass is", "blue").rstrip("\n"))
+    feed = FeedConfig(name="f", kind="file", path=path)
+    assert pull(feed, ledger, home).received == 2  # a whole JSON record: its producer just ends the file without a newline
+    assert pull(feed, ledger, home).received == 0
+    with open(path, "a") as handle:
+        handle.write("\n" + line("c", "Snow is", "red"))
+    report = pull(feed, ledger, home)
+    assert (report.received, report.duplicates, report.quarantined) == (1, 0, 0)
+    assert json.loads(ledger.cursor("f"))["position"] == 3
+    assert statuses(ledger) == {"a": "pending", "b": "pending", "c": "pending"}
+
+
+OLD = [line(f"old{i}", f"Old fact {i} is", "true") for i in range(3)]
+REWRITES = {  # what the producer writes over the three old records, each keeping one of them
+    "shorter": OLD[1] + line("n1", "New fact is", "x"),
+    "same length": OLD[0] + line("new0", "New fact 0 is", "true") + line("new1", "New fact 1 is", "true"),
+    "regrown past the old offset": OLD[2] + "".join(line(f"new{i}", f"New fact {i} is", "true") for i in range(4)),
+}
+
+
+@pytest.mark.parametrize("rewrite", REWRITES)
+def test_a_file_rewritten_in_place_is_read_again_from_its_start(tmp_path: Path, home: Home, ledger: Ledger, rewrite: str) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text("".join(OLD))
+    feed = FeedConfig(name="f", kind="file", path=path)
+    assert pull(feed, ledger, home).received == 3
+    text = REWRITES[rewrite]
+    assert (len(text) == len("".join(OLD))) == (rewrite == "same length")
+    rewrite_in_place(path, text)
+    reports = pull_until_idle(feed, ledger, home)
+    new = [json.loads(record)["id"] for record in text.splitlines()[1:]]
+    assert (sum(r.received for r in reports), sum(r.duplicates for r in reports), sum(r.quarantined for r in reports)) == (len(new), 1, 0)
+    assert statuses(ledger) == {cid: "pending" for cid in ["old0", "old1", "old2", *new]}
+    with open(path, "a") as handle:  # and it is followed again as it grows
+        handle.write(line("later", "Later fact is", "x"))
+    assert (pull(feed, ledger, home).received, len(statuses(ledger))) == (1, 4 + len(new))
+
+
+def test_a_pull_stores_at_most_max_records_and_the_next_pulls_store_the_rest_once(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text("".join(line(f"r{i}", f"Fact {i} is", "true") for i in range(25)))
+    feed = FeedConfig(name="f", kind="file", path=path, max_records=10)
+    reports = pull_until_idle(feed, ledger, home)
+    assert [r.received for r in reports] == [10, 10, 5, 0]
+    assert sum(r.duplicates for r in reports) == 0 and len(statuses(ledger)) == 25
+
+
+def test_a_json_array_file_is_bounded_by_max_records_and_reread_when_rewritten(
+        tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.json"
+    records = [{"id": f"r{i}", "prompt": f"Fact {i} is", "target_new": "true"} for i in range(5)]
+    path.write_text(json.dumps(records))
+    feed = FeedConfig(name="f", kind="file", path=path, max_records=2)
+    assert [r.received for r in pull_until_idle(feed, ledger, home)] == [2, 2, 1, 0]
+    rewrite_in_place(path, json.dumps(records + [{"id": "r5", "prompt": "Fact 5 is", "target_new": "true"}]))
+    assert sum(r.received for r in pull_until_idle(feed, ledger, home)) == 1
+    assert len(statuses(ledger)) == 6
+
+
+def test_a_record_whose_reading_fails_unexpectedly_is_quarantined_and_the_feed_reads_past_it(
+        tmp_path: Path, home: Home, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = formats.parse_record
+
+    def brittle(record, *args, **kwargs):
+        if record.get("id") == "b":
+            raise RuntimeError("a bug, not the record's fault")
+        return parse(record, *args, **kwargs)
+
+    monkeypatch.setattr(formats, "parse_record", brittle)
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("a", "The sky is", "green") + line("b", "Grass is", "blue") + line("c", "Snow is", "red"))
+    feed = FeedConfig(name="f", kind="file", path=path)
+    reports = pull_until_idle(feed, ledger, home)
+    assert (sum(r.received for r in reports), sum(r.quarantined for r in reports)) == (2, 1)
+    [held] = ledger.corrections(CorrectionStatus.quarantined)
+    assert "RuntimeError: a bug, not the record's fault" in held.reason
+    with open(path, "a") as handle:
+        handle.write(line("d", "Coal is", "white"))
     assert pull(feed, ledger, home).received == 1
-    with pytest.raises(FeedError, match=r"feed f: line 2 of .*feed\.jsonl .* is longer than max_bytes 200"):
-        pull(feed, ledger, home)
+
+
+def test_a_dropped_file_whose_reading_fails_unexpectedly_does_not_hold_up_the_folder(
+        tmp_path: Path, home: Home, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = formats.parse_record
+
+    def brittle(record, *args, **kwargs):
+        if record.get("id") == "b":
+            raise RuntimeError("a bug, not the record's fault")
+        return parse(record, *args, **kwargs)
+
+    monkeypatch.setattr(formats, "parse_record", brittle)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "1.jsonl").write_text(line("b", "Grass is", "blue"))
+    (drop / "2.jsonl").write_text(line("c", "Snow is", "red"))
+    report = pull(FeedConfig(name="d", kind="dir", path=drop), ledger, home)
+    assert (report.received, report.quarantined) == (1, 1)
+    assert (drop / "quarantine" / "1.jsonl").exists() and (drop / "done" / "2.jsonl").exists()
 
 
 def test_a_missing_feed_file_is_a_feed_error(tmp_path: Path, home: Home, ledger: Ledger) -> None:
