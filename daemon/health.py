@@ -1,13 +1,25 @@
 """What is wrong right now, by component. The service degrades and clears; /healthz and
-`mendd status` read it (the service also writes it to the home, for `status` to find)."""
+`mendd status` read it (the service also writes it to the home, for `status` to find).
+
+It also watches the one worker: each job runs under :meth:`Health.job` with a bound on the time
+between its signs of progress. A job past its bound, or no job at all for STALE_S (the tick runs
+every few seconds), is the problem `worker`; the service then stops pinging systemd's watchdog, and
+a reader of the file sees it go stale.
+"""
 from __future__ import annotations
 
 import errno
 import json
 import os
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+STALE_S = 60.0  # an idle worker runs the tick every 5 s: this long without any job, it is stuck
 
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -34,10 +46,52 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
+@dataclass
+class _Running:
+    name: str
+    bound_s: float
+    since: float  # time.monotonic() of its start or its last progress
+
+
 class Health:
     def __init__(self) -> None:
         self._problems: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._running: _Running | None = None
+        self._idle_since: float | None = None  # None until the first job ends
+
+    @contextmanager
+    def job(self, name: str, bound_s: float) -> Iterator[None]:
+        """The worker runs `name`, which shows progress at least every `bound_s` seconds."""
+        with self._lock:
+            self._running = _Running(name, bound_s, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running, self._idle_since = None, time.monotonic()
+
+    def progress(self) -> None:
+        """The running job moved on (a cycle between two decisions): its bound starts again."""
+        with self._lock:
+            if self._running is not None:
+                self._running.since = time.monotonic()
+
+    def stuck(self) -> str | None:
+        """Why the worker looks stuck, or None while it keeps within its bounds."""
+        with self._lock:
+            now, running, idle_since = time.monotonic(), self._running, self._idle_since
+        if running is not None and now - running.since > running.bound_s:
+            return (f"{running.name} has shown no progress for {now - running.since:.0f} s "
+                    f"(its bound is {running.bound_s:.0f} s)")
+        if running is None and idle_since is not None and now - idle_since > STALE_S:
+            return f"no job has run for {now - idle_since:.0f} s"
+        return None
+
+    def _fresh_for_s(self) -> float:
+        """How long the file just written stays current: the running job's bound, else STALE_S."""
+        with self._lock:
+            return self._running.bound_s if self._running is not None else STALE_S
 
     def degrade(self, component: str, reason: str) -> None:
         with self._lock:
@@ -49,17 +103,20 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        with self._lock:
-            return not self._problems
+        return not self.problems()
 
     def problems(self) -> dict[str, str]:
         with self._lock:
-            return dict(self._problems)
+            found = dict(self._problems)
+        stuck = self.stuck()
+        return {**found, "worker": stuck} if stuck else found
 
     def write(self, path: Path, extra: dict) -> None:
-        """Atomically, so a reader never sees half a file."""
-        state = {"ok": self.ok, "problems": self.problems(), "pid": os.getpid(),
-                 "updated_at": datetime.now(timezone.utc).isoformat(), **extra}
+        """Atomically, so a reader never sees half a file. `fresh_for_s` tells a reader when the
+        file has gone stale: the service writes it at least that often while its worker lives."""
+        problems = self.problems()
+        state = {"ok": not problems, "problems": problems, "pid": os.getpid(), "at": time.time(),
+                 "fresh_for_s": self._fresh_for_s(), "updated_at": datetime.now(timezone.utc).isoformat(), **extra}
         partial = path.with_suffix(".tmp")
         partial.write_text(json.dumps(state), encoding="utf-8")
         partial.replace(path)
@@ -77,4 +134,9 @@ def read_health(path: Path) -> dict:
         return {**state, "ok": False, "problems": {"service": f"not running (last seen {state.get('updated_at')})"}}
     except PermissionError:
         pass  # alive, owned by another user (the service account)
+    age = time.time() - state.get("at", 0)
+    if age > state.get("fresh_for_s", STALE_S):
+        return {**state, "ok": False, "problems": {
+            **state.get("problems", {}),
+            "worker": f"the service has not written its health for {age:.0f} s (last {state.get('updated_at')}): it may be stuck"}}
     return state

@@ -9,6 +9,11 @@ A held decision's figures describe its delta on the version it was judged on. Wh
 moved since, those figures no longer describe what approval would commit, so the delta is judged
 again on the head first (the figures are logged on the held run as `rejudged.*`); a person's
 approval overrides a hold, never a rejection.
+
+Settling can stop anywhere (a crash, MLflow down): approving again finds the version already
+committed for the run and only finishes settling it, so nothing is committed twice. A run whose
+held candidate file has gone cannot be approved: it is settled as unusable and its corrections
+rejected, with the reason, so they can be submitted again.
 """
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from daemon import tracking
+from daemon.health import describe_failure
 from daemon.home import Home
 from daemon.runtime import Records, ledger_corrections
-from daemon.versioning import commit_chunk, commit_delta, is_routed, share_from_stored, share_to_stored
+from daemon.versioning import (Versions, commit_chunk, commit_delta, is_routed, share_from_stored, share_to_stored,
+                               sync_ledger)
 from editors.types import Correction, Delta
 from policies.gate import Decision
 from store.errors import StoreError
@@ -41,7 +49,12 @@ class RejectedOnHead(ReviewError):
     """Judged again on the moved head, the held delta is rejected: approval cannot override that."""
 
 
+class UnusableReview(ReviewError):
+    """The held candidate file is gone: the run was settled as unusable and its corrections rejected."""
+
+
 REVIEW_NOTE_TAG = "mendd.review_note"
+MISSING_CANDIDATE = "held candidate file missing; submit the corrections again"
 
 # judges a held delta and its corrections on the current head: the service's gate, model loaded
 Rejudge = Callable[[Delta, list[Correction]], Decision]
@@ -70,10 +83,7 @@ def save_held(home: Home, run_id: str, delta: Delta, routed: MemoryChunk | None 
 
 
 def load_held(home: Home, run_id: str) -> Delta:
-    path = held_path(home, run_id)
-    if not path.exists():
-        raise ReviewError(f"no held candidate for run {run_id} at {path}; `mendd review list` shows what waits")
-    stored, metadata = read_shares(path)
+    stored, metadata = read_shares(held_path(home, run_id))
     return Delta(editor=metadata["editor"], shares=[share_from_stored(share) for share in stored])
 
 
@@ -92,62 +102,106 @@ def held(records: Records) -> list[HeldDecision]:
     return out
 
 
+class Settled(NamedTuple):
+    """What :func:`settle_tagged` did with one tagged run: approved (with its version), refused,
+    rejected, unusable or failed (with why in `note`)."""
+
+    run_id: str
+    action: str
+    version: Version | None = None
+    note: str | None = None
+
+
 def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = None) -> Version:
     """Commit a held candidate on top of the head; its corrections become applied.
 
     If the head moved since it was judged, `rejudge` judges it on the head first (StaleReview
     without one); a rejection there refuses the approval (RejectedOnHead) and changes nothing.
+    A version an earlier, interrupted approval committed is kept, not committed again.
     """
     _require_held(records, run_id)
+    version = _committed_for(records.versions, run_id)
+    if version is None:
+        version = _commit_held(records, run_id, rejudge)
+    else:
+        sync_ledger(records.versions)  # the interrupted approval may have stopped before the ledger
+    records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)
+    records.mlflow.set_tag(run_id, tracking.GIT_SHA_TAG, version.sha)
+    _mark_settled(records, run_id, "approved", who)
+    return version
+
+
+def _committed_for(versions: Versions, run_id: str) -> Version | None:
+    return next((version for version in versions.store.versions() if version.run_id == run_id), None)
+
+
+def _commit_held(records: Records, run_id: str, rejudge: Rejudge | None) -> Version:
+    if not held_path(records.home, run_id).exists():
+        records.mlflow.set_tag(run_id, REVIEW_NOTE_TAG, MISSING_CANDIDATE)
+        _refuse(records, run_id, "unusable", "mendd", MISSING_CANDIDATE)
+        raise UnusableReview(f"run {run_id} cannot be approved: {MISSING_CANDIDATE} (they are rejected)")
     delta = load_held(records.home, run_id)
     run = records.mlflow.get_run(run_id)
     base, head = run.data.tags.get("mendd.base_version", "?"), records.versions.store.head().tag
     figures = dict(run.data.metrics) if base == head else _judged_again(records, run_id, delta, rejudge, base, head)
     chunk = read_memory_chunk(held_path(records.home, run_id))
     if is_routed(chunk):
-        version = commit_chunk(records.versions, chunk, run_id=run_id, figures=figures)
-    else:
-        version = commit_delta(records.versions, delta, run_id=run_id, figures=figures)
-    records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "approved")
-    records.mlflow.set_tag(run_id, "mendd.settled_by", who)
-    records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)
-    records.mlflow.set_tag(run_id, tracking.GIT_SHA_TAG, version.sha)
-    held_path(records.home, run_id).unlink(missing_ok=True)
-    return version
+        return commit_chunk(records.versions, chunk, run_id=run_id, figures=figures)
+    return commit_delta(records.versions, delta, run_id=run_id, figures=figures)
 
 
 def reject(records: Records, run_id: str, who: str) -> list[str]:
     """Reject a held candidate; its corrections become rejected (and may be submitted again)."""
     _require_held(records, run_id)
+    return _refuse(records, run_id, "rejected", who, f"rejected in review by {who}")
+
+
+def _refuse(records: Records, run_id: str, settled: str, who: str, reason: str) -> list[str]:
+    """The run's held corrections rejected with `reason`, then the run settled as `settled`."""
     rows = _held_rows(records, run_id)
-    records.versions.ledger.mark([row.key for row in rows], CorrectionStatus.rejected, run_id=run_id,
-                                 reason=f"rejected in review by {who}")
-    records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, "rejected")
-    records.mlflow.set_tag(run_id, "mendd.settled_by", who)
-    held_path(records.home, run_id).unlink(missing_ok=True)
+    records.versions.ledger.mark([row.key for row in rows], CorrectionStatus.rejected, run_id=run_id, reason=reason)
+    _mark_settled(records, run_id, settled, who)
     return [row.external_id for row in rows]
 
 
-def settle_tagged(records: Records, rejudge: Rejudge | None = None) -> list[tuple[str, str, Version | None]]:
-    """Act on every held run whose `mendd.review` tag a person set in the UI: (run, action, version).
+def _mark_settled(records: Records, run_id: str, settled: str, who: str) -> None:
+    """Last of a settling: once the settled tag is set the run no longer waits, so all else is done
+    before it (a settling stopped earlier is done again; an approval then needs no held file)."""
+    held_path(records.home, run_id).unlink(missing_ok=True)
+    records.mlflow.set_tag(run_id, "mendd.settled_by", who)
+    records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, settled)
+
+
+def settle_tagged(records: Records, rejudge: Rejudge | None = None) -> list[Settled]:
+    """Act on every held run whose `mendd.review` tag a person set in the UI.
 
     An approval the gate rejects on the moved head is refused: the tag is removed and the reason
-    left on the run as `mendd.review_note`, so the UI shows why it is still held.
+    left on the run as `mendd.review_note`, so the UI shows why it is still held. A run that cannot
+    be settled now is reported as failed and the others are still settled; the next call retries it.
     """
     done = []
     for decision in held(records):
         action = (decision.review or "").strip().lower()
-        if action == "approve":
+        if action in ("approve", "reject"):
             try:
-                done.append((decision.run_id, "approved", approve(records, decision.run_id, "mlflow-ui tag", rejudge)))
-            except RejectedOnHead as refused:
-                records.mlflow.delete_tag(decision.run_id, tracking.REVIEW_TAG)
-                records.mlflow.set_tag(decision.run_id, REVIEW_NOTE_TAG, tracking.cut(str(refused)))
-                done.append((decision.run_id, "refused", None))
-        elif action == "reject":
-            reject(records, decision.run_id, "mlflow-ui tag")
-            done.append((decision.run_id, "rejected", None))
+                done.append(_settle_one(records, decision.run_id, action, rejudge))
+            except Exception as error:  # noqa: BLE001 - one run's trouble must not hold up the others
+                done.append(Settled(decision.run_id, "failed", note=describe_failure(error)))
     return done
+
+
+def _settle_one(records: Records, run_id: str, action: str, rejudge: Rejudge | None) -> Settled:
+    if action == "reject":
+        reject(records, run_id, "mlflow-ui tag")
+        return Settled(run_id, "rejected")
+    try:
+        return Settled(run_id, "approved", approve(records, run_id, "mlflow-ui tag", rejudge))
+    except RejectedOnHead as refused:
+        records.mlflow.delete_tag(run_id, tracking.REVIEW_TAG)
+        records.mlflow.set_tag(run_id, REVIEW_NOTE_TAG, tracking.cut(str(refused)))
+        return Settled(run_id, "refused", note=str(refused))
+    except UnusableReview as unusable:
+        return Settled(run_id, "unusable", note=str(unusable))
 
 
 def _held_rows(records: Records, run_id: str) -> list[LedgerCorrection]:

@@ -5,7 +5,8 @@ each feed is pulled on its interval, a cycle runs when enough corrections are pe
 oldest has waited long enough), and a tick settles reviews tagged in the MLflow UI, notices an
 operator's `dvc checkout`, and refreshes health. Each job, and the startup, runs on a thread of its
 own that ends with it (daemon/compute.py says why). The main thread only waits for signals and
-pings systemd's watchdog.
+pings systemd's watchdog, and only while the worker shows progress (daemon/health.py): each job
+has a bound, and a worker past it is left to the watchdog, which restarts the service.
 
 SIGTERM/SIGINT: the running job finishes (a cycle stops between decisions; undecided corrections
 stay pending), then the process exits 0. SIGHUP: feeds and policy are read again.
@@ -20,7 +21,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from datetime import datetime, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -31,12 +31,12 @@ from daemon.config import MenddConfig, load_config
 from daemon.answering import Answering, Snapshot
 from daemon.compute import on_own_thread, on_own_thread_each_call
 from daemon.cycle import rejudge_on_head, run_cycle
-from daemon.feeds import FeedError, pull
+from daemon.feeds import FeedError, _quarantine_line, pull
 from daemon.health import Health, describe_failure
 from daemon.home import Home
 from daemon.http_api import Api, serve
 from daemon.metrics import Metrics
-from daemon.review import settle_tagged
+from daemon.review import Settled, settle_tagged
 from daemon.runtime import Runtime
 from daemon.status import snapshot
 from daemon.versioning import Versions, home_lock, recover, served_version
@@ -58,6 +58,13 @@ class _SkippedRunsFilter(logging.Filter):
 
 logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRunsFilter())
 TICK_S = 5.0
+# requests' timeout bounds each read of an HTTP feed, not the pull: a server trickling bytes could
+# hold the worker for ever. The worker waits this long for a pull, then leaves it to run alone.
+PULL_DEADLINE_S = 300.0
+# Longest a tick, a reload or one decision of a cycle may go without progress: each may commit a
+# version, which runs git (600 s at most, store/git.py) and a DVC push (900 s, store/dvcrepo.py).
+STEP_BOUND_S = 1800.0
+MAX_REASON = 1000  # a database error quotes its statement; health needs the start of it
 
 
 class ServiceLockError(StoreError):
@@ -101,6 +108,7 @@ class Service:
         self.unsettled = False  # the last cycle failed: recover the store before the next one
         self.scheduler: BackgroundScheduler | None = None
         self.answers: Answering | None = None  # the OpenAI-compatible endpoint's snapshot and worker
+        self.pulls: dict[str, threading.Thread] = {}  # each feed's latest pull, which may have overrun
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -124,17 +132,17 @@ class Service:
                 job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}, timezone="UTC")
             self._schedule()
             self.scheduler.start()
-            on_own_thread(self._tick, "mendd-tick")
+            self._job(self._tick, "tick", STEP_BOUND_S)()
             systemd.notify("READY=1")
             systemd.notify(f"STATUS=serving {self.rt.served.tag}")
             log.info("serving %s; http on %s:%s", self.rt.served.tag, self.config.http.host, self.config.http.port)
             ping = systemd.watchdog_interval()
             while not self.stopping.wait(timeout=min(ping or 1.0, 1.0)):
-                if ping:
+                if ping and self.health.stuck() is None:
                     systemd.notify("WATCHDOG=1")
                 if self.reload_asked.is_set():
                     self.reload_asked.clear()
-                    self.scheduler.add_job(on_own_thread_each_call(self._reload, "mendd-reload"), id="reload",
+                    self.scheduler.add_job(self._job(self._reload, "reload", STEP_BOUND_S), id="reload",
                                            replace_existing=True)
             systemd.notify("STOPPING=1")
             log.info("stopping: finishing the current step")
@@ -157,30 +165,67 @@ class Service:
         return rt, served_snapshot(rt)
 
     def _schedule(self) -> None:
-        # Each job on a fresh thread: the scheduler's worker outlives its jobs, and an idle thread
-        # that has run torch slows every other one (daemon/compute.py).
         for feed in self.config.feeds:
-            self.scheduler.add_job(on_own_thread_each_call(self._pull, "mendd-pull"), "interval",
+            self.scheduler.add_job(self._job(self._pull, f"feed:{feed.name}", PULL_DEADLINE_S + TICK_S), "interval",
                                    seconds=feed.interval_s, args=[feed], id=f"feed:{feed.name}",
                                    next_run_time=datetime.now(timezone.utc), replace_existing=True)
-        self.scheduler.add_job(on_own_thread_each_call(self._maybe_cycle, "mendd-cycle"), "interval",
+        self.scheduler.add_job(self._job(self._maybe_cycle, "cycle", STEP_BOUND_S), "interval",
                                seconds=self.config.cycle.check_interval_s, id="cycle", replace_existing=True)
-        self.scheduler.add_job(on_own_thread_each_call(self._tick, "mendd-tick"), "interval", seconds=TICK_S,
+        self.scheduler.add_job(self._job(self._tick, "tick", STEP_BOUND_S), "interval", seconds=TICK_S,
                                id="tick", replace_existing=True)
+
+    def _job(self, work, name: str, bound_s: float):
+        """`work` as a job of the worker: on a fresh thread (the scheduler's worker outlives its jobs,
+        and an idle thread that has run torch slows every other one: daemon/compute.py), watched by
+        health for progress within `bound_s`, with the health file written as it starts and ends."""
+        run = on_own_thread_each_call(work, f"mendd-{name}")
+
+        def job(*args) -> None:
+            with self.health.job(name, bound_s):
+                self._write_health()
+                run(*args)
+            self._write_health()
+        return job
 
     # -- jobs (one at a time, on the scheduler's worker) ---------------------------------------
 
     def _pull(self, feed) -> None:
+        """Pull `feed` on a thread of its own and wait for it PULL_DEADLINE_S at most; an overrun
+        pull goes on alone, and the feed is not pulled again until it ends."""
+        earlier = self.pulls.get(feed.name)
+        if earlier is not None and earlier.is_alive():
+            return
+        self.pulls[feed.name] = thread = threading.Thread(target=self._pull_now, args=[feed], daemon=True,
+                                                          name=f"mendd-pull-{feed.name}")
+        thread.start()
+        thread.join(PULL_DEADLINE_S)
+        if thread.is_alive():
+            self._feed_failed(feed.name, f"feed {feed.name}: the pull overran its deadline of {PULL_DEADLINE_S:.0f} s; "
+                                         "it goes on alone, and the feed is not pulled again until it ends")
+
+    def _pull_now(self, feed) -> None:
         try:
             report = pull(feed, self.ledger, self.home)
-            self.health.clear(f"feed:{feed.name}")
-            if report.received or report.quarantined:
-                log.info("feed %s: %d received, %d duplicates, %d quarantined", feed.name, report.received,
-                         report.duplicates, report.quarantined)
-        except FeedError as error:
-            self.metrics.feed_errors.labels(feed.name).inc()
-            self.health.degrade(f"feed:{feed.name}", str(error))
-            log.warning("%s", error)
+        except FeedError as error:  # unreachable, too large, unreadable: the next pull retries
+            self._feed_failed(feed.name, str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - a record that breaks parsing in a way nobody foresaw, a locked
+            # ledger, an id the database refuses: the feed is stuck until someone looks, so it must show
+            reason = f"feed {feed.name}: {describe_failure(error)}"[:MAX_REASON]
+            if self.health.problems().get(f"feed:{feed.name}") != reason:  # once, not at every pull
+                log.exception("%s", reason)
+                _quarantine_line(self.home, feed.name, "(pull)", reason)
+            self._feed_failed(feed.name, reason)
+            return
+        self.health.clear(f"feed:{feed.name}")
+        if report.received or report.quarantined:
+            log.info("feed %s: %d received, %d duplicates, %d quarantined", feed.name, report.received,
+                     report.duplicates, report.quarantined)
+
+    def _feed_failed(self, name: str, reason: str) -> None:
+        self.metrics.feed_errors.labels(name).inc()
+        self.health.degrade(f"feed:{name}", reason)
+        log.warning("%s", reason)
 
     def _maybe_cycle(self) -> None:
         ledger = self.rt.records.versions.ledger
@@ -193,11 +238,9 @@ class Service:
                 if len(waiting) < self.config.cycle.min_pending and waited < self.config.cycle.max_wait_s:
                     return
                 with home_lock(self.home):
-                    if self.unsettled:  # a failed cycle may have left a commit half-way: undo or finish it first
-                        recover(self.rt.records.versions)
-                        self.unsettled = False
+                    self._recover_if_unsettled()
                     systemd.notify(f"STATUS=cycle: {len(waiting)}+ corrections pending on {self.rt.served.tag}")
-                    report = run_cycle(self.rt, should_stop=self.stopping.is_set)
+                    report = run_cycle(self.rt, should_stop=self._between_decisions)
             except Exception as error:  # the service stays up; the corrections stay pending; the next check retries
                 self.unsettled = True
                 self.health.degrade("cycle", describe_failure(error))
@@ -210,26 +253,53 @@ class Service:
             systemd.notify(f"STATUS=serving {self.rt.served.tag}")
             log.info("cycle %d: %s; serving %s", report.cycle_id, report.outcome, report.version)
 
+    def _between_decisions(self) -> bool:
+        """run_cycle's question before each decision, whether to stop: a sign of progress, too."""
+        self.health.progress()
+        self._write_health()
+        return self.stopping.is_set()
+
+    def _recover_if_unsettled(self) -> None:
+        """A failed step may have left a commit half-way: undo or finish it first (home lock held)."""
+        if self.unsettled:
+            recover(self.rt.records.versions)
+            self.unsettled = False
+
     def _tick(self) -> None:
         """Settle tagged reviews, follow an operator's checkout, refresh health and metrics."""
         try:
             with home_lock(self.home):
-                settled = settle_tagged(self.rt.records, rejudge_on_head(self.rt))
+                self._recover_if_unsettled()
+                self._settle_reviews()
                 changed = served_version(self.rt.records.versions, self.rt.served)
                 if changed is not None:
                     log.info("the store now holds %s (was serving %s): reloading", changed.tag, self.rt.served.tag)
                     self.rt.load(changed)
             self._publish()
-            for run_id, action, _ in settled:
-                log.info("review of %s: %s", run_id, action)
             self.metrics.observe_ledger(self.rt.records.versions.ledger.counts())
             self.health.clear("tick")
         except Exception as error:
+            self.unsettled = True
             self.health.degrade("tick", describe_failure(error))
             log.warning("tick failed: %s", error)
         self.metrics.version.set(tag_number(self.rt.served.tag))
         self.metrics.healthy.set(1 if self.health.ok else 0)
-        self._write_health()
+
+    def _settle_reviews(self) -> None:
+        """Act on review tags; never raises, so that no run that cannot be settled keeps the tick
+        from following an operator's checkout. What failed shows as `review` until it succeeds."""
+        try:
+            settled = settle_tagged(self.rt.records, rejudge_on_head(self.rt))
+        except Exception as error:  # noqa: BLE001 - the held runs could not be listed (MLflow down)
+            settled = [Settled("held runs", "failed", note=describe_failure(error))]
+        for run_id, action, _, note in settled:
+            log.info("review of %s: %s%s", run_id, action, f" ({note})" if note else "")
+        failed = [f"{s.run_id}: {s.note}" for s in settled if s.action == "failed"]
+        if failed:
+            self.unsettled = True  # an approval may have stopped half-way through its commit
+            self.health.degrade("review", "; ".join(failed))
+        else:
+            self.health.clear("review")
 
     def _reload(self) -> None:
         """SIGHUP: read the config again; new feeds and policy take effect, the rest needs a restart."""
@@ -265,7 +335,6 @@ class Service:
 
     def _write_health(self) -> None:
         try:
-            self.health.write(self.home.health_path, {"serving": self.rt.served.tag if self.rt else None,
-                                                      "at": time.time()})
+            self.health.write(self.home.health_path, {"serving": self.rt.served.tag if self.rt else None})
         except OSError as error:
             log.warning("cannot write %s: %s", self.home.health_path, error)

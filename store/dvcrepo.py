@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,9 @@ from store.errors import StoreError
 
 REMOTE = "origin"
 SITE_ENV = "DVC_SITE_CACHE_DIR"
+# A push sends only the files the remote lacks (a version's changed tensors): minutes at most, on
+# any link that can hold a model's store. A push stopped here is retried by the next one.
+PUSH_TIMEOUT_S = 900.0
 
 
 def _quiet() -> None:
@@ -148,8 +153,17 @@ class DvcRepo:
             return repo.status()
 
     def push(self) -> None:
-        with self._reporting() as repo:
-            repo.push(remote=REMOTE)
+        """``dvc push`` as a command, not through the API, so that it can be stopped: a remote that
+        stalls must not hold the home lock (and the service's worker) for ever."""
+        command = [sys.executable, "-m", "dvc", "push", "--quiet", "--remote", REMOTE]
+        _drop_torn_rwlock(self.root)
+        try:
+            result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=PUSH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise StoreError(f"dvc push from {self.root} did not finish in {PUSH_TIMEOUT_S:.0f} s; it was stopped "
+                             "(the next push sends what is missing)") from None
+        if result.returncode != 0:
+            raise StoreError(f"DVC failed in {self.root}: dvc push: {result.stderr.strip() or result.stdout.strip()}")
 
     def fetch(self, rev: str, target: str) -> None:
         """Download the objects that ``target`` (a .dvc file) names at git revision ``rev``."""

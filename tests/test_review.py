@@ -80,7 +80,7 @@ def test_a_held_decision_is_approved_through_its_mlflow_tag_and_committed(tmp_pa
         tags = rt.records.mlflow.get_run(result.run_id).data.tags
     finally:
         rt.close()
-    [(run_id, action, version)] = settled
+    [(run_id, action, version, _)] = settled
     assert (run_id, action, version.tag) == (result.run_id, "approved", "v0001")
     assert tags[tracking.SETTLED_TAG] == "approved" and tags[tracking.VERSION_TAG] == "v0001"
     assert statuses(home) == {"c1": ("applied", "v0001"), "c2": ("applied", "v0001")}
@@ -156,7 +156,7 @@ def test_an_approval_tag_the_gate_rejects_on_the_moved_head_is_refused_with_a_no
         head = rt.records.versions.store.head().tag
     finally:
         rt.close()
-    assert settled == [(stale, "refused", None)]
+    assert [(s.run_id, s.action, s.version) for s in settled] == [(stale, "refused", None)]
     assert tracking.REVIEW_TAG not in tags and "rejected" in waiting.note
     assert head == "v0001" and statuses(home)["c2"] == ("held", None)
 
@@ -194,3 +194,58 @@ def test_a_tracking_backend_that_is_down_commits_nothing_and_leaves_corrections_
     finally:
         rt.close()
     assert statuses(home) == {"c1": ("pending", None), "c2": ("pending", None)}
+
+
+def test_an_approval_stopped_after_its_commit_is_finished_later_without_committing_twice(tmp_path: Path, data_root) -> None:
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    result, _ = decide_facts(home)
+    rt = open_runtime(home)
+    try:
+        def tracking_down(*args, **kwargs):
+            raise MlflowException("the tracking server went away")
+
+        rt.records.mlflow.set_tag = tracking_down  # MLflow fails between the commit and the run's tags
+        with pytest.raises(MlflowException):
+            review.approve(rt.records, result.run_id, "test")
+        del rt.records.mlflow.set_tag
+        assert rt.records.versions.store.head().tag == "v0001"
+        rt.records.mlflow.set_tag(result.run_id, tracking.REVIEW_TAG, "approve")  # still held: a person tags it
+        [settled] = review.settle_tagged(rt.records)
+        tags = rt.records.mlflow.get_run(result.run_id).data.tags
+        tags_of_versions = [v.tag for v in rt.records.versions.store.versions()]
+    finally:
+        rt.close()
+    assert (settled.action, settled.version.tag) == ("approved", "v0001")
+    assert tags_of_versions == ["v0000", "v0001"]
+    assert tags[tracking.SETTLED_TAG] == "approved" and tags[tracking.VERSION_TAG] == "v0001"
+    assert statuses(home) == {"c1": ("applied", "v0001"), "c2": ("applied", "v0001")}
+    assert not (home.held_dir / f"{result.run_id}.safetensors").exists()
+
+
+def test_a_held_run_without_its_candidate_file_is_settled_unusable_and_the_tick_still_follows_a_checkout(
+        tmp_path: Path, data_root) -> None:
+    from daemon.config import load_config
+    from daemon.service import Service
+    from store_helpers import tool
+
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    first = held_twice_then_first_approved(home)  # v0001 committed; the other run waits
+    (home.held_dir / f"{first}.safetensors").unlink()
+    for command in (("git", "checkout", "v0000", "--", "model.dvc"), ("dvc", "checkout")):  # an operator's rollback
+        assert tool(home.store_dir, *command).returncode == 0
+    service = Service(home, load_config(home))
+    service.rt = open_runtime(home)
+    try:
+        service.rt.records.mlflow.set_tag(first, tracking.REVIEW_TAG, "approve")
+        service._tick()
+        served, problems = service.rt.served, service.health.problems()
+        tags = service.rt.records.mlflow.get_run(first).data.tags
+        reason = service.rt.records.versions.ledger.correction("c2").reason
+        waiting = review.held(service.rt.records)
+    finally:
+        service.rt.close()
+    assert problems == {}
+    assert (served.tag, served.restores) == ("v0002", "v0000")
+    assert waiting == [] and tags[tracking.SETTLED_TAG] == "unusable"
+    assert tags[review.REVIEW_NOTE_TAG] == reason == review.MISSING_CANDIDATE
+    assert statuses(home)["c2"] == ("rejected", None)

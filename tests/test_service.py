@@ -129,3 +129,83 @@ def test_an_unreachable_feed_degrades_health_and_sighup_reloads_the_feeds(tmp_pa
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def bare_service(tmp_path: Path):
+    """A Service of a bare home, not started: its jobs called one by one, as the worker would."""
+    from daemon.config import load_config
+    from daemon.home import Home
+    from daemon.service import Service
+
+    home = Home(tmp_path / "home")
+    home.state_dir.mkdir(parents=True)
+    home.config_path.write_text("")
+    service = Service(home, load_config(home))
+    service.ledger = Ledger(home.ledger_url)
+    return service
+
+
+def test_a_pull_failing_in_any_way_is_a_counted_feed_error_in_health_and_the_quarantine_file(
+        tmp_path: Path, monkeypatch) -> None:
+    from daemon import service as service_module
+    from daemon.config import FeedConfig
+
+    def unforeseen(feed, ledger, home):
+        raise ValueError("a record that breaks parsing in a way nobody foresaw")
+
+    monkeypatch.setattr(service_module, "pull", unforeseen)
+    service = bare_service(tmp_path)
+    feed = FeedConfig(name="web", kind="http", url="http://127.0.0.1:9/feed")
+    try:
+        service._pull(feed)
+        service._pull(feed)
+    finally:
+        service.ledger.close()
+    assert "ValueError: a record that breaks parsing" in service.health.problems()["feed:web"]
+    assert service.metrics.registry.get_sample_value("mendd_feed_errors_total", {"feed": "web"}) == 2
+    [quarantined] = service.home.quarantine_path.read_text().splitlines()  # once, not at every pull
+    assert json.loads(quarantined)["feed"] == "web" and "ValueError" in json.loads(quarantined)["reason"]
+
+
+def test_an_http_pull_that_overruns_its_deadline_is_left_alone_and_reported(tmp_path: Path, monkeypatch) -> None:
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from daemon import service as service_module
+    from daemon.config import FeedConfig
+
+    release = threading.Event()
+
+    class Trickle(BaseHTTPRequestHandler):
+        """One byte every 0.2 s: each read is well within the timeout, the body never ends."""
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not release.wait(0.2):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(service_module, "PULL_DEADLINE_S", 1.0)
+    service = bare_service(tmp_path)
+    feed = FeedConfig(name="slow", kind="http", url=f"http://127.0.0.1:{server.server_address[1]}/feed", timeout_s=5)
+    try:
+        started = time.monotonic()
+        service._pull(feed)
+        assert time.monotonic() - started < 3
+        assert "overran its deadline of 1 s" in service.health.problems()["feed:slow"]
+        overrun = service.pulls["slow"]
+        service._pull(feed)  # the overrun pull still runs: no second one beside it
+        assert service.pulls["slow"] is overrun and overrun.is_alive()
+    finally:
+        release.set()
+        server.shutdown()
+        service.pulls["slow"].join(30)
+        service.ledger.close()
