@@ -183,6 +183,16 @@ def test_a_last_record_without_a_newline_is_read_at_once_and_not_again_when_the_
     assert statuses(ledger) == {"a": "pending", "b": "pending", "c": "pending"}
 
 
+def test_a_last_record_without_a_newline_rewritten_in_place_is_read_again(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text(line("a", "The sky is", "green").rstrip("\n"))  # as `printf '%s' "$record" > feed.jsonl` writes
+    feed = FeedConfig(name="f", kind="file", path=path)
+    assert pull(feed, ledger, home).received == 1
+    rewrite_in_place(path, line("b", "Grass is", "blue").rstrip("\n"))
+    assert pull(feed, ledger, home).received == 1
+    assert statuses(ledger) == {"a": "pending", "b": "pending"}
+
+
 OLD = [line(f"old{i}", f"Old fact {i} is", "true") for i in range(3)]
 REWRITES = {  # what the producer writes over the three old records, each keeping one of them
     "shorter": OLD[1] + line("n1", "New fact is", "x"),
