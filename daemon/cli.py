@@ -650,18 +650,17 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface; keep 127.0.0.1 unless a proxy handles access.")] = "127.0.0.1",
 ) -> None:
     """Start the MLflow review UI for this home (one worker, jobs and telemetry off) and print its address."""
-    import signal
-
-    from daemon.mlflow_ui import start_server, stop_server, ui_command
+    from daemon.mlflow_ui import start_server, stop_on_signals, stop_server, ui_command
 
     config = _config(ctx)
     command = ui_command(ctx.obj, config, host, port)
     print(f"MLflow review UI: http://{host}:{port}  (held decisions: tag mendd.decision = held; "
           "set the tag mendd.review to approve or reject)", flush=True)
+    # The server has its own session, so no signal meant for this process reaches it: each one
+    # (a stop, Ctrl-C, a closed terminal) ends here, and stops it with its workers. Killed outright,
+    # this process leaves the server's guard to stop it.
+    stop_on_signals()
     server = start_server(command)
-    # The server has its own session, so neither Ctrl-C nor a stop reaches it: both end here, and
-    # stop it with its workers.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = server.wait()
     except KeyboardInterrupt:

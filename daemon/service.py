@@ -131,8 +131,8 @@ class Service:
                 executors={"default": ThreadPoolExecutor(1)},
                 job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}, timezone="UTC")
             self._schedule()
+            self._job(self._tick, "tick", STEP_BOUND_S)()  # before the scheduler's jobs: one job at a time
             self.scheduler.start()
-            self._job(self._tick, "tick", STEP_BOUND_S)()
             systemd.notify("READY=1")
             systemd.notify(f"STATUS=serving {self.rt.served.tag}")
             log.info("serving %s; http on %s:%s", self.rt.served.tag, self.config.http.host, self.config.http.port)

@@ -1,7 +1,9 @@
 """sd_notify: messages reach the socket; a listener that stops reading never stalls the service."""
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -37,3 +39,29 @@ def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch: pytest.MonkeyPa
     assert systemd.watchdog_interval() == 10.0
     monkeypatch.delenv("WATCHDOG_USEC")
     assert systemd.watchdog_interval() is None
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """A unit file's `Key=value` lines, each key with its values in order."""
+    settings: dict[str, list[str]] = {}
+    for text in (Path(__file__).parents[1] / "deploy" / name).read_text().splitlines():
+        if "=" in text and not text.startswith("#"):
+            key, value = text.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+@pytest.mark.parametrize("unit", ["mendd.service", "mlflow-ui.service"])
+def test_each_unit_bounds_memory_and_tasks_and_does_not_restart_on_a_configuration_error(unit: str) -> None:
+    settings = unit_settings(unit)
+    for key in ("MemoryHigh", "MemoryMax", "TasksMax"):
+        assert key in settings, f"{unit} has no {key}="
+    assert settings["RestartPreventExitStatus"] == ["2"]  # mendd's exit code for a configuration error
+    assert settings["Restart"] == ["on-failure"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_units_verify_clean() -> None:
+    checked = subprocess.run(["bash", str(Path(__file__).parents[1] / "deploy" / "check-units.sh")],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
