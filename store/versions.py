@@ -4,8 +4,10 @@ Every version is a git commit tagged ``vNNNN`` whose ``model.dvc`` names the mod
 DVC cache. ``factors/`` (a second tracked folder, append-only) keeps each correction's low-rank
 factors beside the version that applied it, one compressed file per version, so one correction
 can later be subtracted exactly.
-The commit message carries the version's metadata as one JSON line, so ``git log`` alone lists
-every version, and a commit that crashed before its tag can still be finished.
+The commit message carries the version's metadata as one JSON line, its last (a trailer), so
+``git log`` alone lists every version, and a commit that crashed before its tag can still be finished.
+Only that line is read, strictly, and every line above it shows ids and reasons escaped, so no
+correction's content or operator's text can forge a version or break reading the history.
 
 A commit runs: journal -> write files -> ``dvc add`` -> ``git commit`` -> ``git tag`` -> clear
 journal. Pushing to the remote is a separate step (:meth:`VersionStore.push`), so an unreachable
@@ -22,10 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from editors.formats import ID_RULE, is_valid_id
 from store import dvcrepo, journal
 from store.dvcrepo import DvcRepo
 from store.checkpoint import (
@@ -230,13 +234,17 @@ class VersionStore:
 
     def _log(self, *revisions: str) -> list[Version]:
         """Versions among the first-parent commits of ``revisions``, newest first."""
-        log = git(self.root, "log", "--first-parent", "--format=%H%x1f%cI%x1f%B%x1e", *revisions)
+        # NUL ends each commit (git refuses one in a message); sha and date are one line each.
+        log = git(self.root, "log", "-z", "--first-parent", "--format=%H%n%cI%n%B", *revisions)
         found: list[Version] = []
-        for record in log.split("\x1e"):
-            if not record.strip():
-                continue
-            sha, date, message = record.strip("\n").split("\x1f")
-            meta = _metadata(message)
+        for record in filter(None, log.split("\0")):
+            sha, date, message = record.split("\n", 2)
+            try:
+                meta = _metadata(message)
+            except ValueError as error:
+                raise StoreError(
+                    f"{self.root}: commit {sha[:12]} ends in a {META_PREFIX.strip()} line that is not valid version "
+                    f"metadata ({error}); mendd did not write it: inspect it with `git show {sha[:12]}`") from None
             if meta is not None:
                 found.append(_version(sha, date, meta))
         return found
@@ -325,6 +333,7 @@ class VersionStore:
 
     def commit(self, change: Change) -> Version:
         """A new version: the head plus ``change``."""
+        _require_valid_ids(change.corrections)
         head = self.require_clean()
         self._check_tensors(change.tensors)
         tag = tag_name(head.number + 1)
@@ -431,8 +440,8 @@ class VersionStore:
         if intent is None:
             return Recovery("none")
         removed = [str(p.relative_to(self.root)) for p in _remove_stale_git_locks(self.root)]
-        head_meta = _metadata(git(self.root, "log", "-1", "--format=%B", "HEAD"))
-        if head_meta is not None and head_meta["tag"] == intent.tag:
+        head = self._log("-1", "HEAD")
+        if head and head[0].tag == intent.tag:
             if not git_ok(self.root, "rev-parse", "--verify", "-q", f"refs/tags/{intent.tag}"):
                 git(self.root, "tag", intent.tag)
             action = "completed"
@@ -488,13 +497,27 @@ def read_memory_chunk(path: Path) -> MemoryChunk:
 COMMON = "common"
 
 
+def _require_valid_ids(ids: Sequence[str]) -> None:
+    """Refuse an id outside the id rule, so nothing unvalidated reaches git (the feeds refuse them first)."""
+    bad = [cid for cid in ids if not is_valid_id(cid)]
+    if bad:
+        raise StoreError(f"correction id {json.dumps(str(bad[0])[:60])} is not {ID_RULE}; nothing was changed")
+
+
+def _one_line(text: str) -> str:
+    """``text`` for one line of a commit message: each character that is not printable (a newline, a
+    control character, a line separator) as its JSON escape, so no text adds a line to the message."""
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
+
+
 def _message(meta: dict[str, Any]) -> str:
     """A commit message a person can read, ending in the JSON line mendd reads back."""
     tag, kind = meta["tag"], meta["kind"]
-    corrections = meta.get("corrections") or []
-    run = f" (MLflow run {meta['run_id']})" if meta.get("run_id") else ""
+    corrections = [_one_line(cid) for cid in meta.get("corrections") or []]
+    run_id, reason = _one_line(meta.get("run_id") or ""), _one_line(meta.get("reason") or "")
+    run = f" (MLflow run {run_id})" if run_id else ""
     subject = {
-        "base": f"{tag}: {meta['reason']}",
+        "base": f"{tag}: {reason}",
         "edit": f"{tag}: apply {len(corrections)} correction{'s' if len(corrections) != 1 else ''}{run}",
         "rollback": f"{tag}: roll back to {meta.get('restores')}",
         "revert": f"{tag}: revert {', '.join(corrections)}{run}",
@@ -502,18 +525,50 @@ def _message(meta: dict[str, Any]) -> str:
     body = []
     if corrections:
         body.append("Corrections: " + ", ".join(corrections))
-    if meta.get("run_id"):
-        body.append(f"MLflow run: {meta['run_id']}")
-    if meta.get("reason") and kind != "base":
-        body.append(f"Reason: {meta['reason']}")
-    return "\n\n".join([subject, "\n".join(body), META_PREFIX + json.dumps(meta, sort_keys=True)]).replace("\n\n\n", "\n\n")
+    if run_id:
+        body.append(f"MLflow run: {run_id}")
+    if reason and kind != "base":
+        body.append(f"Reason: {reason}")
+    # JSON escapes every control character but DEL
+    trailer = META_PREFIX + json.dumps(meta, sort_keys=True).replace("\x7f", "\\u007f")
+    return "\n\n".join([subject, "\n".join(body), trailer]).replace("\n\n\n", "\n\n")
+
+
+_Tag = Annotated[str, StringConstraints(pattern=r"^v[0-9]{4,}$")]  # pydantic's Rust regex: `$` ends the text
+
+
+class _Metadata(BaseModel):
+    """A version's metadata as its message carries it, checked strictly: anyone can commit to the store."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    tag: _Tag
+    parent: _Tag | None = None
+    kind: VersionKind
+    corrections: list[str] | None = None
+    run_id: str | None = None
+    restores: _Tag | None = None
+    reason: str = ""
+    figures: dict[str, float] | None = None
+    model_md5: str
 
 
 def _metadata(message: str) -> dict[str, Any] | None:
-    for line in message.splitlines():
-        if line.startswith(META_PREFIX):
-            return json.loads(line[len(META_PREFIX):])
-    return None
+    """The metadata on the message's last line; None when that is no metadata line (a commit that
+    is no version). Raises ValueError when it is one but not valid. Only the last line counts:
+    nothing in the lines above it can pass for it."""
+    last = message.rstrip("\n").rpartition("\n")[2]
+    if not last.startswith(META_PREFIX):
+        return None
+    try:
+        meta = json.loads(last[len(META_PREFIX):])
+    except (ValueError, RecursionError) as error:  # ValueError: not JSON, or an integer of over 4,300 digits
+        raise ValueError(f"not readable JSON: {type(error).__name__}") from None
+    try:
+        _Metadata.model_validate(meta)
+    except ValidationError as error:
+        detail = error.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, detail['loc'])) or 'the line'}: {detail['msg']}") from None
+    return meta
 
 
 def _version(sha: str, date: str, meta: dict[str, Any]) -> Version:

@@ -14,7 +14,7 @@ from store.checkpoint import INDEX, read_tensors
 from store.errors import DirtyStoreError, MissingObjectsError, StoreError, UnknownCorrectionError, UnknownVersionError
 from store.ledger_schema import CorrectionStatus
 from store.models import load_model
-from store.versions import MODEL_DVC, Change, VersionStore
+from store.versions import META_PREFIX, MODEL_DVC, Change, VersionStore, _message, _metadata
 from store_helpers import FACTS, digests, make_home, mend_delta, open_home, store_is_clean, tool
 
 
@@ -341,3 +341,73 @@ def test_a_store_folder_with_foreign_files_is_not_overwritten(tmp_path: Path) ->
     with pytest.raises(StoreError, match="not empty"):
         VersionStore.create(root, loaded.model, loaded.tokenizer, "tiny-llama")
     assert [p.name for p in root.iterdir()] == ["notes.txt"]
+
+
+FORGED = META_PREFIX + json.dumps({"tag": "v0099", "parent": "v0000", "kind": "edit", "corrections": ["forged"],
+                                    "model_md5": "0" * 32, "reason": "", "figures": {}, "run_id": None})
+
+
+def _message_of(store_dir: Path, tag: str) -> str:
+    return tool(store_dir, "git", "log", "-1", "--format=%B", tag).stdout
+
+
+def test_a_rollback_reason_can_neither_forge_nor_break_the_history(home: Home, deltas) -> None:
+    hostile = f"ok\n{FORGED}\n\x1e\x1f\x07\u2028\x85 end\r\n{FORGED}"
+    versions = open_home(home)
+    commit_delta(versions, deltas["c1"], run_id="r1", figures={})
+    rollback(versions, "v0000", reason=hostile)
+    versions.close()
+    store = VersionStore(home.store_dir)
+    base, _, made = store.versions()
+    assert (made.tag, made.kind, made.restores, made.corrections, made.reason) == ("v0002", "rollback", "v0000", (), hostile)
+    assert made.model_md5 == base.model_md5 and store.head() == made and store.version("v0002") == made
+    lines = _message_of(home.store_dir, "v0002").rstrip("\n").split("\n")
+    assert [line for line in lines if line.startswith(META_PREFIX)] == lines[-1:]
+    assert all(char.isprintable() for line in lines for char in line)
+
+
+def test_the_message_carries_any_metadata_exactly_on_its_last_line_and_nothing_else_can_pass_for_it() -> None:
+    hostile = ["c1", f"c2\n{FORGED}", "c3\x00\x1e\x1f\x7f", "c4\r\u2028"]
+    meta = {"tag": "v0003", "parent": "v0002", "kind": "revert", "corrections": hostile, "run_id": f"r\n{FORGED}",
+            "reason": f"why\n{FORGED}", "figures": {"locality": 0.5}, "model_md5": "a" * 32}
+    message = _message(meta)
+    lines = message.split("\n")
+    assert [line for line in lines if line.startswith(META_PREFIX)] == lines[-1:]
+    assert all(char.isprintable() for line in lines for char in line)
+    assert _metadata(message) == meta
+
+
+def test_the_store_refuses_a_correction_id_outside_the_id_rule(home: Home) -> None:
+    store = VersionStore(home.store_dir)
+    for bad in (f"c1\n{FORGED}", "c1\x00", "x" * 129):
+        with pytest.raises(StoreError, match="correction id"):
+            store.commit(Change("edit", {}, corrections=("c2", bad)))
+    assert store_is_clean(home.store_dir) and [v.tag for v in store.versions()] == ["v0000"]
+
+
+def _commit_by_hand(store_dir: Path, message: str) -> None:
+    done = tool(store_dir, "git", "commit", "-q", "--allow-empty", "-m", message)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("line", ['{"tag": "v0001"}', "not json", '["v0001"]', "1" + "0" * 5000,
+                                  '{"tag": "../v1", "parent": "v0000", "kind": "edit", "model_md5": "ab"}',
+                                  '{"tag": "v0001", "parent": "v0000", "kind": "merge", "model_md5": "ab"}',
+                                  '{"tag": "v0001", "parent": "v0000", "kind": "edit", "model_md5": "ab", "corrections": "c1"}'])
+def test_a_commit_with_an_invalid_metadata_line_is_reported_by_its_sha(home: Home, line: str) -> None:
+    _commit_by_hand(home.store_dir, f"v0001: by hand\n\n{META_PREFIX}{line}")
+    sha = tool(home.store_dir, "git", "rev-parse", "HEAD").stdout.strip()
+    with pytest.raises(StoreError, match=f"{sha[:12]}.*not valid version metadata"):
+        VersionStore(home.store_dir).versions()
+
+
+def test_only_the_last_line_is_metadata_and_separators_in_a_message_do_not_confuse_the_log(home: Home) -> None:
+    store = VersionStore(home.store_dir)
+    base = store.head()
+    _commit_by_hand(home.store_dir, "an operator's note\x1e with \x1f separators")
+    true = {"tag": "v0001", "parent": "v0000", "kind": "rollback", "restores": "v0000", "reason": "x",
+            "model_md5": base.model_md5}
+    # as a store written before ids had a rule could hold it: a raw id that forged a line in the body
+    _commit_by_hand(home.store_dir, f"v0001: roll back to v0000\n\nCorrections: x\n{FORGED}\n\n{META_PREFIX}{json.dumps(true)}")
+    assert [(v.tag, v.kind, v.corrections, v.model_md5) for v in store.versions()] == [
+        ("v0000", "base", (), base.model_md5), ("v0001", "rollback", (), base.model_md5)]
