@@ -342,7 +342,7 @@ def _peak_while_pulling(tmp_path: Path, n: int) -> tuple[int, float]:
     ledger = Ledger(home.ledger_url)
     try:
         tracemalloc.start()
-        report = pull(FeedConfig(name="f", kind="file", path=path), ledger, home)
+        report = pull(FeedConfig(name="f", kind="file", path=path, max_records=n), ledger, home)  # all in one pull
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
