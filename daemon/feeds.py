@@ -120,12 +120,13 @@ def _quarantine(ledger: Ledger, home: Home, feed: str, where: str, error: Format
     if new:
         report.quarantined += 1
         report.reasons.append(f"{where}: {error}")
-        _quarantine_line(home, feed, where, str(error))
+        quarantine_line(home, feed, where, str(error))
     else:
         report.duplicates += 1
 
 
-def _quarantine_line(home: Home, feed: str, where: str, reason: str) -> None:
+def quarantine_line(home: Home, feed: str, where: str, reason: str) -> None:
+    """One line in the home's quarantine file: what an operator reads of every record or pull a feed could not use."""
     home.state_dir.mkdir(parents=True, exist_ok=True)
     line = {"at": datetime.now(timezone.utc).isoformat(), "feed": feed, "where": where, "reason": reason}
     with open(home.quarantine_path, "a", encoding="utf-8") as handle:

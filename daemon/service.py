@@ -31,7 +31,7 @@ from daemon.config import MenddConfig, load_config
 from daemon.answering import Answering, Snapshot
 from daemon.compute import on_own_thread, on_own_thread_each_call
 from daemon.cycle import rejudge_on_head, run_cycle
-from daemon.feeds import FeedError, _quarantine_line, pull
+from daemon.feeds import FeedError, quarantine_line, pull
 from daemon.health import Health, describe_failure
 from daemon.home import Home
 from daemon.http_api import Api, serve
@@ -214,7 +214,7 @@ class Service:
             reason = f"feed {feed.name}: {describe_failure(error)}"[:MAX_REASON]
             if self.health.problems().get(f"feed:{feed.name}") != reason:  # once, not at every pull
                 log.exception("%s", reason)
-                _quarantine_line(self.home, feed.name, "(pull)", reason)
+                quarantine_line(self.home, feed.name, "(pull)", reason)
             self._feed_failed(feed.name, reason)
             return
         self.health.clear(f"feed:{feed.name}")
