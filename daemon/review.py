@@ -31,6 +31,7 @@ from daemon.versioning import (Versions, commit_chunk, commit_delta, is_routed, 
                                sync_ledger)
 from editors.types import Correction, Delta
 from policies.gate import Decision
+from store.crash import APPROVAL_COMMITTED, HELD_SAVED, crash_point
 from store.errors import StoreError
 from store.ledger import LedgerCorrection
 from store.ledger_schema import CorrectionStatus
@@ -50,11 +51,14 @@ class RejectedOnHead(ReviewError):
 
 
 class UnusableReview(ReviewError):
-    """The held candidate file is gone: the run was settled as unusable and its corrections rejected."""
+    """The held candidate file is gone, or its corrections were decided again (ABANDONED): the run
+    was settled as unusable, and the corrections it still held rejected."""
 
 
 REVIEW_NOTE_TAG = "mendd.review_note"
 MISSING_CANDIDATE = "held candidate file missing; submit the corrections again"
+ABANDONED = ("the service stopped before this run's corrections were recorded as held; they were decided again "
+             "by a later run")
 
 # judges a held delta and its corrections on the current head: the service's gate, model loaded
 Rejudge = Callable[[Delta, list[Correction]], Decision]
@@ -80,6 +84,7 @@ def save_held(home: Home, run_id: str, delta: Delta, routed: MemoryChunk | None 
     home.held_dir.mkdir(parents=True, exist_ok=True)
     chunk = routed or MemoryChunk(tuple(share_to_stored(share) for share in delta.shares))
     write_shares(held_path(home, run_id), chunk.shares, {**chunk.metadata, "editor": delta.editor}, chunk.common)
+    crash_point(HELD_SAVED)
 
 
 def load_held(home: Home, run_id: str) -> Delta:
@@ -123,6 +128,7 @@ def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = N
     version = _committed_for(records.versions, run_id)
     if version is None:
         version = _commit_held(records, run_id, rejudge)
+        crash_point(APPROVAL_COMMITTED)
     else:
         sync_ledger(records.versions)  # the interrupted approval may have stopped before the ledger
     records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)
@@ -136,6 +142,9 @@ def _committed_for(versions: Versions, run_id: str) -> Version | None:
 
 
 def _commit_held(records: Records, run_id: str, rejudge: Rejudge | None) -> Version:
+    if _abandoned(records, run_id):
+        _refuse(records, run_id, "unusable", "mendd", ABANDONED)
+        raise UnusableReview(f"run {run_id} cannot be approved: {ABANDONED}")
     if not held_path(records.home, run_id).exists():
         records.mlflow.set_tag(run_id, REVIEW_NOTE_TAG, MISSING_CANDIDATE)
         _refuse(records, run_id, "unusable", "mendd", MISSING_CANDIDATE)
@@ -178,11 +187,13 @@ def settle_tagged(records: Records, rejudge: Rejudge | None = None) -> list[Sett
     An approval the gate rejects on the moved head is refused: the tag is removed and the reason
     left on the run as `mendd.review_note`, so the UI shows why it is still held. A run that cannot
     be settled now is reported as failed and the others are still settled; the next call retries it.
+    A run the service left behind when it stopped part-way (ABANDONED) is settled as unusable untagged.
     """
     done = []
     for decision in held(records):
         action = (decision.review or "").strip().lower()
-        if action in ("approve", "reject"):
+        # An abandoned run is settled untagged: nobody need review what was decided again.
+        if action in ("approve", "reject") or _abandoned(records, decision.run_id):
             try:
                 done.append(_settle_one(records, decision.run_id, action, rejudge))
             except Exception as error:  # noqa: BLE001 - one run's trouble must not hold up the others
@@ -194,6 +205,9 @@ def _settle_one(records: Records, run_id: str, action: str, rejudge: Rejudge | N
     if action == "reject":
         reject(records, run_id, "mlflow-ui tag")
         return Settled(run_id, "rejected")
+    if action != "approve":  # abandoned
+        _refuse(records, run_id, "unusable", "mendd", ABANDONED)
+        return Settled(run_id, "unusable", note=ABANDONED)
     try:
         return Settled(run_id, "approved", approve(records, run_id, "mlflow-ui tag", rejudge))
     except RejectedOnHead as refused:
@@ -202,6 +216,13 @@ def _settle_one(records: Records, run_id: str, action: str, rejudge: Rejudge | N
         return Settled(run_id, "refused", note=str(refused))
     except UnusableReview as unusable:
         return Settled(run_id, "unusable", note=str(unusable))
+
+
+def _abandoned(records: Records, run_id: str) -> bool:
+    """Whether a held run's corrections are neither held by it nor applied by its approval: a stop
+    between its MLflow run and the ledger left it behind, and its corrections were decided again."""
+    owned = (CorrectionStatus.held, CorrectionStatus.applied)
+    return not any(row.status in owned for row in records.versions.ledger.of_run(run_id))
 
 
 def _held_rows(records: Records, run_id: str) -> list[LedgerCorrection]:

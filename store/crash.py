@@ -31,6 +31,12 @@ TRACKED = "tracked"  # the MLflow run is written, nothing committed yet
 
 SERVICE_POINTS = (FEED_STORED, PROPOSED, JUDGED, TRACKED)
 
+# A held decision and its approval (daemon/review.py).
+HELD_SAVED = "held-saved"  # the held candidate's file is written, its corrections not yet marked held
+APPROVAL_COMMITTED = "approval-committed"  # an approval's version is committed, the run not yet settled
+
+REVIEW_POINTS = (HELD_SAVED, APPROVAL_COMMITTED)
+
 
 def crash_point(name: str) -> None:
     """Kill this process with SIGKILL if ``MENDD_CRASH_AT`` names this point, saying so on stderr

@@ -265,6 +265,11 @@ class Ledger:
             return {row.external_id: row.version for row in _rows_with_ids(session, external_ids)
                     if row.status == CorrectionStatus.applied and row.version is not None}
 
+    def of_run(self, run_id: str) -> list[LedgerCorrection]:
+        """The corrections whose latest decision is MLflow run `run_id`."""
+        with self._transaction() as session:
+            return [_correction(row) for row in session.scalars(select(CorrectionRow).where(CorrectionRow.run_id == run_id))]
+
     def pending(self, limit: int) -> list[LedgerCorrection]:
         with self._transaction() as session:
             query = (select(CorrectionRow).where(CorrectionRow.status == CorrectionStatus.pending)

@@ -249,3 +249,26 @@ def test_a_held_run_without_its_candidate_file_is_settled_unusable_and_the_tick_
     assert waiting == [] and tags[tracking.SETTLED_TAG] == "unusable"
     assert tags[review.REVIEW_NOTE_TAG] == reason == review.MISSING_CANDIDATE
     assert statuses(home)["c2"] == ("rejected", None)
+
+
+def test_a_held_run_whose_corrections_were_decided_again_after_a_stop_is_settled_unusable_untagged(
+        tmp_path: Path, data_root) -> None:
+    from store.ledger_schema import CorrectionStatus
+
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    abandoned, _ = decide_facts(home)
+    rt = open_runtime(home)
+    try:
+        ledger = rt.records.versions.ledger
+        # as a stop between the held run and the ledger leaves it: the corrections still pending
+        ledger.mark([row.key for row in ledger.corrections()], CorrectionStatus.pending)
+        again = decide(rt, ledger.pending(10))
+        settled = review.settle_tagged(rt.records)
+        waiting = [d.run_id for d in review.held(rt.records)]
+        tags = rt.records.mlflow.get_run(abandoned.run_id).data.tags
+    finally:
+        rt.close()
+    assert [(s.run_id, s.action) for s in settled] == [(abandoned.run_id, "unusable")]
+    assert waiting == [again.run_id] and tags[tracking.SETTLED_TAG] == "unusable"
+    assert statuses(home) == {"c1": ("held", None), "c2": ("held", None)}
+    assert not (home.held_dir / f"{abandoned.run_id}.safetensors").exists()
