@@ -109,6 +109,7 @@ class Point:
 def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Correction], submitted: int,
             seconds: float, **costs) -> Point:
     """The served model (`weights`, as the gate takes them) measured; `costs` as the row saw them."""
+    print(f"  caches {editable.cache_bytes()}", file=sys.stderr, flush=True)  # each against its budget
     with torch.no_grad():
         reliability, generalization = served_accuracy(editable, accepted, weights)
         locality, _ = gate.locality(weights)

@@ -22,6 +22,7 @@ import torch
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.registry import make_editor
+from editors.settings import NO_CACHES
 from policies.gate import Gate
 from policies.policy import load_policy
 from policies.probes import data_dir
@@ -46,7 +47,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     cached = Editable(loaded.model, loaded.tokenizer)
-    uncached = Editable(loaded.model, loaded.tokenizer, cache_size=0)
+    uncached = Editable(loaded.model, loaded.tokenizer, budgets=NO_CACHES)
     started = time.perf_counter()
     suites = pin(cached, args.model, "v0000", data_dir())
     pin_seconds = time.perf_counter() - started

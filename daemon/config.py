@@ -27,7 +27,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from editors.settings import Compression
+from editors.settings import CacheBudgets, Compression
 
 if TYPE_CHECKING:
     from daemon.home import Home
@@ -222,6 +222,27 @@ class CycleConfig(_Section):
     retention_older: int = Field(100, ge=0, description="Earlier applied corrections drawn at random for the retention check.")
 
 
+class CacheConfig(_Section):
+    prefix_states_bytes: int = Field(
+        CacheBudgets.prefix_states, ge=0,
+        description="Bytes of hidden states kept per sequence seen (the gate's suites, retention prompts), so a "
+        "prompt seen before skips the unedited blocks; least recently used dropped first, 0 keeps none.",
+    )
+    routed_outputs_bytes: int = Field(
+        CacheBudgets.routed_outputs, ge=0,
+        description="editor.memory routed: bytes of logits kept per (prompt, entry) pair on the base weights "
+        "(~200 KB an answer token for smollm2-135m), so the gate does not run a pair again decision after decision.",
+    )
+    similarities_bytes: int = Field(
+        CacheBudgets.similarities, ge=0,
+        description="editor.memory routed: bytes of routing similarities kept per suite, so a decision compares "
+        "a suite only with the new entries. The three budgets bound what caching adds to the resident memory.",
+    )
+
+    def budgets(self) -> CacheBudgets:
+        return CacheBudgets(self.prefix_states_bytes, self.routed_outputs_bytes, self.similarities_bytes)
+
+
 class MenddConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="forbid"
@@ -250,6 +271,7 @@ class MenddConfig(BaseSettings):
     )
     feeds: list[FeedConfig] = Field(default_factory=list, description="Correction feeds the service pulls (see README).")
     cycle: CycleConfig = Field(default_factory=CycleConfig, description="When the service runs a maintenance cycle.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="What the editor keeps between decisions, in bytes.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Health and metrics HTTP server.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="The git+DVC version store.")
     mlflow: MlflowConfig = Field(

@@ -106,7 +106,8 @@ class Runtime:
     def load(self, version: Version) -> None:
         """Serve `version` (the store's head): load its model, then make the editor and gate ready."""
         self.loaded = load_served_model(self.records.versions)
-        self.editable = Editable(self.loaded.model, self.loaded.tokenizer, self.config.editor.edit_layers)
+        self.editable = Editable(self.loaded.model, self.loaded.tokenizer, self.config.editor.edit_layers,
+                                 self.config.cache.budgets())
         settings = self.config.editor
         self.memory = self.reference = None
         if settings.memory == "routed":

@@ -20,8 +20,9 @@ from filelock import FileLock, Timeout
 from daemon.config import MenddConfig
 from daemon.home import Home
 from editors import compression
+from editors.compression import narrowest, widened
 from editors.routing import Entry, Memory, Reference
-from editors.types import Delta, LowRankUpdate, Share
+from editors.types import Delta, Share
 from store.crash import BEFORE_LEDGER, crash_point
 from store.errors import StoreError, UnknownCorrectionError
 from store.ledger import Ledger
@@ -176,7 +177,7 @@ def entry_to_stored(entry: Entry) -> StoredShare:
     ``route/subject`` and ``route/aliases`` (a JSON list) as UTF-8 bytes (safetensors holds only
     tensors and one string map per file) and, where it has them, ``route/lead`` and ``route/relation``."""
     stored = share_to_stored(Share((entry.correction_id,), low_rank=entry.update))
-    route = {"route/key": _narrowest(entry.key.float().contiguous()),
+    route = {"route/key": narrowest(entry.key.float().contiguous()),
              "route/floor": torch.tensor(entry.floor, dtype=torch.float64)}
     aliases = json.dumps(list(entry.aliases), ensure_ascii=False) if entry.aliases else None
     for name, text in (("target", entry.target), ("subject", entry.subject), ("aliases", aliases)):
@@ -184,7 +185,7 @@ def entry_to_stored(entry: Entry) -> StoredShare:
             route[f"route/{name}"] = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
     for name, state in (("lead", entry.lead), ("relation", entry.relation)):
         if state is not None:
-            route[f"route/{name}"] = _narrowest(state.float().contiguous())
+            route[f"route/{name}"] = narrowest(state.float().contiguous())
     return StoredShare(stored.correction_ids, {**stored.tensors, **route})
 
 
@@ -193,12 +194,11 @@ def entry_from_stored(stored: StoredShare) -> Entry:
     stored before leads were kept is routed on its key alone; one stored before relations were kept
     gives way to a namesake that has one; one stored before subjects were kept serves a query
     whatever its text names; one stored without aliases answers to its subject alone."""
-    share = share_from_stored(stored)
     target, subject, aliases = (stored.tensors.get(f"route/{name}") for name in ("target", "subject", "aliases"))
     lead, relation = (stored.tensors.get(f"route/{name}") for name in ("lead", "relation"))
-    return Entry(stored.correction_ids[0], _widened(stored.tensors["route/key"]), stored.tensors["route/floor"].item(),
-                 share.low_rank, _text(target), _widened(lead) if lead is not None else None,
-                 _widened(relation) if relation is not None else None, _text(subject),
+    return Entry(stored.correction_ids[0], widened(stored.tensors["route/key"]), stored.tensors["route/floor"].item(),
+                 _low_rank(stored), _text(target), widened(lead) if lead is not None else None,
+                 widened(relation) if relation is not None else None, _text(subject),
                  tuple(json.loads(_text(aliases))) if aliases is not None else ())
 
 
@@ -297,8 +297,9 @@ def share_to_stored(share: Share) -> StoredShare:
     else bfloat16, else as it is."""
     tensors: dict[str, torch.Tensor] = {}
     for name, update in share.low_rank.items():
-        tensors |= _factor_tensors(f"{name}/inputs", update.inputs)
-        tensors |= _factor_tensors(f"{name}/outputs", update.outputs)
+        kept = compression.compact_update(update)
+        tensors |= _factor_tensors(f"{name}/inputs", kept.compact_inputs)
+        tensors |= _factor_tensors(f"{name}/outputs", kept.compact_outputs)
         if not (isinstance(update.scale, float) and update.scale == 1.0):
             tensors[f"{name}/scale"] = _scale_tensor(update.scale)
         if update.transposed:
@@ -309,48 +310,34 @@ def share_to_stored(share: Share) -> StoredShare:
 
 
 def share_from_stored(stored: StoredShare) -> Share:
-    low_rank: dict[str, LowRankUpdate] = {}
-    dense: dict[str, torch.Tensor] = {}
-    for key, tensor in stored.tensors.items():
-        name, part = key.rsplit("/", 1)
-        if part == "dense":
-            dense[name] = tensor
-        elif part.split(".")[0] == "inputs":
-            scale, transposed = stored.tensors.get(f"{name}/scale"), stored.tensors.get(f"{name}/transposed")
-            low_rank[name] = LowRankUpdate(
-                inputs=_factor(stored.tensors, f"{name}/inputs"), outputs=_factor(stored.tensors, f"{name}/outputs"),
-                scale=_scale_value(scale) if scale is not None else 1.0,
-                transposed=bool(transposed.item()) if transposed is not None else False)
+    dense = {key.rsplit("/", 1)[0]: tensor for key, tensor in stored.tensors.items() if key.endswith("/dense")}
+    low_rank = {name: update.widened() for name, update in _low_rank(stored).items()}
     return Share(stored.correction_ids, low_rank=low_rank, dense=dense)
 
 
-def _factor_tensors(key: str, factor: torch.Tensor) -> dict[str, torch.Tensor]:
-    for bits in (4, 8):
-        held = compression.held_in(factor, bits)
-        if held is not None:
-            return {f"{key}.q{bits}": compression.to_bytes(*held, bits)}
-    return {key: _narrowest(factor)}
+def _low_rank(stored: StoredShare) -> dict[str, compression.CompactUpdate]:
+    """A share's low-rank updates as stored: compact, not widened (a routed entry keeps them so)."""
+    low_rank = {}
+    for key in stored.tensors:
+        name, part = key.rsplit("/", 1)
+        if part.split(".")[0] == "inputs":
+            scale, transposed = stored.tensors.get(f"{name}/scale"), stored.tensors.get(f"{name}/transposed")
+            low_rank[name] = compression.CompactUpdate(
+                _factor(stored.tensors, f"{name}/inputs"), _factor(stored.tensors, f"{name}/outputs"),
+                scale=_scale_value(scale) if scale is not None else 1.0,
+                transposed=bool(transposed.item()) if transposed is not None else False)
+    return low_rank
 
 
-def _factor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+def _factor_tensors(key: str, factor: compression.CompactFactor) -> dict[str, torch.Tensor]:
+    return {f"{key}.q{factor.bits}" if factor.bits is not None else key: factor.held}
+
+
+def _factor(tensors: dict[str, torch.Tensor], key: str) -> compression.CompactFactor:
     for bits in (4, 8):
         if f"{key}.q{bits}" in tensors:
-            return compression.from_bytes(tensors[f"{key}.q{bits}"], bits)
-    return _widened(tensors[key])
-
-
-def _narrowest(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` in bfloat16 or float16 when either holds its float32 values exactly."""
-    if tensor.dtype != torch.float32:
-        return tensor
-    for narrow in (torch.bfloat16, torch.float16):
-        if torch.equal(tensor.to(narrow).float(), tensor):
-            return tensor.to(narrow)
-    return tensor
-
-
-def _widened(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+            return compression.CompactFactor(tensors[f"{key}.q{bits}"], bits)
+    return compression.CompactFactor(tensors[key])
 
 
 def _scale_tensor(scale: float | torch.Tensor) -> torch.Tensor:

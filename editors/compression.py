@@ -11,11 +11,15 @@ made, so the gate judges exactly what is stored and served:
   changes nothing, bit for bit), so the store can tell a rounded factor from its values alone and
   keep it as codes (`held_in`, `to_bytes`/`from_bytes`): no format flag travels with the entry.
 
+The memory keeps an entry so in RAM as well (`CompactUpdate`: the stored codes, ~7x smaller than
+float32), and widens its factors only when a forward pass reads them: at T = 10,000 float32 factors
+held ~1.3 GB (bench/results/README.md).
+
 bench/results/memory_compression*.json measures what each choice costs.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -115,3 +119,71 @@ def unpacked(bytes_: torch.Tensor) -> torch.Tensor:
     low = (bytes_ & 0x0F).to(torch.int8) - 8
     high = (bytes_ >> 4).to(torch.int8) - 8
     return torch.stack([low, high], -1).reshape(bytes_.shape[0], -1)
+
+
+def narrowest(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in bfloat16 or float16 when either holds its float32 values exactly."""
+    if tensor.dtype != torch.float32:
+        return tensor
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.equal(tensor.to(narrow).float(), tensor):
+            return tensor.to(narrow)
+    return tensor
+
+
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """A half-precision tensor as float32 (what `narrowest` narrowed); any other as it is."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
+@dataclass(frozen=True)
+class CompactFactor:
+    """A factor in the fewest bytes that hold its values exactly, as the store keeps it: 4- or 8-bit
+    codes and scales in one uint8 tensor (`to_bytes`), else its narrowest float type."""
+
+    held: torch.Tensor
+    bits: int | None = None  # the codes' bits; None: `held` is the factor itself
+
+    def wide(self) -> torch.Tensor:
+        """The factor as a forward pass takes it (float32 unless it was kept as another type)."""
+        return from_bytes(self.held, self.bits) if self.bits is not None else widened(self.held)
+
+
+def compact(factor: torch.Tensor) -> CompactFactor:
+    for bits in (4, 8):
+        held = held_in(factor, bits)
+        if held is not None:
+            return CompactFactor(to_bytes(*held, bits), bits)
+    return CompactFactor(narrowest(factor))
+
+
+@dataclass(frozen=True)
+class CompactUpdate:
+    """A LowRankUpdate as a routed memory keeps it in RAM: its factors compact, widened each time
+    they are read (a forward pass reads only the entries its rows route to, so the float32 copies
+    live no longer than the pass)."""
+
+    compact_inputs: CompactFactor
+    compact_outputs: CompactFactor
+    scale: float | torch.Tensor = 1.0
+    transposed: bool = False
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.compact_inputs.wide()
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        return self.compact_outputs.wide()
+
+    def nbytes(self) -> int:
+        return self.compact_inputs.held.nbytes + self.compact_outputs.held.nbytes
+
+    def widened(self) -> LowRankUpdate:
+        return LowRankUpdate(self.inputs, self.outputs, self.scale, self.transposed)
+
+
+def compact_update(update: LowRankUpdate | CompactUpdate) -> CompactUpdate:
+    if isinstance(update, CompactUpdate):
+        return update
+    return CompactUpdate(compact(update.inputs), compact(update.outputs), update.scale, update.transposed)

@@ -1,7 +1,6 @@
 """A model made ready for editing: its tokenizer, its editable tensors, and the prefix-state cache."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,18 +10,18 @@ from torch import nn
 from editors.anatomy import Anatomy, default_edit_modules
 from editors.batching import TokenBatch, make_batch, rows_of
 from editors.kept import BytesBudget
-from editors.routing import SIMILARITY_BYTES, Memory, Routed, SimilarityCache, chosen_entries, query_states, query_texts, row_factors
+from editors.routing import Memory, Routed, SimilarityCache, chosen_entries, query_states, query_texts, row_factors
+from editors.settings import CacheBudgets
 
 
 ROUTED_ROWS = 64  # rows per routed suffix pass: each row's factors are padded to the largest rank
-ROUTED_OUTPUTS_BYTES = 2 * 1024**3  # routed logits kept for reuse (SmolLM2: ~200 KB per answer token)
 
 
 class Editable:
     """Runs the frozen prefix once per distinct sequence and the suffix as often as needed."""
 
     def __init__(self, model: nn.Module, tokenizer, edit_names: list[str] | None = None,
-                 cache_size: int = 20_000):
+                 budgets: CacheBudgets = CacheBudgets()):
         self.model = model
         self.tokenizer = tokenizer
         self.edit_names = list(edit_names or default_edit_modules(model))
@@ -30,39 +29,33 @@ class Editable:
         config = model.config
         self.max_positions = getattr(config, "max_position_embeddings", None) or config.n_positions
         self.hidden_size = getattr(config, "hidden_size", None) or config.n_embd
-        self._caches: dict[int, OrderedDict[tuple[int, ...], torch.Tensor]] = {}  # block -> sequence -> states
-        self._cache_size = cache_size
-        self._outputs = RoutedOutputs()
-        self._similarities = SimilarityCache(SIMILARITY_BYTES if cache_size else 0)
+        self._states = BytesBudget(budgets.prefix_states)  # (block, sequence) -> states entering the block
+        self._outputs = RoutedOutputs(budgets.routed_outputs)
+        self._similarities = SimilarityCache(budgets.similarities)
 
     def batch(self, pairs: list[tuple[str, str]]) -> TokenBatch:
         return make_batch(self.tokenizer, pairs)
 
     def prefix_states(self, batch: TokenBatch) -> torch.Tensor:
         """[batch, seq, hidden] entering the first edited block; cached per unpadded sequence, so a
-        prompt seen before costs nothing.
-
-        With cache_size 0 nothing is kept (nor routing similarities) and every call runs the prefix:
-        the uncached reference that benchmarks compare against.
-        """
+        prompt seen before costs nothing (with NO_CACHES every call runs the prefix: the uncached
+        reference that benchmarks compare against)."""
         return self.states_at(batch, self.anatomy.first)
 
     def states_at(self, batch: TokenBatch, block: int) -> torch.Tensor:
         """[batch, seq, hidden] entering `block` (at most the first edited one), cached as prefix_states is."""
-        cache = self._caches.setdefault(block, OrderedDict())
-        keys = [tuple(row[:n].tolist()) for row, n in zip(batch.input_ids, batch.lengths)]
-        found = {key: cache[key] for key in keys if key in cache}
+        keys = [(block, tuple(row[:n].tolist())) for row, n in zip(batch.input_ids, batch.lengths)]
+        found = {key: states for key in keys if (states := self._states.get(key)) is not None}
         missing = [i for i, key in enumerate(keys) if key not in found]
         if missing:
             fresh = self.anatomy.states_entering(batch.input_ids[missing], block)
             for i, states in zip(missing, fresh):
-                found[keys[i]] = states[: len(keys[i])].clone()
-                self._remember(cache, keys[i], found[keys[i]])
+                kept = states[: len(keys[i][1])].clone()
+                found[keys[i]] = kept
+                self._states.put(keys[i], kept, kept.nbytes)
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], self.hidden_size)
         for i, key in enumerate(keys):
-            if key in cache:
-                cache.move_to_end(key)
-            out[i, : len(key)] = found[key]
+            out[i, : len(key[1])] = found[key]
         return out
 
     def routes(self, batch: TokenBatch, memory: Memory) -> torch.Tensor:
@@ -125,14 +118,16 @@ class Editable:
                     params[name].copy_(tensor)
             self.weights_changed()
 
+    def cache_bytes(self) -> dict[str, int]:
+        """What each cache holds now, by its name in CacheBudgets (each within its budget)."""
+        return {"prefix_states": self._states.bytes, "routed_outputs": self._outputs.bytes,
+                "similarities": self._similarities.bytes}
+
     def cached_bytes(self) -> int:
-        """What the caches hold now: prefix states, routed outputs and routing similarities (each
-        bounded: prefix states by count, the others by bytes)."""
-        prefix = sum(states.nbytes for cache in self._caches.values() for states in cache.values())
-        return prefix + self._outputs.bytes + self._similarities.bytes
+        return sum(self.cache_bytes().values())
 
     def clear_cache(self) -> None:
-        self._caches.clear()
+        self._states.clear()
         self._outputs.clear()
         self._similarities.clear()
 
@@ -140,12 +135,6 @@ class Editable:
         """The model's own weights were changed in place: forget routed outputs computed on them
         (prefix states, and routing similarities read from them, stay valid: only edited blocks change)."""
         self._outputs.clear()
-
-    def _remember(self, cache: OrderedDict, key: tuple[int, ...], states: torch.Tensor) -> None:
-        cache[key] = states
-        while len(cache) > self._cache_size:
-            cache.popitem(last=False)
-
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
@@ -156,7 +145,7 @@ class RoutedOutputs:
     beyond a byte budget. An entry is keyed by identity and kept alive by its value, so a key
     never names another entry."""
 
-    def __init__(self, budget_bytes: int = ROUTED_OUTPUTS_BYTES):
+    def __init__(self, budget_bytes: int = CacheBudgets.routed_outputs):
         self._kept = BytesBudget(budget_bytes)
 
     @property

@@ -37,12 +37,12 @@ from functools import cached_property
 import torch
 
 from editors.batching import IGNORE, TokenBatch
-from editors.compression import compressed
+from editors.compression import CompactUpdate, compact_update, compressed
 from editors.kept import BytesBudget
 from editors.memory_model import (NONE, Factors, Names, choose, entry_names, index_words, named_entries, named_similarities,
                                   optional_rows, position_similarities, present_units, prompt_positions, query_ends,
                                   stack_rows, subject_index, unit)
-from editors.settings import Compression
+from editors.settings import CacheBudgets, Compression
 from editors.types import Correction, LowRankUpdate
 
 
@@ -54,12 +54,16 @@ class Entry:
     correction_id: str
     key: torch.Tensor  # [hidden], as the model computes it (not centred)
     floor: float  # its best similarity on held-out unrelated prompts
-    update: dict[str, LowRankUpdate]  # tensor name -> the correction's own low-rank change
+    update: dict[str, CompactUpdate]  # tensor name -> the correction's own low-rank change (given as LowRankUpdate or compact)
     target: str | None = None  # the answer it teaches; generation drops the entry once it is said
     lead: torch.Tensor | None = None  # [hidden]: the state one token before the key (long subjects)
     relation: torch.Tensor | None = None  # [hidden]: the state at the prompt's last token (tells namesakes apart)
     subject: str | None = None  # what its prompt is about (given or guessed): a query must name it
     aliases: tuple[str, ...] = ()  # other names of the subject (its record's): naming one will do
+
+    def __post_init__(self) -> None:
+        # kept compact, whatever it was given: thousands of entries stay in RAM for the process's life
+        object.__setattr__(self, "update", {name: compact_update(u) for name, u in self.update.items()})
 
     @cached_property
     def names(self) -> Names:
@@ -178,10 +182,6 @@ def chosen_entries(memory: Memory, similarity: torch.Tensor, queries: list[torch
                   query_ends(queries, memory.centre), memory.unit_relations)
 
 
-# Similarity columns kept for batches routed again (a 733-prompt suite against 10,000 entries: 29 MB).
-SIMILARITY_BYTES = 128 * 2**20
-
-
 class SimilarityCache:
     """Each batch's named similarities with the entries of the last memory it was routed against.
     A gate routes the same suites decision after decision against a memory that only grew (its
@@ -190,7 +190,7 @@ class SimilarityCache:
     names (`named_entries`): the cost of routing a suite stays flat as T grows. Entries are known by
     identity: a memory read afresh from the store starts afresh."""
 
-    def __init__(self, budget_bytes: int = SIMILARITY_BYTES):
+    def __init__(self, budget_bytes: int = CacheBudgets.similarities):
         # batch key -> ((layer, tau, centre, entries) it was routed against, its similarities); not the
         # memory itself, whose cached unit keys would be kept once per batch
         self._kept = BytesBudget(budget_bytes)
@@ -347,4 +347,4 @@ def kept_as(entry: Entry, ref: Reference, how: Compression) -> Entry:
 
     key, lead = half(entry.key), half(entry.lead)
     return replace(entry, key=key, lead=lead, relation=half(entry.relation), floor=ref.floor(key, lead),
-                   update={name: compressed(change, how) for name, change in entry.update.items()})
+                   update={name: compressed(change.widened(), how) for name, change in entry.update.items()})

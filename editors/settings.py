@@ -1,5 +1,5 @@
-"""Editor settings (meta-training, a routed entry's compression); torch-free, so the CLI can show
-their defaults without importing torch."""
+"""Editor settings (meta-training, a routed entry's compression, the editable's cache budgets);
+torch-free, so the CLI and the configuration can show their defaults without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,3 +31,16 @@ class Compression:
 
     rank: int | None = 2  # None: every rank the editor made
     bits: int | None = 4  # 4 or 8; None: bfloat16 factors
+
+
+@dataclass(frozen=True)
+class CacheBudgets:
+    """Bytes each of the editable's caches may hold (editors/editable.py), least recently used dropped
+    first beyond it; 0 keeps nothing. Their sum bounds what caching adds to the resident memory."""
+
+    prefix_states: int = 512 * 2**20  # hidden states entering a block, per sequence (~2.3 KB a token for SmolLM2)
+    routed_outputs: int = 512 * 2**20  # logits of (row, entry) pairs on the base weights (~200 KB an answer token)
+    similarities: int = 256 * 2**20  # routing similarities of the gate's suites (10,000 entries: ~30 MB a suite)
+
+
+NO_CACHES = CacheBudgets(0, 0, 0)  # every call computed afresh: the uncached reference benchmarks compare with

@@ -11,6 +11,7 @@ from editors.editable import Editable
 from editors.finetune import FineTuneEditor
 from editors.formats import load_corrections
 from editors.registry import guarded, make_editor
+from editors.settings import NO_CACHES
 from editors.types import Correction
 from policies.gate import Gate, check, leaks, runaways, share, worst_share
 from policies.policy import load_policy
@@ -123,7 +124,7 @@ def test_retention_is_skipped_when_no_earlier_correction_held(tiny, tiny_gate) -
 
 
 def test_cached_and_uncached_gates_decide_identically(tiny, tiny_suites) -> None:
-    uncached = Editable(tiny.model, tiny.tokenizer, cache_size=0)
+    uncached = Editable(tiny.model, tiny.tokenizer, budgets=NO_CACHES)
     current = tiny.weights()
     candidate = noisy(current, 0.05)
     cached = Gate(tiny, tiny_suites, load_policy()).judge(current, candidate, [FACT])
