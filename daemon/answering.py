@@ -11,6 +11,10 @@ maintenance cycle runs on the scheduler's worker beside it, and torch's kernels 
 neither stalls the other; when both are busy they share the cores. The worker lives only while
 requests wait (a new one starts with the next request): an idle torch thread would halve the speed
 of every other one (daemon/compute.py).
+
+One request cannot take the worker: a prompt that does not fit the model's context window is
+refused before it queues, and an answer whose client has left is cancelled (skipped if it still
+waits, stopped between tokens if it is being generated).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -44,6 +49,32 @@ class Snapshot:
         """A snapshot with its own copy of `editable`'s model and tokenizer."""
         own = Editable(copy.deepcopy(editable.model), copy.deepcopy(editable.tokenizer), editable.edit_names)
         return cls(version, own, memory)
+
+    @cached_property
+    def window(self) -> int:
+        """The most tokens the model reads: the prompt and the answer together."""
+        return self.editable.model.config.max_position_embeddings
+
+    @cached_property
+    def longest_token(self) -> int:
+        """The most characters one token can stand for (its text in the vocabulary is no shorter)."""
+        return max(map(len, self.editable.tokenizer.get_vocab()))
+
+    def prompt_tokens(self, asked: Asked) -> int:
+        """How many tokens `asked.text` is; TooLong if it and `asked.max_tokens` do not fit the window.
+        A text longer than the room left could hold in the longest tokens is refused untokenized:
+        tokenizing a 1 MiB prompt takes seconds."""
+        room = self.window - asked.max_tokens
+        if len(asked.text) > room * self.longest_token:
+            raise TooLong(f"This model's maximum context length is {self.window} tokens; a prompt of "
+                          f"{len(asked.text)} characters cannot fit the {max(room, 0)} left beside the "
+                          f"{asked.max_tokens} for the completion. Please reduce the prompt or max_tokens.")
+        count = len(self.editable.tokenizer(asked.text).input_ids)
+        if count > room:
+            raise TooLong(f"This model's maximum context length is {self.window} tokens. However, you requested "
+                          f"{count + asked.max_tokens} tokens ({count} in the prompt, {asked.max_tokens} for the "
+                          "completion). Please reduce the prompt or max_tokens.")
+        return count
 
 
 @dataclass(frozen=True)
@@ -77,10 +108,15 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     pieces: queue.Queue = field(default_factory=queue.Queue)  # Piece, or an Exception, per item
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set once no one waits for it
 
 
 class Busy(Exception):
     """The answer queue is full: ask again later."""
+
+
+class TooLong(ValueError):
+    """The prompt and the tokens asked for do not fit the model's context window."""
 
 
 def answer_pieces(snapshot: Snapshot, answer: Answer) -> Iterator[Piece]:
@@ -89,11 +125,12 @@ def answer_pieces(snapshot: Snapshot, answer: Answer) -> Iterator[Piece]:
     tokenizer = editable.tokenizer
     entry = serving_entry(editable, asked.route, memory) if memory is not None and asked.route.strip() else NONE
     answer.served_by = memory.entries[entry].correction_id if entry != NONE else None
-    answer.prompt_tokens = len(tokenizer(asked.text).input_ids)
     generator = torch.Generator().manual_seed(asked.seed) if asked.seed is not None else None
     ids: list[int] = []
     sent = ""
     for step in next_tokens(editable, [asked.text], asked.max_tokens, memory, [entry], asked.temperature, generator):
+        if answer.cancelled.is_set():  # its client has left: the worker is someone else's now
+            return
         token = int(step[0])
         if token == tokenizer.eos_token_id:
             yield Piece(_unsent(tokenizer.decode(ids, skip_special_tokens=True), sent), "stop")
@@ -162,8 +199,10 @@ class Answering:
         log.info("answers now come from %s", snapshot.version)
 
     def submit(self, asked: Asked) -> Answer:
-        """Queue `asked`; its pieces arrive on the returned answer. Raises Busy when the queue is full."""
-        answer = Answer(asked, self._snapshot)
+        """Queue `asked`; its pieces arrive on the returned answer. Raises TooLong when it does not fit
+        the model's context window, Busy when the queue is full."""
+        snapshot = self._snapshot
+        answer = Answer(asked, snapshot, prompt_tokens=snapshot.prompt_tokens(asked))
         with self._lock:
             if self._closed:
                 raise Busy("the service is stopping")
@@ -201,6 +240,8 @@ class Answering:
 
     def _work(self) -> None:
         while (answer := self._next()) is not None:
+            if answer.cancelled.is_set():  # its client left while it waited
+                continue
             try:
                 for piece in answer_pieces(answer.snapshot, answer):
                     answer.pieces.put(piece)

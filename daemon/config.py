@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from annotated_types import Ge, Le
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -161,6 +161,14 @@ class HttpConfig(_Section):
         description="Bearer token required by the HTTP endpoints that change state; null = no token "
         "checked. Prefer setting it in the environment (MENDD_HTTP__TOKEN) over writing it here.",
     )
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token would silently check nothing: "no token" must be said with null.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("the token is empty; set a secret, or null for no token (loopback only)")
+        return token
 
 
 class StoreConfig(_Section):

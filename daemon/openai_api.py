@@ -72,8 +72,8 @@ def parse_request(body: object, chat: bool, model: str, tokenizer) -> Request:
     if body.get("n", 1) not in (1, None):
         raise BadRequest("n must be 1: one answer per request", "n")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise BadRequest("seed must be an integer", "seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(1 << 63) <= seed < 1 << 64):
+        raise BadRequest("seed must be a 64-bit integer", "seed")  # what torch's generator takes
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", "stream")
@@ -95,10 +95,11 @@ def _chat_text(messages: object, tokenizer) -> tuple[str, str]:
                              f"messages[{i}].role")
         content = message.get("content")
         if isinstance(content, list):  # content parts: the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict)
-                              and part.get("type") == "text")
+            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+            content = "".join(texts) if all(isinstance(text, str) for text in texts) else None
         if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
+                             f"messages[{i}].content")
         plain.append({"role": message["role"], "content": content})
     users = [m["content"] for m in plain if m["role"] == "user"]
     if not users:

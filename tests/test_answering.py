@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from daemon.answering import Answering, Asked, Busy, Snapshot, first_stop, held_back
+from daemon.answering import Answering, Asked, Busy, Snapshot, TooLong, first_stop, held_back
 from daemon.compute import on_own_thread
 
 
@@ -77,3 +77,34 @@ def test_work_on_its_own_thread_raises_its_error_in_the_caller() -> None:
 
     with pytest.raises(KeyError, match="missing"):
         on_own_thread(fail, "mendd-probe")
+
+
+def test_a_cancelled_answer_stops_between_tokens_and_a_queued_one_is_skipped(tiny) -> None:
+    answers = Answering(Snapshot.of("v0001", tiny, None))
+    try:
+        running = answers.submit(Asked("The capital of France is", "The capital of France is", max_tokens=200))
+        waiting = answers.submit(Asked("The capital of Spain is", "The capital of Spain is", max_tokens=200))
+        waiting.cancelled.set()
+        running.pieces.get(timeout=60)
+        running.cancelled.set()
+        assert _until(lambda: not answers.working)
+        assert running.completion_tokens < 200 and waiting.completion_tokens == 0
+    finally:
+        answers.close()
+
+
+def test_a_prompt_beyond_the_context_window_is_refused_before_it_queues(tiny) -> None:
+    answers = Answering(Snapshot.of("v0001", tiny, None))
+    window = tiny.model.config.max_position_embeddings
+    try:
+        with pytest.raises(TooLong, match=str(window)):
+            answers.submit(Asked("Paris " * window, "Paris", max_tokens=4))
+        with pytest.raises(TooLong):
+            answers.submit(Asked("Paris", "Paris", max_tokens=window))
+        started = time.monotonic()
+        with pytest.raises(TooLong):  # refused on its length in characters, without tokenizing it all
+            answers.submit(Asked("x" * (1 << 20), "x", max_tokens=4))
+        assert time.monotonic() - started < 0.5
+        assert not answers.working
+    finally:
+        answers.close()

@@ -256,3 +256,13 @@ def test_init_writes_the_routed_memory_for_the_default_model_and_the_plain_defau
 def test_a_home_made_by_code_keeps_the_profile_under_its_own_settings(tmp_path: Path) -> None:
     config = load_config(init_home(Home(tmp_path / "h"), "smollm2-135m", settings={"batch_size": 2}))
     assert (config.editor.memory, config.batch_size) == ("routed", 2)
+
+
+@pytest.mark.parametrize("token", ["", "  "])
+def test_an_empty_token_is_refused_not_read_as_no_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        token: str) -> None:
+    message = config_error(home_with(tmp_path, f"http: {{token: '{token}'}}\n"))
+    assert "http.token" in message and "empty" in message
+    monkeypatch.setenv("MENDD_HTTP__TOKEN", token)
+    message = config_error(home_with(tmp_path, ""))
+    assert "http.token" in message and "empty" in message and "MENDD_HTTP__TOKEN" in message
