@@ -21,6 +21,7 @@ from daemon.config import MenddConfig
 from daemon.home import Home
 from editors import compression
 from editors.compression import narrowest, widened
+from editors.formats import ID_RULE, is_valid_id
 from editors.routing import Entry, Memory, Reference
 from editors.types import Delta, Share
 from store.crash import BEFORE_LEDGER, crash_point
@@ -208,9 +209,18 @@ def _text(stored: torch.Tensor | None) -> str | None:
 
 def commit_change(versions: Versions, change: Change) -> Version:
     """Commit ``change`` to the store, then bring the ledger into agreement."""
+    _require_valid_ids(change.corrections)
     if change.kind == "edit":
         _refuse_reapplying(versions.ledger, change.corrections)
     return _recorded(versions, versions.store.commit(change))
+
+
+def _require_valid_ids(ids: tuple[str, ...]) -> None:
+    """Refuse an id outside the id rule, so nothing unvalidated reaches git (the feeds refuse them
+    first; the store escapes whatever it writes, this is the second line)."""
+    bad = [cid for cid in ids if not is_valid_id(cid)]
+    if bad:
+        raise StoreError(f"correction id {json.dumps(str(bad[0])[:60])} is not {ID_RULE}; nothing was changed")
 
 
 def _refuse_reapplying(ledger: Ledger, corrections: tuple[str, ...]) -> None:

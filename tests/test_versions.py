@@ -377,12 +377,16 @@ def test_the_message_carries_any_metadata_exactly_on_its_last_line_and_nothing_e
     assert _metadata(message) == meta
 
 
-def test_the_store_refuses_a_correction_id_outside_the_id_rule(home: Home) -> None:
-    store = VersionStore(home.store_dir)
-    for bad in (f"c1\n{FORGED}", "c1\x00", "x" * 129):
-        with pytest.raises(StoreError, match="correction id"):
-            store.commit(Change("edit", {}, corrections=("c2", bad)))
-    assert store_is_clean(home.store_dir) and [v.tag for v in store.versions()] == ["v0000"]
+def test_a_commit_refuses_a_correction_id_outside_the_id_rule(home: Home) -> None:
+    versions = open_home(home)
+    try:
+        for bad in (f"c1\n{FORGED}", "c1\x00", "x" * 129):
+            with pytest.raises(StoreError, match="correction id"):
+                commit_change(versions, Change("edit", {}, corrections=("c2", bad)))
+        assert [v.tag for v in versions.store.versions()] == ["v0000"]
+    finally:
+        versions.close()
+    assert store_is_clean(home.store_dir)
 
 
 def _commit_by_hand(store_dir: Path, message: str) -> None:
