@@ -37,7 +37,7 @@ from functools import cached_property
 import torch
 
 from editors.batching import IGNORE, TokenBatch
-from editors.compression import CompactUpdate, compact_update, compressed
+from editors.compression import CompactUpdate, compact_update, compressed, wide_all
 from editors.kept import BytesBudget
 from editors.memory_model import (NONE, Factors, Names, choose, entry_names, index_words, named_entries, named_similarities,
                                   optional_rows, position_similarities, present_units, prompt_positions, query_ends,
@@ -235,9 +235,16 @@ def _shared_prefix(seen: tuple, memory: Memory) -> int:
 
 def row_factors(memory: Memory, chosen: torch.Tensor) -> Factors:
     """Per edited tensor, the chosen entries' factors stacked per row and zero-padded to one rank:
-    inputs [batch, rank, in] and outputs·scale [batch, rank, out]; a row served by no entry gets zeros."""
-    return stack_rows([{name: (u.inputs, u.outputs * u.scale) for name, u in memory.entries[j].update.items()}
-                       if j != NONE else None for j in chosen.tolist()])
+    inputs [batch, rank, in] and outputs·scale [batch, rank, out]; a row served by no entry gets zeros.
+    The entries' compact factors are widened here, for this pass only."""
+    rows: list[dict | None] = [{} if j != NONE else None for j in chosen.tolist()]
+    used = [(row, name, u) for row, j in enumerate(chosen.tolist()) if j != NONE
+            for name, u in memory.entries[j].update.items()]
+    inputs = wide_all([u.compact_inputs for _, _, u in used])
+    outputs = wide_all([u.compact_outputs for _, _, u in used])
+    for (row, name, u), inputs_, outputs_ in zip(used, inputs, outputs):
+        rows[row][name] = (inputs_, outputs_ * u.scale)
+    return stack_rows(rows)
 
 
 # Capitalised words that do not name anything: sentence openers, pronouns, question words.

@@ -13,7 +13,7 @@ from daemon.config import ConfigError, load_config
 from daemon.home import Home
 from daemon.versioning import entry_from_stored, entry_to_stored
 from editors import routing
-from editors.compression import CompactUpdate, compressed
+from editors.compression import CompactUpdate, compact, compressed, rounded, wide_all
 from editors.editable import Editable
 from editors.memory_model import stack_rows
 from editors.routing import Entry, Memory, Routed
@@ -70,6 +70,15 @@ def test_factors_widened_at_use_are_the_stored_values_bit_for_bit() -> None:
             assert torch.equal(kept.update["w"].inputs, update.inputs)
             assert torch.equal(kept.update["w"].outputs, update.outputs)
             assert kept.update["w"].inputs.dtype == torch.float32
+
+
+def test_factors_widened_together_are_those_widened_one_by_one() -> None:
+    generator = torch.Generator().manual_seed(4)
+    factors = [compact(rounded(torch.randn(rank, width, generator=generator), bits) if bits else
+                       torch.randn(rank, width, generator=generator))
+               for bits, rank, width in [(4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 96), (None, 2, 64), (4, 2, 64)]]
+    assert [f.bits for f in factors] == [4, 4, 8, 4, None, 4]
+    assert all(torch.equal(together, f.wide()) for together, f in zip(wide_all(factors), factors))
 
 
 def test_served_logits_from_compact_entries_equal_those_of_float32_factors(tiny) -> None:
