@@ -178,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile.close()
+        self.rfile.close()  # the socket's own reader: requests are read through _Arriving's deadline instead
         self.rfile = io.BufferedReader(_Arriving(self.connection))
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
