@@ -37,6 +37,7 @@ from daemon.answering import Answer, Answering, Busy, Piece, TooLong
 from daemon.feeds import ingest, located
 from daemon.openai_api import BadRequest, error_body
 from editors.formats import FormatError
+from editors.types import Correction
 from store.ledger import Ledger
 
 log = logging.getLogger("mendd.http")
@@ -236,8 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._complete(chat=path == "/v1/chat/completions")
 
     def _corrections(self) -> None:
-        body = _one_line_if_single_object(self._body())
-        items = list(islice(located(API_FEED, io.BytesIO(body), "auto", f"feed:{API_FEED}"), MAX_RECORDS + 1))
+        items = posted_records(self._body())
         if len(items) > MAX_RECORDS:
             raise BadRequest(f"over {MAX_RECORDS} records in one request; nothing was stored: send them in requests "
                              f"of at most {MAX_RECORDS}", status=413)
@@ -435,6 +435,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def posted_records(body: bytes) -> list[tuple[str, Correction | FormatError]]:
+    """The records of a POST /v1/corrections body, as ingest takes them (one past MAX_RECORDS at most,
+    so an oversized body is known without reading all of it)."""
+    body = _one_line_if_single_object(body)
+    return list(islice(located(API_FEED, io.BytesIO(body), "auto", f"feed:{API_FEED}"), MAX_RECORDS + 1))
 
 
 def _one_line_if_single_object(body: bytes) -> bytes:

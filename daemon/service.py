@@ -252,6 +252,9 @@ class Service:
             self.metrics.observe_cycle(report)
             systemd.notify(f"STATUS=serving {self.rt.served.tag}")
             log.info("cycle %d: %s; serving %s", report.cycle_id, report.outcome, report.version)
+            # A backlog keeps the one worker in this loop for hours: reviews and an operator's
+            # checkout are acted on between cycles, not after it.
+            self._tick()
 
     def _between_decisions(self) -> bool:
         """run_cycle's question before each decision, whether to stop: a sign of progress, too."""

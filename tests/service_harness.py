@@ -19,11 +19,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from daemon import tracking
 from daemon.config import load_config
 from daemon.home import Home
 from daemon.mlflow_ui import start_server, stop_server, ui_command
 from daemon.versioning import changing
-from decision_helpers import ACCEPT_ALL, make_decision_home
+from decision_helpers import ACCEPT_ALL, HOLD_ALL, make_decision_home
+from store.crash import APPROVAL_COMMITTED, COMMIT_POINTS, DVC_ADDED, HELD_SAVED, SERVICE_POINTS, TAGGED
 from store.ledger_schema import CorrectionStatus
 from store.lineage import applied_twice, in_effect
 from store_helpers import store_is_clean, tool
@@ -175,6 +177,10 @@ def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
         rows = ledger.corrections()
         carried = in_effect(history, head.tag)
         applied = {r.external_id: r.version for r in rows if r.status == CorrectionStatus.applied and r.version}
+        waiting = {run.info.run_id for run in held_runs_of(home)}
+        found.corrupted += [f"{r.external_id} is held by run {r.run_id}, which waits for no review or lacks its candidate"
+                            for r in rows if r.status == CorrectionStatus.held
+                            and (r.run_id not in waiting or not (home.held_dir / f"{r.run_id}.safetensors").exists())]
         if applied != carried:
             found.corrupted.append(f"ledger applied {sorted(applied)} but {head.tag} carries {sorted(carried)}")
         # Applied twice: the change is in the model twice (the ledger's unique ids cannot show it).
@@ -190,7 +196,7 @@ def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
 @dataclass
 class KillReport:
     kills: int = 0  # rounds that ended in a SIGKILL at the moment meant: its crash point, or a random one
-    by_moment: Counter = field(default_factory=Counter)  # crash point, or "random", with how the round ended
+    by_moment: Counter = field(default_factory=Counter)  # "<mode> at <crash point or random>", with how the round ended
     problems: list[str] = field(default_factory=list)  # every audit finding, with its round
     unkilled: list[str] = field(default_factory=list)  # rounds that did not end in the SIGKILL meant, and how
     sent: list[str] = field(default_factory=list)
@@ -198,18 +204,28 @@ class KillReport:
     final: Audit | None = None
 
 
-def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points: tuple[str, ...], seed: int = 0,
-                say=lambda _text: None) -> KillReport:
-    """Kill -9 `mendd run` `rounds` times while it pulls a growing file feed and decides: at each
-    injected point in turn (the process kills itself there), and at random moments; audit the home
-    after each kill; then let one run finish everything and audit again."""
+# A round's service decides under one of three modes: `accept` commits every edit; `hold` holds
+# every one for review; `approve` holds them too, and a reviewer has tagged every held run for
+# approval before the start (the service's first tick approves them, so the commit points then
+# fall in an approval). `held` is a random moment after the round's first new held decision.
+KILL_SCHEDULE = (*((point, "accept") for point in (*SERVICE_POINTS, *COMMIT_POINTS)),
+                 (HELD_SAVED, "hold"), ("held", "hold"), (APPROVAL_COMMITTED, "approve"), ("held", "hold"),
+                 (TAGGED, "approve"), ("held", "hold"), (DVC_ADDED, "approve"), ("random", "approve"),
+                 ("random", "accept"))
+
+
+def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int,
+                schedule: tuple[tuple[str, str], ...] = KILL_SCHEDULE, seed: int = 0, say=lambda _text: None) -> KillReport:
+    """Kill -9 `mendd run` `rounds` times while it pulls a growing file feed, decides, holds and
+    approves: at each (crash point, mode) of `schedule` in turn (the process kills itself there), and
+    at random moments; audit the home after each kill; then let one run accept or approve everything
+    and audit again."""
     import random
 
     from store.crash import CRASH_ENV, reached
 
     rng = random.Random(seed)
     report = KillReport()
-    moments = [*points, "random"]
     for number in range(rounds):
         with open(feed_file, "a", encoding="utf-8") as handle:
             for k in range(3):
@@ -219,14 +235,20 @@ def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points
             if number % 5 == 4:
                 handle.write("{ broken json\n")
                 report.malformed += 1
-        moment = moments[number % len(moments)]
-        env = {} if moment == "random" else {CRASH_ENV: moment}
+        moment, mode = schedule[number % len(schedule)]
+        (home.root / "policy.yaml").write_text(ACCEPT_ALL if mode == "accept" else HOLD_ALL)
+        if mode == "approve":
+            approve_every_held(home)
+        env = {} if moment in ("random", "held") else {CRASH_ENV: moment}
         logged = log_path.stat().st_size if log_path.exists() else 0
+        held_before = _counts(home).get("held", 0)
         process = start_service(home, log_path, env)
-        ended = kill_at(process, moment, rng)
+        ended = kill_at(process, "random" if moment == "held" else moment, rng,
+                        (lambda: _counts(home).get("held", 0) > held_before) if moment == "held" else lambda: True)
         said = log_path.read_bytes()[logged:].decode(errors="replace")
-        if ended == "killed" and moment != "random" and reached(moment) not in said:
+        if ended == "killed" and moment not in ("random", "held") and reached(moment) not in said:
             ended = "killed by SIGKILL without reaching its crash point"
+        moment = f"{mode} at {moment}"
         if ended == "killed":
             report.kills += 1
         else:
@@ -235,7 +257,9 @@ def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points
         report.by_moment[moment] += 1
         found = audit(home, [])
         report.problems += [f"round {number} ({moment}): {p}" for p in found.corrupted + found.duplicated]
-        say(f"round {number}: killed at {moment}; head {found.head}; {dict(found.statuses)}")
+        say(f"round {number}: killed {moment}; head {found.head}; {dict(found.statuses)}")
+    (home.root / "policy.yaml").write_text(ACCEPT_ALL)  # new decisions are committed, so none is held
+    approve_every_held(home)
     process = start_service(home, log_path)
     try:
         wait_for(lambda: _all_decided(home, len(report.sent) + report.malformed), 600, "every correction to be decided", process)
@@ -249,17 +273,40 @@ def kill_rounds(home: Home, feed_file: Path, log_path: Path, rounds: int, points
     return report
 
 
-def kill_at(process: subprocess.Popen, moment: str, rng) -> str:
+def held_runs_of(home: Home) -> list:
+    """The home's held MLflow runs that wait for review."""
+    config = load_config(home)
+    client = tracking.client(config.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(client, tracking.experiment_name(config.mlflow.experiment, config.model),
+                                        home.mlflow_artifacts)
+    return tracking.held_runs(client, experiment)
+
+
+def approve_every_held(home: Home) -> None:
+    """Tag every waiting held run for approval, as a reviewer does in the MLflow UI (the service's
+    tick acts on it)."""
+    client = tracking.client(load_config(home).mlflow.tracking_uri)
+    for run in held_runs_of(home):
+        if run.data.tags.get(tracking.REVIEW_TAG) != "approve":
+            client.set_tag(run.info.run_id, tracking.REVIEW_TAG, "approve")
+
+
+def kill_at(process: subprocess.Popen, moment: str, rng, ready=lambda: True) -> str:
     """Let `process` run to `moment` and see it die by SIGKILL there: "killed", else how it ended.
-    At a crash point the service kills itself; at "random" the test kills it after a random wait,
-    and a service that had already exited is a failure, not a kill."""
+    At a crash point the service kills itself; at "random" the test kills it a random wait after
+    `ready()` first holds (asked about once a second, for at most 120 s), and a service that had
+    already exited is a failure, not a kill."""
     if moment == "random":
-        time.sleep(rng.uniform(0.5, 12.0))
+        deadline = time.monotonic() + 120
+        while not (was_ready := ready()) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        if was_ready and process.poll() is None:
+            time.sleep(rng.uniform(0.5, 12.0))
         if process.poll() is not None:
             return f"exited by itself with code {process.returncode} before the random kill"
         process.send_signal(signal.SIGKILL)
         process.wait()
-        return "killed"
+        return "killed" if was_ready else "not ready in 120 s"
     try:
         code = process.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -270,14 +317,18 @@ def kill_at(process: subprocess.Popen, moment: str, rng) -> str:
 
 
 def _all_decided(home: Home, expected: int) -> bool:
+    counts = _counts(home)
+    return counts.get("pending", 0) == 0 and counts.get("held", 0) == 0 and sum(counts.values()) >= expected
+
+
+def _counts(home: Home) -> dict[str, int]:
     from store.ledger import Ledger
 
     ledger = Ledger(home.ledger_url)
     try:
-        counts = ledger.counts()
+        return ledger.counts()
     finally:
         ledger.close()
-    return counts.get("pending", 0) == 0 and sum(counts.values()) >= expected
 
 
 def post_corrections(api: str, body: str) -> dict:

@@ -272,3 +272,24 @@ def test_a_held_run_whose_corrections_were_decided_again_after_a_stop_is_settled
     assert waiting == [again.run_id] and tags[tracking.SETTLED_TAG] == "unusable"
     assert statuses(home) == {"c1": ("held", None), "c2": ("held", None)}
     assert not (home.held_dir / f"{abandoned.run_id}.safetensors").exists()
+
+
+def test_an_approval_is_acted_on_between_cycles_while_a_backlog_is_decided(tmp_path: Path, data_root) -> None:
+    from daemon.config import load_config
+    from daemon.service import Service
+    from editors.types import Correction
+
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    waiting, _ = decide_facts(home)
+    service = Service(home, load_config(home))
+    service.rt = open_runtime(home)
+    try:
+        service.rt.records.mlflow.set_tag(waiting.run_id, tracking.REVIEW_TAG, "approve")
+        backlog = [Correction(f"b{i}", f"Fact {i}: the answer to question {i} is", f"word{i}") for i in range(2)]
+        enqueue(service.rt.records.versions.ledger, backlog, "test")
+        service._maybe_cycle()  # decides the whole backlog before it returns
+        settled = service.rt.records.mlflow.get_run(waiting.run_id).data.tags.get(tracking.SETTLED_TAG)
+    finally:
+        service.rt.close()
+    assert settled == "approved"
+    assert statuses(home)["c1"] == ("applied", "v0001")

@@ -64,6 +64,7 @@ def test_the_service_ingests_every_feed_commits_versions_and_exits_0_on_sigterm(
         watchdog = [m for m in drain(notify) if m == "WATCHDOG=1"]
         assert watchdog, "no watchdog ping while running"
         code, health = get_json(f"{api}/healthz")
+        assert (code, health["ok"], health["problems"]) == (200, True, {}), health  # bad records are not a feed's fault
         metrics = urllib.request.urlopen(f"{api}/metrics", timeout=5).read().decode()
         assert "mendd_corrections" in metrics and "mendd_served_version" in metrics
         process.send_signal(signal.SIGTERM)
