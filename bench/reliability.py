@@ -39,7 +39,7 @@ from decision_helpers import ACCEPT_ALL, make_decision_home  # noqa: E402
 from editors.formats import FORMATS, FormatError, read_stream  # noqa: E402
 from policies.probes import data_dir  # noqa: E402
 from service_harness import (Running, SmallDisk, configure, feed_server_goes_away, free_port,  # noqa: E402
-                             kill_rounds, ledger_locked, store_disk_fault, tracking_server_goes_away)
+                             hostile_producer, kill_rounds, ledger_locked, store_disk_fault, tracking_server_goes_away)
 from store.ledger import Ledger  # noqa: E402
 from store.ledger_schema import CorrectionStatus  # noqa: E402
 
@@ -126,7 +126,7 @@ def try_inputs(n: int, seed: int, root: Path) -> dict:
 
 def run_faults(root: Path, data: Path, say) -> tuple[int, list[str]]:
     scenarios = [("ledger-locked", ledger_locked), ("tracking-server-gone", tracking_server_goes_away),
-                 ("feed-server-gone", feed_server_goes_away)]
+                 ("feed-server-gone", feed_server_goes_away), ("hostile-producer", hostile_producer)]
     if SmallDisk.available():
         scenarios += [("store-disk-full", lambda make: store_disk_fault(make, "full")),
                       ("store-read-only", lambda make: store_disk_fault(make, "read-only"))]

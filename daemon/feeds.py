@@ -47,6 +47,7 @@ from store.ledger import Ledger, content_hash
 CURSOR_EVERY = 1000  # records between cursor saves on a long file
 MARK_BYTES = 4096  # bytes at each end of what a file cursor has seen, hashed to notice a rewrite
 INGEST_CHUNK = 500  # corrections stored per ledger transaction
+RAW_KEPT = 16_384  # characters of an unusable record kept with its quarantine (its reason names the rest)
 USER_AGENT = "mendd-feed/1"
 
 
@@ -71,7 +72,8 @@ def ingest(ledger: Ledger, home: Home, feed: str, items: Iterable[tuple[str, Cor
     chunk: list[tuple[str, Correction]] = []
     for where, item in items:
         if isinstance(item, FormatError):
-            _quarantine(ledger, home, feed, where, item, {"where": where, "error": str(item)}, report)
+            raw = {"raw": item.raw[:RAW_KEPT]} if item.raw is not None else {}
+            _quarantine(ledger, home, feed, where, item, {"where": where, "error": str(item), **raw}, report)
             continue
         chunk.append((where, item))
         if len(chunk) >= INGEST_CHUNK:
@@ -114,9 +116,10 @@ def _store(ledger: Ledger, home: Home, feed: str, chunk: list[tuple[str, Correct
 
 def _quarantine(ledger: Ledger, home: Home, feed: str, where: str, error: FormatError, payload: dict,
                 report: IntakeReport) -> None:
-    """Store an unusable record as quarantined with its reason (once: the position and the problem
-    name it, so a file dropped again under the same name is a new record)."""
-    _, new = ledger.quarantine(feed, f"{where} [{content_id(str(error))[:8]}]", payload, str(error))
+    """Store an unusable record as quarantined with its reason, once: its position, its problem and
+    its content name it, so the same record read again is recognised, and another bad record at the
+    same place (the next POST's first line) is stored too."""
+    _, new = ledger.quarantine(feed, f"{where} [{content_id(str(error), error.raw or '')[:8]}]", payload, str(error))
     if new:
         report.quarantined += 1
         report.reasons.append(f"{where}: {error}")

@@ -22,9 +22,10 @@ FORMATS = ("mendd", "counterfact", "rome", "zsre", "mquake")
 
 
 class FormatError(ValueError):
-    def __init__(self, record: str, field: str, problem: str):
+    def __init__(self, record: str, field: str, problem: str, raw: str | None = None):
         super().__init__(f"record {record}, field {field!r}: {problem}")
         self.record, self.field, self.problem = record, field, problem
+        self.raw = raw  # the record as received, where the stream reader knows it: kept with its quarantine
 
 
 # The id rule. An id is written into version commit messages, logs and every listing, so it is
@@ -190,9 +191,10 @@ def read_stream(handle: BinaryIO | Iterable[bytes], fmt: str = "auto", source: s
         try:
             corrections = parse_record(record, fmt, source, position)
         except FormatError as error:
+            error.raw = _as_text(record)
             corrections = [error]
         except Exception as exc:  # a limit of Python's or a parser bug costs this record, never the feed
-            corrections = [FormatError(f"#{position}", "(record)", f"could not be read: {_why(exc)}")]
+            corrections = [FormatError(f"#{position}", "(record)", f"could not be read: {_why(exc)}", _as_text(record))]
         for item in corrections:
             yield position, item
 
@@ -235,8 +237,16 @@ def _lines(lines: Iterable[bytes], first: int) -> Iterator[tuple[int, Any]]:
         try:
             record = json.loads(line.decode("utf-8"))
         except Exception as exc:  # valid JSON may still be unreadable: over 4,300 digits is a plain ValueError
-            record = FormatError(f"line {number}", "(json)", _why(exc))
+            record = FormatError(f"line {number}", "(json)", _why(exc), line.decode("utf-8", "replace"))
         yield number, record
+
+
+def _as_text(record: Any) -> str:
+    """A decoded record as JSON text again (what a quarantine keeps of it)."""
+    try:
+        return json.dumps(record)  # ASCII: a lone surrogate escape stays text that can be hashed and stored
+    except (ValueError, RecursionError):
+        return repr(record)[:100_000]
 
 
 def _why(exc: Exception) -> str:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -569,3 +570,72 @@ def store_disk_fault(service, fault: str) -> None:
             running.process.kill()
             running.process.wait()
         disk.release()
+
+
+# -- a hostile producer: records and ids meant to break intake or history -------------------------
+
+HOSTILE_IDS = ("c1\nmendd-version: {\"tag\": \"v9999\", \"kind\": \"base\", \"model_md5\": \"forged\"}", "c2\x00",
+               "c3\x1b[2J", "c4\x1e\x1f", "x" * 129, "../../etc/passwd; rm -rf /", " ")
+
+
+def hostile_producer(service) -> dict:
+    """A file feed and POSTs carrying what no producer should send (ids that would forge or break
+    history, a 5,000-digit integer, a line over max_bytes, a half-written last line, a file rewritten
+    in place), each followed by good records: every good record arrives and is decided once, every bad
+    one is quarantined with its reason, the feed never stops, and history reads whole. Returns the
+    counts it checked."""
+    feed = Path(tempfile.mkdtemp(prefix="mendd-hostile-")) / "hostile.jsonl"
+    feed.write_text("")
+    running = service(feeds=[{"name": "file", "kind": "file", "path": str(feed), "interval_s": 1, "max_bytes": 65536}]).start()
+    good: list[str] = []
+
+    def arrive(cid: str) -> None:
+        good.append(cid)
+        wait_for(lambda: cid in stored_ids(running.home), 120, f"{cid} to be stored (the feed moved on)", running.process)
+
+    bad_lines = [json.dumps({"id": cid, "prompt": f"Bad record {i} is", "target_new": "bad"}) + "\n"
+                 for i, cid in enumerate(HOSTILE_IDS)]
+    bad_lines += ['{"id": "big", "prompt": "a", "target_new": "b", "n": ' + "9" * 5000 + "}\n",
+                  json.dumps({"id": "long", "prompt": "x" * 70_000, "target_new": "y"}) + "\n", "{ broken\n"]
+    with open(feed, "a", encoding="utf-8") as handle:
+        handle.writelines(bad_lines)
+        handle.write(line("g1", "The capital of Spain is", "Lisbon"))
+    arrive("g1")
+    half = line("g2", "Water boils at", "fifty")
+    with open(feed, "a", encoding="utf-8") as handle:  # a producer caught mid-write
+        handle.write(half[:17])
+    time.sleep(3)  # several pulls see the half line
+    with open(feed, "a", encoding="utf-8") as handle:
+        handle.write(half[17:])
+    arrive("g2")
+    with open(feed, "r+", encoding="utf-8") as handle:  # rewritten in place, regrown past the old cursor
+        handle.truncate(0)
+        handle.write(line("g3", "The sky is", "green") * 1 + line("g4", "Grass is", "blue") * 1 + " " * 5000 + "\n")
+    arrive("g3")
+    arrive("g4")
+    for cid in HOSTILE_IDS:
+        code, _ = post_status(running.api, json.dumps({"id": cid, "prompt": f"Bad post {cid!r} is", "target_new": "bad"}))
+        assert code in (202, 400), code
+    post_corrections(running.api, line("g5", "Rome is in", "Peru"))
+    arrive("g5")
+    wait_for(lambda: pending_ids(running) == [], 300, "every good record to be decided", running.process)
+    versions = subprocess.run([MENDD, "--home", str(running.home.root), "versions", "--json"], capture_output=True, text=True)
+    assert versions.returncode == 0, versions.stderr
+    tags = [v["tag"] for v in json.loads(versions.stdout)["versions"]]
+    assert "v9999" not in tags and tags == sorted(tags), tags
+    quarantined = _counts(running.home).get("quarantined", 0)
+    assert problems(running.api) == {}, problems(running.api)  # bad records are not a stopped feed
+    running.stop()
+    running.assert_whole(good)
+    return {"good_records": len(good), "bad_records": len(bad_lines) + len(HOSTILE_IDS), "quarantined": quarantined,
+            "versions": len(tags)}
+
+
+def stored_ids(home: Home) -> set[str]:
+    from store.ledger import Ledger
+
+    ledger = Ledger(home.ledger_url)
+    try:
+        return {row.external_id for row in ledger.corrections()}
+    finally:
+        ledger.close()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service_harness import (Running, SmallDisk, feed_server_goes_away, ledger_locked, store_disk_fault,
-                             tracking_server_goes_away)
+from service_harness import (Running, SmallDisk, feed_server_goes_away, hostile_producer, ledger_locked,
+                             store_disk_fault, tracking_server_goes_away)
 
 # Each scenario starts the real service and waits for it to degrade and recover: minutes in all.
 pytestmark = pytest.mark.long
@@ -45,3 +45,8 @@ def test_a_feed_server_that_goes_away_degrades_the_feed_until_it_is_back(service
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_store_disk_that_fills_up_or_turns_read_only_mid_commit_is_recovered(service, fault: str) -> None:
     store_disk_fault(service, fault)
+
+
+def test_a_hostile_producers_records_are_quarantined_and_its_good_ones_all_arrive(service) -> None:
+    checked = hostile_producer(service)
+    assert checked["quarantined"] == checked["bad_records"]

@@ -89,6 +89,26 @@ def test_bad_records_are_quarantined_with_their_reason_and_the_rest_go_on(tmp_pa
     assert len(home.quarantine_path.read_text().splitlines()) == 3
 
 
+def test_a_quarantined_record_is_kept_as_received(tmp_path: Path, home: Home, ledger: Ledger) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_bytes(b"{oops\n" + b'{"id": "c\\n2", "prompt": "The sky is", "target_new": "x"}\n')
+    pull(FeedConfig(name="f", kind="file", path=path), ledger, home)
+    kept = [row.payload["raw"] for row in ledger.corrections(CorrectionStatus.quarantined)]
+    assert kept == ["{oops\n", '{"id": "c\\n2", "prompt": "The sky is", "target_new": "x"}']
+
+
+def test_different_bad_records_at_the_same_place_are_each_quarantined(home: Home, ledger: Ledger) -> None:
+    import io
+
+    from daemon.feeds import ingest, located
+
+    bodies = [json.dumps({"id": f"bad id {n}", "prompt": "The sky is", "target_new": "x"}).encode() for n in range(3)]
+    reports = [ingest(ledger, home, "api", located("api", io.BytesIO(body))) for body in bodies]  # three POSTs' line 1
+    again = ingest(ledger, home, "api", located("api", io.BytesIO(bodies[0])))
+    assert [r.quarantined for r in reports] == [1, 1, 1]
+    assert (again.quarantined, again.duplicates) == (0, 1)
+
+
 def test_a_record_under_an_id_another_feed_already_holds_is_quarantined_with_its_content(
         tmp_path: Path, home: Home, ledger: Ledger) -> None:
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
