@@ -53,7 +53,6 @@ SEND_S = 30.0  # the most one write may wait for a client that does not read
 PIECE_TIMEOUT_S = 300  # the longest an application waits for the next piece of its answer
 CLIENT_CHECK_S = 0.5  # how often a request waiting for its answer checks that its client is there
 BUSY_RETRY_S = "5"
-MODEL_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
 class Api:
@@ -415,14 +414,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, code: int, message: str, param: str | None = None, error_code: str | None = None,
                headers: dict[str, str] | None = None) -> None:
-        """An error in the endpoint's own shape: OpenAI's on the model endpoints, {"error": message}
-        on the others (as their clients read it)."""
-        if self._endpoint() in MODEL_ENDPOINTS:
-            kind = {401: "authentication_error", 403: "permission_error", 500: "server_error",
-                    503: "server_error"}.get(code, "invalid_request_error")
-            self._json(code, error_body(message, kind, param, error_code), headers)
-        else:
-            self._json(code, {"error": message}, headers)
+        """An error in OpenAI's shape, on every endpoint: a client reads one shape from this server."""
+        kind = {401: "authentication_error", 403: "permission_error", 500: "server_error",
+                503: "server_error"}.get(code, "invalid_request_error")
+        self._json(code, error_body(message, kind, param, error_code), headers)
 
     def _json(self, code: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         self._send(code, json.dumps(payload).encode(), "application/json", headers)

@@ -483,7 +483,7 @@ def ledger_locked(service) -> None:
         assert "database is locked" in running.degraded("cycle")
         assert pending_ids(running) == ["k1"]
         refused = post_status(running.api, line("k2", "Water boils at", "fifty"))
-        assert refused[0] == 503 and "send the whole request again" in refused[1]["error"], refused
+        assert refused[0] == 503 and "send the whole request again" in refused[1]["error"]["message"], refused
     finally:
         locker.kill()
         locker.wait()
