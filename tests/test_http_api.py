@@ -20,6 +20,7 @@ from daemon.home import Home
 from daemon import http_api
 from daemon.http_api import MAX_BODY, Api, serve
 from daemon.metrics import Metrics
+from http_client import exchange, leaves_after_first_piece, posted
 from store.ledger import Ledger
 
 TOKEN = "s3cret-token"
@@ -205,26 +206,6 @@ class _served:
         self.ledger.close()
 
 
-def exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read the whole response (the server closes after it): status, headers, body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        connection.sendall(request)
-        data = b""
-        while chunk := connection.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/"), f"no response: {data[:200]!r}"
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
-
-
-def posted(path: str, body: bytes, headers: dict[str, str] | None = None, length: str | None = None) -> bytes:
-    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body) if length is None else length}",
-            *(f"{name}: {value}" for name, value in (headers or {}).items())]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
 def completion(**fields) -> bytes:
     return json.dumps({"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, **fields}).encode()
 
@@ -321,24 +302,13 @@ def test_a_prompt_longer_than_the_context_window_is_refused_before_it_queues(end
     assert (code, error["param"], error["code"]) == (400, "messages", "context_length_exceeded")
 
 
-def _leaves_after_first_piece(port: int, stream: bool) -> None:
-    """A client that asks for a long answer and leaves: after its first event, or (not streamed) at once."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-        connection.sendall(posted("/v1/completions", completion(max_tokens=200, stream=stream)))
-        if stream:
-            received = b""
-            while b"data: " not in received:
-                received += connection.recv(4096)
-        else:
-            time.sleep(0.3)
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_answers_whose_clients_left_stop_and_the_next_client_is_answered_soon(tiny, tmp_path: Path,
                                                                               stream: bool) -> None:
     # 200 tokens at 20 ms each: 4 s per answer, 24 s for six, if they were not cancelled
     with _served(tiny, tmp_path / "home", seconds_per_token=0.02) as (port, _, _):
-        leaving = [threading.Thread(target=_leaves_after_first_piece, args=(port, stream)) for _ in range(6)]
+        asked = posted("/v1/completions", completion(max_tokens=200, stream=stream))
+        leaving = [threading.Thread(target=leaves_after_first_piece, args=(port, asked, stream)) for _ in range(6)]
         for client in leaving:
             client.start()
         for client in leaving:
