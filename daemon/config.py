@@ -279,7 +279,7 @@ class MenddConfig(BaseSettings):
     )
     feeds: list[FeedConfig] = Field(default_factory=list, description="Correction feeds the service pulls (see README).")
     cycle: CycleConfig = Field(default_factory=CycleConfig, description="When the service runs a maintenance cycle.")
-    cache: CacheConfig = Field(default_factory=CacheConfig, description="What the editor keeps between decisions, in bytes.")
+    caches: CacheConfig = Field(default_factory=CacheConfig, description="What the editor keeps between decisions, in bytes.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Health and metrics HTTP server.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="The git+DVC version store.")
     mlflow: MlflowConfig = Field(

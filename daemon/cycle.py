@@ -112,6 +112,8 @@ def _act(rt: Runtime, decision: Decision, delta, corrections: list[Correction], 
             ledger.mark(keys, CorrectionStatus.held, run_id=run_id, reason=decision.summary())
         elif final:
             ledger.mark(keys, CorrectionStatus.rejected, run_id=run_id, reason=decision.summary())
+        elif decision.outcome == "held":
+            tracking.mark_split(client, run_id)
         tracking.close_decision_run(client, run_id, None)
         return None
     except Exception as error:

@@ -107,7 +107,7 @@ class Runtime:
         """Serve `version` (the store's head): load its model, then make the editor and gate ready."""
         self.loaded = load_served_model(self.records.versions)
         self.editable = Editable(self.loaded.model, self.loaded.tokenizer, self.config.editor.edit_layers,
-                                 self.config.cache.budgets())
+                                 self.config.caches.budgets())
         settings = self.config.editor
         self.memory = self.reference = None
         if settings.memory == "routed":

@@ -55,7 +55,7 @@ def experiment_name(base: str, model: str) -> str:
 
 DECISION_TAG = "mendd.decision"
 REVIEW_TAG = "mendd.review"  # set by a person in the UI: approve | reject
-SETTLED_TAG = "mendd.settled"  # set by mendd once a held decision is settled: approved | rejected
+SETTLED_TAG = "mendd.settled"  # set by mendd once a held decision is settled: approved | rejected | unusable | split
 VERSION_TAG = "mendd.version"
 GIT_SHA_TAG = "mendd.git_sha"
 MAX_TAG = 4000  # MLflow caps tag values; long lists are cut and the artifact has them whole
@@ -109,6 +109,11 @@ def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) ->
     mlflow_client.log_text(run_id, _note(record), "decision.txt")
     mlflow_client.log_table(run_id, _table(decision), "examples.json")
     return run_id
+
+
+def mark_split(mlflow_client, run_id: str) -> None:
+    """A held batch the cycle decides again in parts waits for no review: its parts' runs do."""
+    mlflow_client.set_tag(run_id, SETTLED_TAG, "split")
 
 
 def close_decision_run(mlflow_client, run_id: str, version: Version | None, failed: str | None = None) -> None:

@@ -98,7 +98,7 @@ def test_default_config_equals_the_built_in_defaults(tmp_path: Path) -> None:
 def test_default_config_comments_every_key_with_allowed_values_and_env_var() -> None:
     lines = render_default_config("tiny-llama").splitlines()
     keys = [i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
-    sections = {"editor:", "cycle:", "http:", "store:", "mlflow:"}
+    sections = {"editor:", "cycle:", "caches:", "http:", "store:", "mlflow:"}
     for i in keys:
         above = lines[i - 1].strip()
         if lines[i].strip() in sections:

@@ -118,12 +118,12 @@ def test_no_cache_holds_more_bytes_than_its_budget(tiny) -> None:
 
 def test_cache_budgets_come_from_the_configuration_and_are_checked_there(tmp_path: Path, monkeypatch) -> None:
     home = Home(tmp_path)
-    home.config_path.write_text("cache:\n  prefix_states_bytes: 1000\n  similarities_bytes: 0\n", encoding="utf-8")
-    monkeypatch.setenv("MENDD_CACHE__ROUTED_OUTPUTS_BYTES", "2000")
-    assert load_config(home).cache.budgets() == CacheBudgets(1000, 2000, 0)
-    monkeypatch.delenv("MENDD_CACHE__ROUTED_OUTPUTS_BYTES")
-    home.config_path.write_text("cache:\n  prefix_states_bytes: -1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="cache.prefix_states_bytes"):
+    home.config_path.write_text("caches:\n  prefix_states_bytes: 1000\n  similarities_bytes: 0\n", encoding="utf-8")
+    monkeypatch.setenv("MENDD_CACHES__ROUTED_OUTPUTS_BYTES", "2000")
+    assert load_config(home).caches.budgets() == CacheBudgets(1000, 2000, 0)
+    monkeypatch.delenv("MENDD_CACHES__ROUTED_OUTPUTS_BYTES")
+    home.config_path.write_text("caches:\n  prefix_states_bytes: -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="caches.prefix_states_bytes"):
         load_config(home)
     home.config_path.write_text("", encoding="utf-8")
-    assert load_config(home).cache.budgets() == CacheBudgets()
+    assert load_config(home).caches.budgets() == CacheBudgets()

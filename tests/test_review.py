@@ -293,3 +293,21 @@ def test_an_approval_is_acted_on_between_cycles_while_a_backlog_is_decided(tmp_p
         service.rt.close()
     assert settled == "approved"
     assert statuses(home)["c1"] == ("applied", "v0001")
+
+
+def test_a_held_batch_decided_again_in_parts_leaves_only_its_parts_waiting_for_review(tmp_path: Path, data_root) -> None:
+    from daemon.cycle import run_cycle
+
+    home = make_decision_home(tmp_path / "home", HOLD_ALL, data_root)
+    home.config_path.write_text(home.config_path.read_text().replace("batch_size: 1", "batch_size: 2"))
+    rt = open_runtime(home)
+    try:
+        enqueue(rt.records.versions.ledger, FACTS, "test")
+        report = run_cycle(rt)
+        waiting = {d.run_id for d in review.held(rt.records)}
+        batch_run = report.steps[0].run_id
+        batch_tags = rt.records.mlflow.get_run(batch_run).data.tags
+    finally:
+        rt.close()
+    assert len(report.steps) == 3 and waiting == {s.run_id for s in report.steps[1:]}
+    assert batch_tags[tracking.SETTLED_TAG] == "split"
