@@ -261,8 +261,9 @@ def test_a_json_array_file_is_bounded_by_max_records_and_reread_when_rewritten(
     assert len(statuses(ledger)) == 6
 
 
-def test_a_record_whose_reading_fails_unexpectedly_is_quarantined_and_the_feed_reads_past_it(
-        tmp_path: Path, home: Home, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def brittle_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the record with id "b" fails as a bug would, not as a bad record does."""
     parse = formats.parse_record
 
     def brittle(record, *args, **kwargs):
@@ -271,6 +272,10 @@ def test_a_record_whose_reading_fails_unexpectedly_is_quarantined_and_the_feed_r
         return parse(record, *args, **kwargs)
 
     monkeypatch.setattr(formats, "parse_record", brittle)
+
+
+def test_a_record_whose_reading_fails_unexpectedly_is_quarantined_and_the_feed_reads_past_it(
+        tmp_path: Path, home: Home, ledger: Ledger, brittle_parser) -> None:
     path = tmp_path / "feed.jsonl"
     path.write_text(line("a", "The sky is", "green") + line("b", "Grass is", "blue") + line("c", "Snow is", "red"))
     feed = FeedConfig(name="f", kind="file", path=path)
@@ -284,15 +289,7 @@ def test_a_record_whose_reading_fails_unexpectedly_is_quarantined_and_the_feed_r
 
 
 def test_a_dropped_file_whose_reading_fails_unexpectedly_does_not_hold_up_the_folder(
-        tmp_path: Path, home: Home, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    parse = formats.parse_record
-
-    def brittle(record, *args, **kwargs):
-        if record.get("id") == "b":
-            raise RuntimeError("a bug, not the record's fault")
-        return parse(record, *args, **kwargs)
-
-    monkeypatch.setattr(formats, "parse_record", brittle)
+        tmp_path: Path, home: Home, ledger: Ledger, brittle_parser) -> None:
     drop = tmp_path / "drop"
     drop.mkdir()
     (drop / "1.jsonl").write_text(line("b", "Grass is", "blue"))
