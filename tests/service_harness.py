@@ -178,10 +178,10 @@ def audit(home: Home, sent: list[str], feed: str | None = None) -> Audit:
         rows = ledger.corrections()
         carried = in_effect(history, head.tag)
         applied = {r.external_id: r.version for r in rows if r.status == CorrectionStatus.applied and r.version}
-        waiting = {run.info.run_id for run in held_runs_of(home)}
+        held = [r for r in rows if r.status == CorrectionStatus.held]
+        waiting = {run.info.run_id for run in held_runs_of(home)} if held else set()  # MLflow only when needed
         found.corrupted += [f"{r.external_id} is held by run {r.run_id}, which waits for no review or lacks its candidate"
-                            for r in rows if r.status == CorrectionStatus.held
-                            and (r.run_id not in waiting or not (home.held_dir / f"{r.run_id}.safetensors").exists())]
+                            for r in held if r.run_id not in waiting or not (home.held_dir / f"{r.run_id}.safetensors").exists()]
         if applied != carried:
             found.corrupted.append(f"ledger applied {sorted(applied)} but {head.tag} carries {sorted(carried)}")
         # Applied twice: the change is in the model twice (the ledger's unique ids cannot show it).
