@@ -12,9 +12,9 @@ pinned reference) with an empty update, and queries are routed as the service ro
 (editors/memory_model.route_queries: keys, leads, named subject, relations among namesakes). Sets:
 - known: ROME's known facts (policies/data/known, 1,209 facts with Wikidata relation ids and
   templates), one entry each. Queries: its prompt (own); the same subject in another template of the
-  same relation (paraphrase: own); the same subject in a template of another relation that one
-  asks of the same kind of subject (other: a person's birthplace for a citizenship fact; any route is
-  false unless the memory holds that fact about the subject);
+  same relation (paraphrase: own); the same subject asked another relation of its kind of subject
+  (other, made by policies/relations.other_questions: a person's birthplace for a citizenship fact;
+  any route is false unless the memory holds that fact about the subject);
 - pairs: tests/data/same_subject_pairs.jsonl (50 subjects, two relations each, with rephrasings),
   one side's entries alone: the other side's prompts and rephrasings must not route (other); both
   sides' entries: each prompt and rephrasing to its own (both);
@@ -50,22 +50,11 @@ from editors.memory_model import NONE, query_ends, route_queries, unit
 from editors.routing import Memory, Reference, entries, prompt_states
 from editors.types import Correction
 from policies.probes import data_dir
+from policies.relations import Relations, load_relations, other_questions, relation_of
 from report import report
 
 MODEL = "smollm2-135m"
 PAIRS = Path(__file__).resolve().parents[1] / "tests" / "data" / "same_subject_pairs.jsonl"
-# Wikidata relations of ROME's known facts by the kind of subject they ask about; a fact's "other"
-# query takes a relation of its own kind (a person's birthplace, not a river's).
-KINDS = {
-    "person": ["P27", "P19", "P20", "P103", "P1412", "P108", "P101", "P106", "P39", "P413", "P641", "P1303",
-               "P136", "P937"],
-    "place": ["P30", "P17", "P131", "P36", "P37", "P276"],
-    "work": ["P127", "P178", "P176", "P159", "P449", "P495", "P740", "P364", "P407", "P138"],
-}
-# Relations that ask the same question in other words (templates shared, or near enough): never
-# another relation of each other.
-SAME_QUESTION = [{"P364", "P407"}, {"P17", "P30", "P131", "P276"}, {"P176", "P178"}, {"P495", "P740"},
-                 {"P103", "P1412"}, {"P101", "P106"}, {"P127", "P176", "P178"}]
 
 
 @dataclass(frozen=True)
@@ -74,36 +63,25 @@ class Query:
     owner: int  # the entry that should serve it; NONE: none should
 
 
-def same_question(relation: str) -> set[str]:
-    out = {relation}
-    for group in SAME_QUESTION:
-        if relation in group:
-            out |= group
-    return out
-
-
-def known_set(rng: random.Random) -> tuple[list[Correction], dict[str, list[Query]]]:
+def known_set(rng: random.Random, relations: Relations) -> tuple[list[Correction], dict[str, list[Query]]]:
     facts = json.loads((data_dir() / "known" / "known_1000.json").read_text())
     templates: dict[str, list[str]] = {}
     for f in facts:
         templates.setdefault(f["relation_id"], [])
         if f["template"] not in templates[f["relation_id"]]:
             templates[f["relation_id"]].append(f["template"])
-    kind_of = {r: kind for kind, relations in KINDS.items() for r in relations}
-    facts = [f for f in facts if f["relation_id"] in kind_of]
-    held = {(f["subject"], f["relation_id"]): i for i, f in enumerate(facts)}
     records = [Correction(f"known-{f['known_id']}", f["prompt"], f["attribute"], subject=f["subject"]) for f in facts]
+    held = {(c.subject, relation.id): i for i, c in enumerate(records) if (relation := relation_of(c, relations))}
     queries: dict[str, list[Query]] = {"own": [], "paraphrase": [], "other": []}
-    for i, f in enumerate(facts):
-        subject, relation = f["subject"], f["relation_id"]
+    for i, (f, record) in enumerate(zip(facts, records)):
         queries["own"].append(Query(f["prompt"], i))
-        others = [t.format(subject) for t in templates[relation] if t != f["template"]]
+        others = [t.format(f["subject"]) for t in templates[f["relation_id"]] if t != f["template"]]
         if others:
             queries["paraphrase"].append(Query(rng.choice(others), i))
-        asked = sorted(set(KINDS[kind_of[relation]]) - same_question(relation))
-        other = rng.choice(asked)
-        owner = next((held[(subject, r)] for r in same_question(other) if (subject, r) in held), NONE)
-        queries["other"].append(Query(rng.choice(templates[other]).format(subject), owner))
+        for q in other_questions(record, relations, 1, rng):
+            owner = next((held[(record.subject, r)] for r in relations.asking_as(q.relation_id)
+                          if (record.subject, r) in held), NONE)
+            queries["other"].append(Query(q.text, owner))
     return records, queries
 
 
@@ -194,7 +172,8 @@ def main() -> None:
     rt = Runtime.open(home, provisioned(home, MODEL))  # the default profile: a routed memory
     editable, ref, cfg = rt.editable, rt.reference, rt.config.editor
     taus: list[float | None] = [None, *args.taus]
-    sets = {"known": known_set(random.Random(args.seed)), **pair_sets(), "counterfact": counterfact_set(args.n)}
+    sets = {"known": known_set(random.Random(args.seed), load_relations(data_dir())), **pair_sets(),
+            "counterfact": counterfact_set(args.n)}
     summary = {"model": MODEL, "tau": cfg.routing_tau, "margin": cfg.routing_margin,
                "sets": {name: measured(editable, ref, cfg.routing_tau, cfg.routing_margin, records, queries, taus)
                         for name, (records, queries) in sets.items()}}

@@ -4,9 +4,14 @@ Runs `mendd eval --served` three ways on a home provisioned with the default pro
 the shipped editor, routed memory): CounterFact val records with their subject, the same records
 with the subject dropped, and zsRE questions (for chat_success, asked through the chat template).
 Each run is saved as soon as it finishes (`--work`), so an interrupted run resumes with the next.
-Prints JSON with the figures, the issue's bars and which miss.
+Prints JSON with the figures, the issues' bars (#20's, and #35's for other questions about a
+corrected subject) and which miss.
 
-    python bench/served_answers.py [--n 500] [--zsre 200] [--work bench/work/served] [--runs subject ...]
+`--half tuning|measuring` keeps only the records whose subject falls in that half
+(`policies/relations.half`): designs and thresholds are chosen on the tuning half, and the bars are
+read on the measuring half.
+
+    python bench/served_answers.py [--n 500] [--zsre 200] [--half measuring] [--work bench/work/served] [--runs subject ...]
 """
 from __future__ import annotations
 
@@ -23,10 +28,11 @@ from daemon.editor_jobs import run_served_eval
 from daemon.home import Home
 from daemon.provision import provisioned
 from policies.probes import data_dir
+from policies.relations import HALVES, half
 
 MODEL = "smollm2-135m"
 BARS = {"gen_prompt": (">=", 0.95), "gen_rephrase": (">=", 0.80), "nbhd_kept": (">=", 0.95), "nbhd_leak": ("<=", 0.02),
-        "fluency": (">=", 0.97), "chat_success": (">=", 0.60)}
+        "fluency": (">=", 0.97), "chat_success": (">=", 0.60), "other_leak": ("<=", 0.05), "other_changed": ("<=", 0.15)}
 SAME_WITHOUT_SUBJECT = 0.03  # every figure of the --no-subject run within this of the subject run
 RUNS = ("subject", "no_subject", "zsre_chat")
 
@@ -42,6 +48,16 @@ def misses(figures: dict) -> list[str]:
     return out
 
 
+def in_half(data: Path, which: str, work: Path) -> Path:
+    """`data` (a JSON array of records with a subject), or a copy in `work` with only the records
+    whose subject falls in half `which`."""
+    if which == "all":
+        return data
+    kept = work / f"{data.stem}_{which}.json"
+    kept.write_text(json.dumps([r for r in json.loads(data.read_text()) if half(r["subject"]) == which]))
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=500, help="CounterFact val records")
@@ -49,6 +65,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "served")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--half", choices=("all", *HALVES), default="all", help="only the records whose subject is in this half")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
                         help="measure only these runs (to run them in parallel processes); the summary is "
                         "written once all three are saved")
@@ -58,12 +75,13 @@ def main() -> None:
     home = Home(args.work / "home")
     config = provisioned(home, MODEL)
     console = Console(file=sys.stderr)
-    runs = {"subject": (data_dir() / "counterfact" / "val.json", args.n, True),
-            "no_subject": (data_dir() / "counterfact" / "val.json", args.n, False),
-            "zsre_chat": (data_dir() / "zsre" / "zsre_mend-1k.json", args.zsre, True)}
+    counterfact = in_half(data_dir() / "counterfact" / "val.json", args.half, args.work)
+    runs = {"subject": (counterfact, args.n, True), "no_subject": (counterfact, args.n, False),
+            "zsre_chat": (in_half(data_dir() / "zsre" / "zsre_mend-1k.json", args.half, args.work), args.zsre, True)}
+    suffix = "" if args.half == "all" else f"_{args.half}"
     figures: dict[str, dict] = {}
     for name, (data, n, keep_subject) in runs.items():
-        saved = args.work / f"{name}_{n}.json"
+        saved = args.work / f"{name}_{n}{suffix}.json"
         if not saved.exists() and name in args.runs:
             started = time.perf_counter()
             report = run_served_eval(home, config, data, n, 1, keep_subject, 20, console).as_dict()
@@ -79,8 +97,8 @@ def main() -> None:
              if isinstance(subject.get(k), float) and isinstance(dropped.get(k), float)}
     combined = {**subject, "chat_success": figures["zsre_chat"]["chat_success"]}
     summary = {
-        "model": MODEL, "memory": config.editor.memory, "n": args.n, "zsre_n": args.zsre,
-        "figures": {k: combined[k] for k in (*BARS, "repetition", "repetition_base", "reliability", "generalization")},
+        "model": MODEL, "memory": config.editor.memory, "n": args.n, "zsre_n": args.zsre, "half": args.half,
+        "figures": {k: combined.get(k) for k in (*BARS, "repetition", "repetition_base", "reliability", "generalization")},
         "misses": misses(combined),
         "no_subject_apart": apart,
         "no_subject_misses": [f"{k} differs by {v} (bar <= {SAME_WITHOUT_SUBJECT})" for k, v in apart.items()
@@ -89,7 +107,7 @@ def main() -> None:
         "samples": {name: f["samples"] for name, f in figures.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"served_answers_N{args.n}.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    (args.out / f"served_answers_N{args.n}{suffix}.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}))
 
 

@@ -21,7 +21,7 @@ from editors.training import StepLosses, TrainState, train
 from editors.types import Correction
 from policies.editing_eval import EditReport, Probes, evaluate_editor
 from policies.probes import data_dir, unrelated_prompts, wikitext_chunks
-from policies.served_eval import Served, ServedReport, edit_all, read_served, without_subject
+from policies.served_eval import Served, ServedReport, edit_all, other_questions_for, read_served, without_subject
 from store.models import load_model
 
 
@@ -90,6 +90,7 @@ def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
         console.print(f"[yellow]skipped[/] {error}")
+    questions = other_questions_for(records)  # made while the records still name their subjects
     if not keep_subject:
         records = without_subject(records)
     with progress_bar(console) as bar:
@@ -98,7 +99,7 @@ def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int
         served, edited = edit_as_served(home, config, editable, records, batch_size,
                                         progress=lambda n: bar.advance(task, n))
     with console.status(f"Generating {tokens}-token answers with and without the edits..."):
-        return read_served(served, edited, keep_subject, tokens)
+        return read_served(served, edited, keep_subject, tokens, questions=questions)
 
 
 def run_training(model_spec: str, data: list[Path], val: Path | None, out: Path, settings: TrainSettings,

@@ -7,6 +7,10 @@ Figures, over the corrections that were edited (`editors/reading.py` for the tex
   of its rephrasings;
 - nbhd_kept: neighbourhood prompts whose first 4 generated words equal the base model's;
   nbhd_leak: neighbourhood prompts that now say the new target and did not before;
+- other_leak / other_changed: other questions about each corrected subject (`policies/relations.py`:
+  another relation's template or question, "Isaac Newton studied at" beside "Isaac Newton was born
+  in -> Rome") whose answer now says the new target and did not before / whose first 4 words differ
+  from the base model's; the correction should answer its own question and no other (issue #35);
 - fluency: mean n-gram entropy of the continuations (prompts and rephrasings) over the base model's
   on the same prompts; repetition: share of them with a word 2-gram said 3+ times, beside the base's;
 - chat_success: questions (prompts ending in "?", as zsRE's) asked through the model's chat template
@@ -31,9 +35,13 @@ from editors.serving import chat_answers, continuations, serving_entries
 from editors.settings import Compression
 from editors.types import Correction
 from policies.editing_eval import served_accuracy
+from policies.probes import data_dir
+from policies.relations import OtherQuestion, load_relations, questions_about
 
 TOKENS = 20  # continuation length the figures read
 ROWS = 32  # prompts generated at once
+# Other questions asked per corrected subject, drawn with this seed: fixed, so runs compare
+OTHER_PER_CORRECTION, OTHER_SEED = 2, 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class ServedReport:
     gen_rephrase: float | None
     nbhd_kept: float | None
     nbhd_leak: float | None
+    other_leak: float | None  # None when no correction's relation is known
+    other_changed: float | None
     fluency: float | None
     repetition: float | None
     repetition_base: float | None
@@ -159,9 +169,30 @@ def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], 
     return Served(editable, weights=summed), edited
 
 
+def other_questions_for(corrections: list[Correction]) -> list[OtherQuestion]:
+    """The other questions `read_served` asks about the corrections' subjects; made before a run
+    drops the subject field, they are the same questions with and without it."""
+    return questions_about(corrections, load_relations(data_dir()), OTHER_PER_CORRECTION, OTHER_SEED)
+
+
+def other_question_figures(served: Served, base: Served, corrections: list[Correction], questions: list[OtherQuestion],
+                           tokens: int = TOKENS) -> tuple[float | None, float | None, list[dict]]:
+    """other_leak and other_changed of `served` beside `base` over the questions about the given
+    corrections (others are left out), and a row per question: the correction it is about, the
+    question, the target, both answers and whether it leaked or changed."""
+    target = {c.id: c.target_new for c in corrections}
+    asked = [q for q in questions if q.correction_id in target]
+    texts = [q.text for q in asked]
+    rows = [{"correction": q.correction_id, "other": q.text, "target": target[q.correction_id], "base": b, "served": s,
+             "leak": newly_says(s, b, target[q.correction_id]), "changed": first_words(s, 4) != first_words(b, 4)}
+            for q, b, s in zip(asked, base.say(texts, tokens), served.say(texts, tokens))]
+    return _share([r["leak"] for r in rows]), _share([r["changed"] for r in rows]), rows
+
+
 def read_served(served: Served, corrections: list[Correction], subject: bool, tokens: int = TOKENS,
-                samples: int = 8) -> ServedReport:
-    """The generation figures of `served` over the corrections it carries."""
+                samples: int = 8, questions: list[OtherQuestion] | None = None) -> ServedReport:
+    """The generation figures of `served` over the corrections it carries; `questions`: the other
+    questions about their subjects (default: `other_questions_for` the corrections)."""
     editable = served.editable
     base = Served(editable)
     prompts = [c.prompt for c in corrections]
@@ -177,11 +208,13 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
     entropy_base = statistics.fmean(ngram_entropy(t) for t in said_base) if said_base else 0.0
     reliability, generalization = served.teacher_forced(corrections)
     chats = chat_answers_to(served, corrections, tokens)
+    other_leak, other_changed, others = other_question_figures(
+        served, base, corrections, other_questions_for(corrections) if questions is None else questions, tokens)
     return ServedReport(
         memory="routed" if served.memory is not None else "weights", subject=subject, n=len(corrections),
         reliability=reliability, generalization=generalization,
         gen_prompt=_share(hits[: len(prompts)]), gen_rephrase=_share(hits[len(prompts):]),
-        nbhd_kept=_share(kept), nbhd_leak=_share(leaks),
+        nbhd_kept=_share(kept), nbhd_leak=_share(leaks), other_leak=other_leak, other_changed=other_changed,
         fluency=statistics.fmean(ngram_entropy(t) for t in said) / entropy_base if entropy_base else None,
         repetition=_share([repeats(t) for t in said]), repetition_base=_share([repeats(t) for t in said_base]),
         chat_success=_share([mentions(a, c.target_new) for c, a in chats]),
@@ -189,7 +222,9 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
                       for p, c, b, s in zip(prompts, corrections, said_base, said))[:samples]
         + tuple({"neighbour": p, "target": c.target_new, "base": b, "served": s}
                 for (c, p), b, s in zip(neighbours, near_base, near))[:samples]
-        + tuple({"chat": c.prompt, "target": c.target_new, "served": a} for c, a in chats)[:samples],
+        + tuple({"chat": c.prompt, "target": c.target_new, "served": a} for c, a in chats)[:samples]
+        # the ones a person would dispute first: leaked, then changed
+        + tuple(sorted(others, key=lambda r: (not r["leak"], not r["changed"])))[:samples],
     )
 
 
