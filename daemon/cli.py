@@ -548,6 +548,7 @@ def export(
     `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` (a routed version brings its
     memory and a self-contained modeling file; a weights version is a plain Hugging Face folder)."""
     from daemon.exporting import ExportError, export_version
+    from editors.registry import relation_reader
     from daemon.versioning import open_versions
     from store.errors import StoreError
 
@@ -555,7 +556,8 @@ def export(
     opened = open_versions(ctx.obj, config)
     try:
         with err.status(f"Exporting {version}..."):
-            done = export_version(opened.store, version, out, config.editor.routing_tau, config.editor.routing_margin)
+            done = export_version(opened.store, version, out, config.editor.routing_tau, config.editor.routing_margin,
+                                  relation_reader(config.model, config.editor.relation_floor))
     except (ExportError, StoreError) as error:
         raise typer.BadParameter(str(error), param_hint="VERSION / --out") from None
     finally:

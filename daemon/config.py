@@ -109,6 +109,13 @@ class EditorConfig(_Section):
         "on held-out unrelated prompts) by this share of the way from the floor to 1, so a key that resembles "
         "many prompts serves only close matches.",
     )
+    relation_floor: float | None = Field(
+        None, ge=0, lt=1,
+        description="editor.memory routed: an entry serves a query only where the model's shipped relation reader "
+        "(editors/pretrained/<model>.relations.safetensors) gives the entry's relation at least this probability "
+        "for it: the query asks the entry's question, not another about its subject (issue #35). null: the floor "
+        "the reader was tuned at; 0: no check. A model shipped without a reader has no check.",
+    )
     memory_rank: int | None = Field(
         2, ge=1,
         description="editor.memory routed: each entry keeps the best rank-k approximation of its change per "

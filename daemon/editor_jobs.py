@@ -75,11 +75,13 @@ def edit_as_served(home, config, editable: Editable, records: list[Correction], 
     model and the records it carries (policies/served_eval.edit_all)."""
     from daemon.runtime import service_editor
     from daemon.suite_files import routing_reference
+    from editors.registry import relation_reader
 
     routed = config.editor.memory == "routed"
     reference = routing_reference(home, editable, config.editor.routing_layer) if routed else None
+    reader = relation_reader(config.model, config.editor.relation_floor) if routed else None
     return edit_all(editable, service_editor(home, editable, config), records, reference, config.editor.routing_tau,
-                    config.editor.routing_margin, batch_size, progress, config.editor.compression())
+                    config.editor.routing_margin, batch_size, progress, config.editor.compression(), reader)
 
 
 def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int, keep_subject: bool, tokens: int,

@@ -38,9 +38,10 @@ class ExportError(Exception):
     pass
 
 
-def export_version(store: VersionStore, tag: str, out: Path, tau: float, margin: float) -> Exported:
+def export_version(store: VersionStore, tag: str, out: Path, tau: float, margin: float,
+                   reader: memory_model.RelationReader | None = None) -> Exported:
     """Write version `tag` into the new folder `out`; a routed memory is served at `tau` and `margin`
-    (the home's routing settings, as mendd serves it)."""
+    with `reader` (the home's routing settings, as mendd serves it)."""
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty: export into a new folder")
     partial = out.with_name(f".{out.name}.partial")
@@ -54,7 +55,7 @@ def export_version(store: VersionStore, tag: str, out: Path, tau: float, margin:
         if routed:
             layer = int(read_memory_chunk(chunks[0]).metadata["layer"])
             centre = read_memory_chunk(chunks[0]).common["centre"]
-            write_memory(partial / memory_model.MEMORY_FILE, entries, centre, layer, tau, margin, tag)
+            write_memory(partial / memory_model.MEMORY_FILE, entries, centre, layer, tau, margin, tag, reader)
             shutil.rmtree(partial / MEMORY)
             shutil.copyfile(memory_model.__file__, partial / MODELING_FILE)
             name_routed_class(partial / "config.json")
@@ -68,10 +69,11 @@ def export_version(store: VersionStore, tag: str, out: Path, tau: float, margin:
 
 
 def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: int, tau: float, margin: float,
-                 version: str) -> None:
+                 version: str, reader: memory_model.RelationReader | None = None) -> None:
     """The memory as editors/memory_model.StoredMemory reads it: keys, leads, relations, floors and
     the centre stacked, each entry's factors as `i/<tensor>/inputs` and `i/<tensor>/outputs` (times its scale,
-    as serving applies them), targets, subjects, aliases and correction ids in the metadata."""
+    as serving applies them), the relation reader as `reader/<part>` (its floor in the metadata), targets,
+    subjects, aliases and correction ids in the metadata."""
     hidden = centre.numel()
     tensors = {
         "centre": centre.float().contiguous(),
@@ -86,8 +88,11 @@ def write_memory(path: Path, entries: list[Entry], centre: torch.Tensor, layer: 
         for name, update in entry.update.items():
             tensors[f"{i}/{name}/inputs"] = update.inputs.contiguous()
             tensors[f"{i}/{name}/outputs"] = (update.outputs * update.scale).contiguous()
+    if reader is not None:
+        tensors.update(memory_model.reader_tensors(reader, "reader/"))
     write_tensor_file(path, tensors, metadata={
         "layer": str(layer), "tau": str(tau), "margin": str(margin), "version": version,
+        **({"relation_floor": str(reader.floor)} if reader is not None else {}),
         "correction_ids": json.dumps([e.correction_id for e in entries]),
         "targets": json.dumps([e.target for e in entries]), "subjects": json.dumps([e.subject for e in entries]),
         "aliases": json.dumps([list(e.aliases) for e in entries])})

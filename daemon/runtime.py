@@ -15,7 +15,7 @@ from daemon.versioning import Versions, load_served_model, open_versions, recove
 from editors import routing
 from editors.editable import Editable
 from editors.formats import from_record
-from editors.registry import Editor, guarded, make_editor
+from editors.registry import Editor, guarded, make_editor, relation_reader
 from editors.routing import Entry, Memory, Reference, Routed
 from editors.types import Correction, Delta
 from policies.gate import Gate, Weights
@@ -132,7 +132,8 @@ class Runtime:
                 f"({self.editable.anatomy.first}): keys must be read before any edited block")
         self.reference = routing_reference(self.home, self.editable, settings.routing_layer)
         self.memory = stored_memory(self.records.versions, settings.routing_layer, settings.routing_tau,
-                                     settings.routing_margin, self.reference)
+                                     settings.routing_margin, self.reference,
+                                     relation_reader(self.config.model, settings.relation_floor))
 
     def served_weights(self) -> Weights:
         """The served model's weights as the gate takes them."""

@@ -22,6 +22,7 @@ from daemon.home import Home
 from editors import compression
 from editors.compression import narrowest, widened
 from editors.formats import ID_RULE, is_valid_id
+from editors.memory_model import RelationReader
 from editors.routing import Entry, Memory, Reference
 from editors.types import Delta, Share
 from store.crash import BEFORE_LEDGER, crash_point
@@ -157,12 +158,13 @@ def is_routed(chunk: MemoryChunk) -> bool:
     return "layer" in chunk.metadata
 
 
-def stored_memory(versions: Versions, layer: int, tau: float, margin: float, reference: Reference) -> Memory:
-    """The routed memory in the store's model/, served at `tau` and `margin`; empty (centred by
-    `reference`) when no version has added entries yet."""
+def stored_memory(versions: Versions, layer: int, tau: float, margin: float, reference: Reference,
+                  reader: RelationReader | None = None) -> Memory:
+    """The routed memory in the store's model/, served at `tau` and `margin` with `reader`; empty
+    (centred by `reference`) when no version has added entries yet."""
     chunks = versions.store.memory_chunks()
     if not chunks:
-        return Memory(layer, tau, reference.centre, margin=margin)
+        return Memory(layer, tau, reference.centre, margin=margin, reader=reader)
     first = chunks[0][1]
     if int(first.metadata["layer"]) != layer:
         raise StoreError(
@@ -170,7 +172,7 @@ def stored_memory(versions: Versions, layer: int, tau: float, margin: float, ref
             f"editor.routing_layer is {layer}; set it back to {first.metadata['layer']} (keys made at one block "
             "cannot be compared with states at another)")
     entries = tuple(entry_from_stored(share) for _, chunk in chunks for share in chunk.shares)
-    return Memory(layer, tau, first.common["centre"], entries, margin)
+    return Memory(layer, tau, first.common["centre"], entries, margin, reader)
 
 
 def entry_to_stored(entry: Entry) -> StoredShare:

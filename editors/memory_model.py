@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -167,9 +168,12 @@ def named_entries(texts: list[str], subjects: list[Names], index: dict[str, list
 
 def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: float = 0.0,
            unit_keys: torch.Tensor | None = None, ends: torch.Tensor | None = None,
-           unit_relations: torch.Tensor | None = None, relation_tau: float | None = None) -> torch.Tensor:
+           unit_relations: torch.Tensor | None = None, relation_tau: float | None = None,
+           asked: "Asked | None" = None) -> torch.Tensor:
     """Per query, the most similar entry among those whose similarity reaches both τ and the entry's
-    own floor raised by `margin` of the way to 1; NONE when none does. Given the entries' `unit_keys`
+    own floor raised by `margin` of the way to 1; NONE when none does. Given what each query asks and
+    what each entry answers (`asked`), an entry serves no query that asks another question of its
+    subject. Given the entries' `unit_keys`
     and `unit_relations` and the queries' `ends` (each one's last state, centred unit), an entry that
     shares its subject with other eligible ones (SAME_SUBJECT) gives way to the one of them whose
     relation is nearest the query's end; given `relation_tau` too, an entry whose relation is further
@@ -180,6 +184,8 @@ def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: f
     if similarity.shape[1] == 0:
         return torch.full((n,), NONE)
     eligible = similarity >= torch.clamp(floors + margin * (1 - floors), min=tau)
+    if asked is not None:
+        eligible &= asked.answers()
     if relation_tau is not None and ends is not None and unit_relations is not None:
         rows, cols = eligible.nonzero(as_tuple=True)
         has_relation = unit_relations[cols].abs().sum(-1) > 0
@@ -199,6 +205,77 @@ def choose(similarity: torch.Tensor, floors: torch.Tensor, tau: float, margin: f
     nearest = torch.full((n,), similarity.shape[1]).scatter_reduce(0, rows[at_nearest], cols[at_nearest], reduce="amin")
     several = torch.bincount(rows, minlength=n) > 1
     return torch.where((chosen != NONE) & several, nearest, chosen)
+
+
+# -- the question a query asks (pure) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RelationReader:
+    """Which relation (question) a text asks, read from its last state entering the routing block: a
+    multinomial logistic regression trained on relation templates, CounterFact and known facts
+    (bench/relation_reader.py). A key says who a query is about; this says what it asks, so the entry
+    for "Isaac Newton was born in" does not answer "Isaac Newton studied at"."""
+
+    weight: torch.Tensor  # [hidden, classes]
+    bias: torch.Tensor  # [classes]
+    mean: torch.Tensor  # [hidden]: the features' standardization
+    scale: torch.Tensor  # [hidden]
+    floor: float  # the least probability of an entry's relation at which a query still asks it
+
+    def probabilities(self, states: torch.Tensor) -> torch.Tensor:
+        """[texts, classes]: each relation's probability, from the texts' last states [texts, hidden]."""
+        return torch.softmax(((states.float() - self.mean) / self.scale) @ self.weight + self.bias, -1)
+
+    def relations(self, states: torch.Tensor) -> torch.Tensor:
+        """[texts]: the relation each text asks most likely."""
+        return self.probabilities(states).argmax(-1) if len(states) else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What each query asks ([queries, classes], the reader's probabilities) beside what each entry
+    answers ([entries], its prompt's relation; NONE for an entry stored without a relation state),
+    and the floor below which a query asks something else."""
+
+    queries: torch.Tensor
+    entries: torch.Tensor
+    floor: float
+
+    def answers(self) -> torch.Tensor:
+        """[queries, entries]: whether each entry answers what each query asks; an entry without a
+        relation answers anything, as before the reader."""
+        if self.entries.numel() == 0:
+            return torch.ones(len(self.queries), 0, dtype=torch.bool)
+        asked = self.queries[:, self.entries.clamp(min=0)] >= self.floor
+        return asked | (self.entries < 0)[None]
+
+
+READER_PARTS = ("weight", "bias", "mean", "scale")
+
+
+def reader_from(tensors: dict[str, torch.Tensor], floor: float, prefix: str = "") -> RelationReader | None:
+    """The reader whose parts `tensors` holds under `prefix` (None when it holds none), at `floor`."""
+    if f"{prefix}weight" not in tensors:
+        return None
+    return RelationReader(*(tensors[prefix + part].float() for part in READER_PARTS), floor)
+
+
+def reader_tensors(reader: RelationReader, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + part: getattr(reader, part).float().contiguous() for part in READER_PARTS}
+
+
+def asked_of(reader: RelationReader | None, queries: list[torch.Tensor], entry_relations: torch.Tensor) -> Asked | None:
+    """What `queries` (their routed states) ask of entries answering `entry_relations`; None without a reader."""
+    if reader is None or not queries:
+        return None
+    return Asked(reader.probabilities(torch.stack([q[-1] for q in queries])), entry_relations, reader.floor)
+
+
+def entry_relations(reader: RelationReader | None, relations: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[entries]: the relation each entry's prompt asks (from its relation state), NONE where it has none."""
+    if reader is None or len(relations) == 0:
+        return torch.full((len(relations),), NONE)
+    return torch.where(present, reader.relations(relations), torch.tensor(NONE))
 
 
 def named_similarities(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
@@ -227,15 +304,18 @@ def query_ends(queries: list[torch.Tensor], centre: torch.Tensor) -> torch.Tenso
 def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: torch.Tensor,
                   unit_leads: torch.Tensor, unit_relations: torch.Tensor, floors: torch.Tensor, tau: float,
                   margin: float, texts: list[str] | None = None, subjects: list[Names] | None = None,
-                  index: dict[str, list[int]] | None = None, relation_tau: float | None = None) -> torch.Tensor:
+                  index: dict[str, list[int]] | None = None, relation_tau: float | None = None,
+                  reader: RelationReader | None = None, relations: torch.Tensor | None = None) -> torch.Tensor:
     """[queries]: the entry serving each query (its states, [positions, hidden]), or NONE. Given the
     queries' `texts` and the entries' `subjects`, an entry serves only a query that names its
-    subject; given their `index` too (`subject_index`), only those entries are compared."""
+    subject; given their `index` too (`subject_index`), only those entries are compared; given a
+    `reader` and the entries' `relations` (`entry_relations`), only entries that answer what it asks."""
     if not queries:
         return torch.zeros(0, dtype=torch.long)
     columns = named_entries(texts, subjects, index) if texts is not None and subjects is not None and index is not None else None
     sims = named_similarities(queries, centre, unit_keys, unit_leads, tau, texts, subjects, columns)
-    return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations, relation_tau)
+    asked = asked_of(reader, queries, relations) if relations is not None else None
+    return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations, relation_tau, asked)
 
 
 def prompt_positions(states: torch.Tensor) -> torch.Tensor:
@@ -427,6 +507,9 @@ class StoredMemory:
         self.unit_keys = unit(tensors["keys"], self.centre)
         self.unit_leads = present_units(tensors["leads"], tensors["has_lead"].bool(), self.centre)
         self.unit_relations = present_units(tensors["relations"], tensors["has_relation"].bool(), self.centre)
+        # exported before the relation reader: entries answer whatever their subject is asked
+        self.reader = reader_from(tensors, float(meta.get("relation_floor", 0)), "reader/")
+        self.relations = entry_relations(self.reader, tensors["relations"], tensors["has_relation"].bool())
         self.updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.correction_ids]
         for key, tensor in tensors.items():
             if key.count("/") == 2:
@@ -441,7 +524,7 @@ class StoredMemory:
             return [NONE] * len(states)
         return route_queries([prompt_positions(s) for s in states], self.centre, self.unit_keys, self.unit_leads,
                              self.unit_relations, self.floors, self.tau, self.margin, texts, self.subjects,
-                             self.subject_index).tolist()
+                             self.subject_index, reader=self.reader, relations=self.relations).tolist()
 
 
 def _routed_class():

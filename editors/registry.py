@@ -8,6 +8,7 @@ import torch
 
 from editors.editable import Editable
 from editors.finetune import FineTuneEditor, NoEditor
+from editors.memory_model import RelationReader, reader_from
 from editors.mend import PRETRAINED_DIR, MendEditor
 from editors.types import Correction, Delta
 
@@ -26,6 +27,24 @@ class Editor(Protocol):
 
 def pretrained_path(model_spec: str) -> Path:
     return PRETRAINED_DIR / f"{model_spec}.safetensors"
+
+
+def relation_reader_path(model_spec: str) -> Path:
+    return PRETRAINED_DIR / f"{model_spec}.relations.safetensors"
+
+
+def relation_reader(model_spec: str, floor: float | None = None) -> RelationReader | None:
+    """The relation reader shipped for `model_spec` (bench/relation_reader.py), at `floor` (None: the
+    floor it was tuned at); None where none is shipped, or with floor 0 (no check)."""
+    path = relation_reader_path(model_spec)
+    if floor == 0 or not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tuned = float(handle.metadata()["floor"])
+    return reader_from(tensors, tuned if floor is None else floor)
 
 
 def make_editor(name: str, editable: Editable, model_spec: str, path: Path | None = None,

@@ -39,9 +39,9 @@ import torch
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import CompactUpdate, compact_update, compressed, wide_all
 from editors.kept import BytesBudget
-from editors.memory_model import (NONE, Factors, Names, choose, entry_names, index_words, named_entries, named_similarities,
-                                  optional_rows, position_similarities, present_units, prompt_positions, query_ends,
-                                  stack_rows, subject_index, unit)
+from editors.memory_model import (NONE, Factors, Names, RelationReader, asked_of, choose, entry_names, entry_relations,
+                                  index_words, named_entries, named_similarities, optional_rows, position_similarities,
+                                  present_units, prompt_positions, query_ends, stack_rows, subject_index, unit)
 from editors.settings import CacheBudgets, Compression
 from editors.types import Correction, LowRankUpdate
 
@@ -82,6 +82,13 @@ class Memory:
     centre: torch.Tensor  # [hidden]: mean state of held-out prompts at `layer`
     entries: tuple[Entry, ...] = ()
     margin: float = 0.0  # the share of the way from an entry's floor to 1 a query must also clear
+    reader: RelationReader | None = None  # what a query asks: an entry serves only its own question
+
+    @cached_property
+    def relations(self) -> torch.Tensor:
+        """[entries]: the relation each entry's prompt asks (the reader's), NONE without a reader or state."""
+        present = torch.tensor([e.relation is not None for e in self.entries], dtype=torch.bool)
+        return entry_relations(self.reader, optional_rows([e.relation for e in self.entries], self.centre.numel()), present)
 
     def plus(self, entries: list[Entry]) -> "Memory":
         return replace(self, entries=self.entries + tuple(entries))
@@ -179,7 +186,8 @@ def chosen_entries(memory: Memory, similarity: torch.Tensor, queries: list[torch
     if not queries:
         return torch.zeros(0, dtype=torch.long)
     return choose(similarity, memory.floors, memory.tau, memory.margin, memory.unit_keys,
-                  query_ends(queries, memory.centre), memory.unit_relations)
+                  query_ends(queries, memory.centre), memory.unit_relations,
+                  asked=asked_of(memory.reader, queries, memory.relations))
 
 
 class SimilarityCache:

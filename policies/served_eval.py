@@ -28,6 +28,7 @@ import torch
 from editors import routing
 from editors.batching import is_question
 from editors.editable import Editable
+from editors.memory_model import RelationReader
 from editors.reading import first_words, mentions, newly_says, ngram_entropy, repeats
 from editors.registry import Editor
 from editors.routing import NONE, Entry, Memory, Reference, Routed
@@ -142,7 +143,7 @@ def without_subject(corrections: list[Correction]) -> list[Correction]:
 
 def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], reference: Reference | None, tau: float, margin: float,
              batch_size: int = 1, progress: Callable[[int], None] | None = None,
-             how: Compression | None = None) -> tuple[Served, list[Correction]]:
+             how: Compression | None = None, reader: RelationReader | None = None) -> tuple[Served, list[Correction]]:
     """Edit every correction (in batches) into one served model; returns it and the corrections
     it carries (those the editor could not edit, or that the model already answered, are left out).
     With a reference, the edits are routed entries, compressed as `how` says."""
@@ -165,7 +166,7 @@ def edit_all(editable: Editable, editor: Editor, corrections: list[Correction], 
         if progress:
             progress(len(batch))
     if reference is not None:
-        return Served(editable, memory=Memory(reference.layer, tau, reference.centre, tuple(entries), margin)), edited
+        return Served(editable, memory=Memory(reference.layer, tau, reference.centre, tuple(entries), margin, reader)), edited
     return Served(editable, weights=summed), edited
 
 

@@ -3,6 +3,7 @@ key; a query runs with the update whose key it matches, else with the unchanged 
 routing rule, the routed model's logits, and routed versions through the real cycle and store."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from daemon.cycle import decide, decide_revert
 from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
-from editors.memory_model import (ASKED_WITHIN, LEAD_TAU, SAME_SUBJECT, choose, index_words, named_entries, route_queries, similarities,
-                                  subject_index, unnamed)
+from editors.memory_model import (ASKED_WITHIN, LEAD_TAU, SAME_SUBJECT, Asked, RelationReader, asked_of, choose, entry_relations,
+                                  index_words, named_entries, route_queries, similarities, subject_index, unnamed)
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
 from store.checkpoint import read_tensor_file
@@ -78,6 +79,63 @@ def test_relation_tau_passes_an_entry_stored_without_a_relation() -> None:
     chosen = choose(similarity, torch.zeros(1), 0.8, 0.0, torch.eye(1, 2), torch.tensor([[0.0, 1.0]]),
                     torch.zeros(1, 2), relation_tau=0.5)
     assert chosen.tolist() == [0]
+
+
+def reader_of(classes: int, hidden: int, floor: float = 0.05) -> RelationReader:
+    """A reader that reads relation i from a state's i-th coordinate (sharply)."""
+    return RelationReader(20 * torch.eye(hidden, classes), torch.zeros(classes), torch.zeros(hidden), torch.ones(hidden), floor)
+
+
+def test_a_query_that_asks_another_relation_of_the_subject_is_not_served_by_its_entry() -> None:
+    reader = reader_of(2, 3)
+    similarity = torch.tensor([[0.95], [0.95]])  # both queries name the entry's subject
+    entry = entry_relations(reader, torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([True]))
+    queries = [torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])]
+    assert entry.tolist() == [0]
+    assert choose(similarity, torch.zeros(1), 0.8, asked=asked_of(reader, queries, entry)).tolist() == [0, NONE]
+
+
+def test_a_query_asks_an_entry_s_relation_when_it_gives_it_at_least_the_floor() -> None:
+    asked = Asked(torch.tensor([[0.96, 0.04], [0.94, 0.06]]), torch.tensor([1]), floor=0.05)
+    assert asked.answers().tolist() == [[False], [True]]
+
+
+def test_an_entry_stored_without_a_relation_state_answers_whatever_its_subject_is_asked() -> None:
+    reader = reader_of(2, 3)
+    entry = entry_relations(reader, torch.zeros(1, 3), torch.tensor([False]))
+    assert entry.tolist() == [NONE]
+    queries = [torch.tensor([[0.0, 1.0, 0.0]])]
+    assert choose(torch.tensor([[0.95]]), torch.zeros(1), 0.8, asked=asked_of(reader, queries, entry)).tolist() == [0]
+
+
+def test_a_memory_with_a_reader_routes_a_batch_by_what_each_query_asks(tiny) -> None:
+    """Through Editable.routes: the reader's verdict on the real states decides, whatever it is."""
+    ref_prompts = ["The weather is", "A cat sat on the"]
+    ref = routing.reference(tiny, ref_prompts, 1)
+    correction = Correction("a", "Isaac Newton was born in", " Rome", subject="Isaac Newton")
+    [entry] = routing.entries(tiny, [("a", {})], [correction], ref)
+    open_memory = Memory(1, -1.0, ref.centre, (entry,))
+    asked = ["Isaac Newton was born in", "Isaac Newton studied at"]
+    assert tiny.routes(tiny.batch([(q, "x") for q in asked]), open_memory).tolist() == [0, 0]
+    end = routing.prompt_states(tiny, asked[:1], 1)[0][-1]
+    unit_end = end / end.norm() ** 2  # its own prompt reads as relation 0 with probability e / (e + 1/e) = 0.88
+    own, other = (RelationReader(torch.stack([unit_end, -unit_end], 1), torch.zeros(2), torch.zeros(len(end)),
+                                 torch.ones(len(end)), floor) for floor in (0.5, 0.95))
+    assert tiny.routes(tiny.batch([(q, "x") for q in asked[:1]]), replace(open_memory, reader=other)).tolist() == [NONE]
+    assert tiny.routes(tiny.batch([(q, "x") for q in asked[:1]]), replace(open_memory, reader=own)).tolist() == [0]
+
+
+def test_an_exported_memory_keeps_its_relation_reader(tmp_path: Path) -> None:
+    from daemon.exporting import write_memory
+    from editors.memory_model import StoredMemory
+
+    reader = reader_of(2, 4, floor=0.2)
+    entries = [Entry("a", torch.randn(4), 0.5, {}, "Rome", relation=torch.tensor([0.0, 3.0, 0.0, 0.0]))]
+    write_memory(tmp_path / "memory.safetensors", entries, torch.zeros(4), 1, 0.8, 0.0, "v0001", reader)
+    stored = StoredMemory(tmp_path / "memory.safetensors")
+    assert stored.reader.floor == 0.2
+    torch.testing.assert_close(stored.reader.weight, reader.weight)
+    assert stored.relations.tolist() == [1]
 
 
 def test_an_entry_serves_only_a_query_whose_text_names_its_subject() -> None:
