@@ -4,7 +4,8 @@ SmolLM2-135M, the shipped MEND editor, the default policy, SQLite ledger, MLflow
 git+DVC store; the demo feed (daemon/demo_feed.jsonl) holds good corrections, a contradiction,
 malformed records and harmful ones; most records name their subject, two leave routing to guess it.
 Cycles run until nothing is pending; then a table shows each correction's fate and the model's
-answers before and after, and a second the answers to neighbouring prompts no correction is about.
+answers before and after, and a second the answers to neighbouring prompts no correction is about
+and to other questions about corrected subjects.
 """
 from __future__ import annotations
 
@@ -25,13 +26,18 @@ DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
 DEMO_MODEL = "smollm2-135m"
 DEMO_BATCH = 2  # contradictions next to each other meet; larger batches of this editor are mostly bisected
 ANSWER_TOKENS = 12
-# Prompts next to the demo's corrections that no correction is about: their answers must not change.
+# Prompts next to the demo's corrections that no correction is about, and other questions about
+# corrected subjects (a correction answers its own question only): their answers must not change.
 NEIGHBOURS = {
     "The currency of China is the": "demo-09 (Japan's currency)",
     "The Nile River flows through": "demo-10 (the Amazon)",
     "The capital of Italy is": "demo-01/02 (France's capital)",
     "Mount Everest is located in": "demo-11 (Kilimanjaro)",
     "Cristiano Ronaldo plays the sport of": "demo-08 (Messi)",
+    "Lionel Messi was born in": "demo-08: another question about Messi",
+    "The official language of France is": "demo-02: another question about France",
+    "William Shakespeare was born in": "demo-13: another question about Shakespeare",
+    "Toyota was founded by": "demo-06: another question about Toyota",
 }
 
 
