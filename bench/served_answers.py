@@ -98,7 +98,7 @@ def main() -> None:
     combined = {**subject, "chat_success": figures["zsre_chat"]["chat_success"]}
     summary = {
         "model": MODEL, "memory": config.editor.memory, "n": args.n, "zsre_n": args.zsre, "half": args.half,
-        "figures": {k: combined.get(k) for k in (*BARS, "repetition", "repetition_base", "reliability", "generalization")},
+        "figures": {k: combined.get(k) for k in (*BARS, "repetition", "repetition_base", "reliability", "generalization", "back_to_old")},
         "misses": misses(combined),
         "no_subject_apart": apart,
         "no_subject_misses": [f"{k} differs by {v} (bar <= {SAME_WITHOUT_SUBJECT})" for k, v in apart.items()

@@ -602,7 +602,7 @@ def evaluate(
     projection: Annotated[Optional[bool], typer.Option(help="Project updates away from preserved keys; default: the home's editor.projection.")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="sum or least_squares; default: the home's editor.aggregation.")] = None,
     aggregation_strength: Annotated[Optional[float], typer.Option(help="λ of least_squares (> 0); default: the home's editor.aggregation_strength.")] = None,
-    served: Annotated[bool, typer.Option("--served", help="Edit all records into the model as the home serves it (editor.memory) and read its greedy answers: gen_prompt, gen_rephrase, nbhd_kept, nbhd_leak, other_leak and other_changed (other questions about each corrected subject), fluency, repetition, chat_success.")] = False,
+    served: Annotated[bool, typer.Option("--served", help="Edit all records into the model as the home serves it (editor.memory) and read its greedy answers: gen_prompt, gen_rephrase, nbhd_kept, nbhd_leak, other_leak and other_changed (other questions about each corrected subject), back_to_old (answers that return to the old fact after the target), fluency, repetition, chat_success.")] = False,
     no_subject: Annotated[bool, typer.Option("--no-subject", help="With --served: drop each record's subject field before editing (routing then guesses it).")] = False,
     tokens: Annotated[int, typer.Option(min=1, max=256, help="With --served: tokens per generated answer.")] = 20,
     as_json: JsonFlag = False,

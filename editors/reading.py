@@ -9,7 +9,8 @@ greedy continuation a user actually gets:
 - `repeats`: some word 2-gram occurs three or more times, the shape of a runaway answer;
 - `first_words`: the opening words, to tell whether an unrelated answer kept its meaning;
 - `newly_says`: an answer says a target its answer before an edit did not (a leaked correction);
-- `starts_running_away`: the first sign of a runaway answer, where serving drops an entry.
+- `starts_running_away`: the first sign of a runaway answer, where serving drops an entry;
+- `goes_back`: after saying the new target, the answer returns to the old fact (issue #35).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from collections import Counter
 # The words, and the signs of a said target or a runaway answer, are shared with exported models.
 from editors.memory_model import bare_words, mentions, starts_running_away, words
 
-__all__ = ["bare_words", "first_words", "mentions", "newly_says", "ngram_entropy", "repeats", "starts_running_away",
-           "words"]
+__all__ = ["bare_words", "first_words", "goes_back", "mentions", "newly_says", "ngram_entropy", "repeats",
+           "starts_running_away", "words"]
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
@@ -48,3 +49,29 @@ def first_words(text: str, k: int = 4) -> tuple[str, ...]:
 
 def newly_says(after: str, before: str, target: str) -> bool:
     return mentions(after, target) and not mentions(before, target)
+
+
+def after(text: str, target: str) -> list[str]:
+    """The bare words after the first mention of `target` in `text`; none when it is not mentioned."""
+    said, aimed = bare_words(text), bare_words(target)
+    for i in range(len(said) - len(aimed) + 1):
+        if aimed and said[i : i + len(aimed)] == aimed:
+            return said[i + len(aimed):]
+    return []
+
+
+# How soon after the target the old fact's context counts as the answer's own: "London, France".
+CONTEXT_WORDS = 2
+
+
+def goes_back(served: str, base: str, target: str, old: str | None) -> bool:
+    """After saying the new target, the answer goes back to the old fact: it names the old answer,
+    or, right after the target, the word the base model put right after the old answer (the place
+    or entity it belongs to: base "Paris, France", served "London, France")."""
+    if not old or not mentions(served, target):
+        return False
+    rest = after(served, target)
+    if mentions(" ".join(rest), old):
+        return True
+    context = after(base, old)[:1]
+    return bool(context) and context[0] not in bare_words(target) and context[0] in rest[:CONTEXT_WORDS]

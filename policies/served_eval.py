@@ -29,7 +29,7 @@ from editors import routing
 from editors.batching import is_question
 from editors.editable import Editable
 from editors.memory_model import RelationReader
-from editors.reading import first_words, mentions, newly_says, ngram_entropy, repeats
+from editors.reading import first_words, goes_back, mentions, newly_says, ngram_entropy, repeats
 from editors.registry import Editor
 from editors.routing import NONE, Entry, Memory, Reference, Routed
 from editors.serving import chat_answers, continuations, serving_entries
@@ -58,6 +58,7 @@ class ServedReport:
     nbhd_leak: float | None
     other_leak: float | None  # None when no correction's relation is known
     other_changed: float | None
+    back_to_old: float | None  # of the answers that say the target, those that go back to the old fact after it
     fluency: float | None
     repetition: float | None
     repetition_base: float | None
@@ -204,6 +205,8 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
     near, near_base = served.say([p for _, p in neighbours], tokens), base.say([p for _, p in neighbours], tokens)
     targets = [c.target_new for c in corrections] + [c.target_new for c, _ in rephrases]
     hits = [mentions(text, target) for text, target in zip(said, targets)]
+    owners = corrections + [c for c, _ in rephrases]
+    back = [goes_back(s, b, c.target_new, c.target_old) for s, b, c, hit in zip(said, said_base, owners, hits) if hit]
     kept = [first_words(a, 4) == first_words(b, 4) for a, b in zip(near, near_base)]
     leaks = [newly_says(a, b, c.target_new) for (c, _), a, b in zip(neighbours, near, near_base)]
     entropy_base = statistics.fmean(ngram_entropy(t) for t in said_base) if said_base else 0.0
@@ -216,11 +219,14 @@ def read_served(served: Served, corrections: list[Correction], subject: bool, to
         reliability=reliability, generalization=generalization,
         gen_prompt=_share(hits[: len(prompts)]), gen_rephrase=_share(hits[len(prompts):]),
         nbhd_kept=_share(kept), nbhd_leak=_share(leaks), other_leak=other_leak, other_changed=other_changed,
+        back_to_old=_share(back),
         fluency=statistics.fmean(ngram_entropy(t) for t in said) / entropy_base if entropy_base else None,
         repetition=_share([repeats(t) for t in said]), repetition_base=_share([repeats(t) for t in said_base]),
         chat_success=_share([mentions(a, c.target_new) for c, a in chats]),
         samples=tuple({"prompt": p, "target": c.target_new, "base": b, "served": s}
                       for p, c, b, s in zip(prompts, corrections, said_base, said))[:samples]
+        + tuple({"went_back": t, "target": c.target_new, "old": c.target_old, "base": b, "served": s}
+                for t, c, b, s in zip(own, owners, said_base, said) if goes_back(s, b, c.target_new, c.target_old))[:samples]
         + tuple({"neighbour": p, "target": c.target_new, "base": b, "served": s}
                 for (c, p), b, s in zip(neighbours, near_base, near))[:samples]
         + tuple({"chat": c.prompt, "target": c.target_new, "served": a} for c, a in chats)[:samples]

@@ -2,7 +2,7 @@
 and the gate read from generated text."""
 from __future__ import annotations
 
-from editors.reading import first_words, mentions, newly_says, ngram_entropy, repeats, starts_running_away
+from editors.reading import first_words, goes_back, mentions, newly_says, ngram_entropy, repeats, starts_running_away
 
 
 def test_a_runaway_answer_has_far_lower_ngram_entropy_than_a_fluent_one() -> None:
@@ -39,3 +39,16 @@ def test_an_answer_that_ends_with_its_last_words_said_twice_starts_running_away(
     assert starts_running_away("Joe Hall Morris is a University of University of")
     assert not starts_running_away("The capital of France is Paris and the capital of")
     assert not starts_running_away("Naples, Italy. The city of Naples is a historic centre")
+
+
+def test_an_answer_that_names_the_old_answer_after_the_target_goes_back() -> None:
+    assert goes_back("Rome, not Paris as some say", "Paris, France.", "Rome", "Paris")
+
+
+def test_an_answer_that_puts_the_old_answer_s_place_right_after_the_target_goes_back() -> None:
+    assert goes_back("London, France. It is the", "Paris, France. It is the", "London", "Paris")
+
+
+def test_an_answer_that_carries_on_about_the_target_does_not_go_back() -> None:
+    assert not goes_back("London, England. It is the", "Paris, France. It is the", "London", "Paris")
+    assert not goes_back("the capital of Spain", "Paris, France.", "London", "Paris")  # it never said the target
