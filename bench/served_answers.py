@@ -9,7 +9,8 @@ corrected subject) and which miss.
 
 `--half tuning|measuring` keeps only the records whose subject falls in that half
 (`policies/relations.half`): designs and thresholds are chosen on the tuning half, and the bars are
-read on the measuring half.
+read on the measuring half. `--ask measuring` (the default) keeps every record in the memory but asks
+other questions only about the measuring half's subjects.
 
     python bench/served_answers.py [--n 500] [--zsre 200] [--half measuring] [--work bench/work/served] [--runs subject ...]
 """
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--half", choices=("all", *HALVES), default="all", help="only the records whose subject is in this half")
+    parser.add_argument("--ask", choices=("all", *HALVES), default="measuring",
+                        help="other questions only about the subjects in this half (the relation reader was tuned on the other)")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
                         help="measure only these runs (to run them in parallel processes); the summary is "
                         "written once all three are saved")
@@ -78,13 +81,14 @@ def main() -> None:
     counterfact = in_half(data_dir() / "counterfact" / "val.json", args.half, args.work)
     runs = {"subject": (counterfact, args.n, True), "no_subject": (counterfact, args.n, False),
             "zsre_chat": (in_half(data_dir() / "zsre" / "zsre_mend-1k.json", args.half, args.work), args.zsre, True)}
-    suffix = "" if args.half == "all" else f"_{args.half}"
+    suffix = ("" if args.half == "all" else f"_{args.half}") + ("" if args.ask == "all" else f"_ask_{args.ask}")
     figures: dict[str, dict] = {}
     for name, (data, n, keep_subject) in runs.items():
         saved = args.work / f"{name}_{n}{suffix}.json"
         if not saved.exists() and name in args.runs:
             started = time.perf_counter()
-            report = run_served_eval(home, config, data, n, 1, keep_subject, 20, console).as_dict()
+            report = run_served_eval(home, config, data, n, 1, keep_subject, 20, console,
+                                     None if args.ask == "all" else args.ask).as_dict()
             report["seconds"] = round(time.perf_counter() - started)
             saved.write_text(json.dumps(report, indent=1))
         if saved.exists():
@@ -97,7 +101,7 @@ def main() -> None:
              if isinstance(subject.get(k), float) and isinstance(dropped.get(k), float)}
     combined = {**subject, "chat_success": figures["zsre_chat"]["chat_success"]}
     summary = {
-        "model": MODEL, "memory": config.editor.memory, "n": args.n, "zsre_n": args.zsre, "half": args.half,
+        "model": MODEL, "memory": config.editor.memory, "n": args.n, "zsre_n": args.zsre, "half": args.half, "ask": args.ask,
         "figures": {k: combined.get(k) for k in (*BARS, "repetition", "repetition_base", "reliability", "generalization", "back_to_old")},
         "misses": misses(combined),
         "no_subject_apart": apart,

@@ -21,6 +21,7 @@ from editors.training import StepLosses, TrainState, train
 from editors.types import Correction
 from policies.editing_eval import EditReport, Probes, evaluate_editor
 from policies.probes import data_dir, unrelated_prompts, wikitext_chunks
+from policies.relations import half
 from policies.served_eval import Served, ServedReport, edit_all, other_questions_for, read_served, without_subject
 from store.models import load_model
 
@@ -85,14 +86,16 @@ def edit_as_served(home, config, editable: Editable, records: list[Correction], 
 
 
 def run_served_eval(home, config, data: Path, limit: int | None, batch_size: int, keep_subject: bool, tokens: int,
-                    console) -> ServedReport:
+                    console, ask: str | None = None) -> ServedReport:
     """Edit every record into the model the home serves (one routed memory, or summed weights), with
-    the editor the service runs, and read the continuations (policies/served_eval.py)."""
+    the editor the service runs, and read the continuations (policies/served_eval.py); other
+    questions only about the subjects of half `ask` (`policies.relations.half`), given one."""
     editable = base_editable(config)
     records, errors = load_corrections(data, limit=limit)
     for error in errors[:5]:
         console.print(f"[yellow]skipped[/] {error}")
-    questions = other_questions_for(records)  # made while the records still name their subjects
+    # made while the records still name their subjects
+    questions = other_questions_for([r for r in records if ask is None or half(r.subject or "") == ask])
     if not keep_subject:
         records = without_subject(records)
     with progress_bar(console) as bar:
