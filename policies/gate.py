@@ -6,16 +6,18 @@ judged as the entry it routes to will serve it) on four questions: do the new co
 still hold (retention), are unrelated answers unchanged from the base model (locality), and did
 perplexity move (ppl_drawdown). Each measure is checked against the policy: all accept thresholds
 met -> accepted; all hold thresholds met -> held for a person; otherwise rejected, with the failing
-checks spelt out. With the optional generation checks in the policy (repetition, leaks) it also
-reads greedy answers: a candidate whose answers run away or spill onto neighbours is stopped even
-when every teacher-forced figure passes.
+checks spelt out. With the optional generation checks in the policy (repetition, leaks,
+other_leak) it also reads greedy answers: a candidate whose answers run away, spill onto neighbours,
+or answer other questions about a corrected subject with the correction ("Isaac Newton studied at ->
+Rome" beside "Isaac Newton was born in -> Rome", issue #35) is stopped even when every teacher-forced
+figure passes.
 
 Everything runs through the Editable, so the suites' prefix states are computed once and each gate
 runs only the edited layers and the head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -25,12 +27,16 @@ from editors.batching import TokenBatch, rows_of, text_batch
 from editors.editable import Editable
 from editors.reading import first_words, newly_says, repeats
 from editors.routing import NONE, Routed
+from editors.serving import serving_entries
 from editors.types import Correction
 from policies.policy import Policy, Threshold
-from policies.served_eval import Served, answered_as, routed_alike
+from policies.served_eval import Served, answered_as, other_question_figures, other_questions_for, routed_alike
 from policies.suites import BATCH, Probe, RetentionProbe, Suites, retention_probes
 
 SPOKEN = 12  # tokens of each answer the generation checks read
+# Other questions whose base answers a gate keeps, ~2,000 corrections' worth: a question is asked
+# again only when its batch is split or a held decision is judged again
+PINNED = 4096
 Outcome = Literal["accepted", "held", "rejected"]
 Weights = dict[str, torch.Tensor] | Routed  # replacement weights, or a routed memory on the model's own
 
@@ -58,7 +64,7 @@ class Check:
 class Example:
     """One row of the per-example table a reviewer reads."""
 
-    kind: str  # edit | rephrase | retention | locality | answer (generated) | leak (generated)
+    kind: str  # edit | rephrase | retention | locality | answer, leak, other (generated)
     correction_id: str
     prompt: str
     target: str
@@ -73,11 +79,13 @@ class Speech:
 
     figures: dict[str, tuple[float | None, int]]
     examples: tuple["Example", ...]
+    measured: dict[str, float] = field(default_factory=dict)  # figures with no threshold: for the record only
 
 
 # The checks whose failing examples name their correction; the others (locality, perplexity,
 # retention) measure the change as a whole.
-BLAMES = {"reliability": "edit", "generalization": "rephrase", "repetition": "answer", "leaks": "leak"}
+BLAMES = {"reliability": "edit", "generalization": "rephrase", "repetition": "answer", "leaks": "leak",
+          "other_leak": "other"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class Decision:
     outcome: Outcome
     checks: tuple[Check, ...]
     examples: tuple[Example, ...]
+    measured: dict[str, float] = field(default_factory=dict)  # figures beside the checks, no threshold of their own
 
     @property
     def suspects(self) -> frozenset[str]:
@@ -98,7 +107,9 @@ class Decision:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return {c.name: c.value for c in self.checks if c.value is not None}
+        """The checks' values and the figures measured beside them: the MLflow run's metrics and the
+        version's figures."""
+        return {**{c.name: c.value for c in self.checks if c.value is not None}, **self.measured}
 
     @property
     def reasons(self) -> list[str]:
@@ -154,6 +165,51 @@ def check(name: str, value: float | None, n: int, threshold: Threshold) -> Check
     return Check(name, value, n, threshold, outcome)
 
 
+class PinnedAnswers:
+    """`base`'s answers, each generated once, when its prompt is first asked, and kept (the latest
+    `limit` prompts; None: all). The gate's base is the model's own weights with no memory, which a
+    routed memory never changes: a candidate's answers to other questions are compared with the base
+    model's, never with ones re-read from a served model that has drifted since."""
+
+    def __init__(self, base: Served, limit: int | None = PINNED):
+        self.base = base
+        self.limit = limit
+        self._kept: dict[tuple[int, str], str] = {}  # (tokens, prompt) -> answer, oldest first
+
+    def say(self, prompts: list[str], tokens: int = SPOKEN) -> list[str]:
+        new = list(dict.fromkeys(p for p in prompts if (tokens, p) not in self._kept))
+        for prompt, answer in zip(new, self.base.say(new, tokens)):
+            self._kept[(tokens, prompt)] = answer
+        answers = [self._kept[(tokens, p)] for p in prompts]
+        if self.limit is not None:
+            for stale in list(self._kept)[: max(0, len(self._kept) - self.limit)]:
+                del self._kept[stale]
+        return answers
+
+
+def answered_by_base(served: Served, base: Served, prompts: list[str]) -> list[bool]:
+    """Per prompt, whether `served` answers it as `base` does without being asked: `base` is the
+    weights alone and `served` a routed memory over the same weights that routes it to no entry."""
+    if not prompts or served.memory is None or base.memory is not None or served.weights is not base.weights:
+        return [False] * len(prompts)
+    return [j == NONE for j in serving_entries(served.editable, prompts, served.memory)]
+
+
+@dataclass(frozen=True)
+class ReusingBase:
+    """`served`'s answers, taking `pinned`'s where `served` answers as their base does
+    (`answered_by_base`): once routing reads what a query asks, most other questions about a
+    corrected subject reach no entry, and cost the candidate nothing."""
+
+    served: Served
+    pinned: PinnedAnswers
+
+    def say(self, prompts: list[str], tokens: int = SPOKEN) -> list[str]:
+        alike = answered_by_base(self.served, self.pinned.base, prompts)
+        reused = iter(self.pinned.say([p for p, same in zip(prompts, alike) if same], tokens))
+        return answered_as(self.served, prompts, [next(reused) if same else "" for same in alike], alike, tokens)
+
+
 class Gate:
     """The pinned suites made ready to run: tokenized once, sorted by length, references as tensors."""
 
@@ -169,6 +225,7 @@ class Gate:
             reference = torch.tensor([token for p in probes for token in p.reference])
             self.locality_batches.append((probes, batch, reference))
         self.text = text_batch(suites.perplexity.chunks)
+        self.pinned = PinnedAnswers(Served(editable))  # base answers to other questions about corrected subjects
 
     def judge(self, current: Weights, candidate: Weights, corrections: list[Correction],
               retained: list[Correction] = ()) -> Decision:
@@ -189,16 +246,16 @@ class Gate:
             *(check(name, value, n, p(name)) for name, (value, n) in speech.figures.items()),
         ]
         return Decision(decide(checks), tuple(checks),
-                        tuple(edit_rows + retention_rows + locality_rows + list(speech.examples)))
+                        tuple(edit_rows + retention_rows + locality_rows + list(speech.examples)), speech.measured)
 
     # -- measures -----------------------------------------------------------------------------
 
     def _speech(self, current: Weights, candidate: Weights, corrections: list[Correction]) -> "Speech":
         """The generation checks the policy has: repetition (of the answers to each correction's own
         prompts and rephrasings, the share that runs away where the served model's did not; the
-        worst correction's) and leaks (the share of prompts that reach the change without being a
-        correction's own whose answer changes)."""
-        wanted = [name for name in ("repetition", "leaks") if self.policy.checks(name)]
+        worst correction's), leaks (the share of prompts that reach the change without being a
+        correction's own whose answer changes) and other_leak (`_other_questions`)."""
+        wanted = [name for name in ("repetition", "leaks", "other_leak") if self.policy.checks(name)]
         if not wanted or not corrections:
             return Speech({}, ())
         now, then = Served.of(self.editable, current), Served.of(self.editable, candidate)
@@ -222,7 +279,26 @@ class Gate:
             figures["leaks"] = (sum(leaked) / len(near) if near else None, len(near))
             examples += [Example("leak", c.id, prompt, c.target_new, b, a, False)
                          for (c, prompt), b, a, bad in zip(changed, before, after, leaked) if bad]
-        return Speech(figures, tuple(examples))
+        measured: dict[str, float] = {}
+        if "other_leak" in wanted:
+            other = self._other_questions(then, corrections)
+            figures.update(other.figures)
+            examples += other.examples
+            measured.update(other.measured)
+        return Speech(figures, tuple(examples), measured)
+
+    def _other_questions(self, then: Served, corrections: list[Correction]) -> Speech:
+        """other_leak: of other questions about the corrections' subjects (`other_questions_for`, as
+        `mendd eval --served` asks them: two a correction, of other relations of its subject's kind),
+        the share whose candidate answer says its correction's target where the base model's did not,
+        as neighbourhood leaks are judged (over the batch); None when no correction's relation is
+        known. other_changed (their first 4 words differ from the base's) goes on the record beside it.
+        Each question's row is in the table, a leaked one failed under its correction's id."""
+        leak, changed, rows = other_question_figures(ReusingBase(then, self.pinned), self.pinned, corrections,
+                                                     other_questions_for(corrections), SPOKEN)
+        examples = tuple(Example("other", r["correction"], r["other"], r["target"], r["base"], r["served"], not r["leak"])
+                         for r in rows)
+        return Speech({"other_leak": (leak, len(rows))}, examples, {"other_changed": changed} if changed is not None else {})
 
     def _routed_to_new(self, current: Weights, candidate: Weights, corrections: list[Correction]) -> list[tuple[Correction, str]]:
         """The locality suite's prompts that the candidate routes to one of the new entries (routed

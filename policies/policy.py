@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_POLICY = Path(__file__).with_name("default.yaml")
 
 # Checks where a higher value is better (a minimum); the others are maxima. The generation checks
-# (repetition, leaks) are optional: a policy without them does not generate answers at the gate.
+# (repetition, leaks, other_leak) are optional: a policy without them does not generate answers at the gate.
 MINIMUMS = ("reliability", "generalization", "locality", "retention")
-MAXIMUMS = ("ppl_drawdown", "repetition", "leaks")
-OPTIONAL = ("repetition", "leaks")
+MAXIMUMS = ("ppl_drawdown", "repetition", "leaks", "other_leak")
+OPTIONAL = ("repetition", "leaks", "other_leak")
 
 
 class PolicyError(ValueError):
@@ -58,6 +58,7 @@ class _Checks(BaseModel):
     ppl_drawdown: _AtMost
     repetition: _AtMost | None = None
     leaks: _AtMost | None = None
+    other_leak: _AtMost | None = None
 
 
 class _PolicyFile(BaseModel):

@@ -2,6 +2,8 @@
 answers and perplexity stay as the base model had them."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,12 +14,14 @@ from editors.finetune import FineTuneEditor
 from editors.formats import load_corrections
 from editors.registry import guarded, make_editor
 from editors.settings import NO_CACHES
-from editors.types import Correction
-from policies.gate import Gate, check, leaks, runaways, share, worst_share
+from editors.types import Correction, LowRankUpdate
+from policies.gate import SPOKEN, Gate, check, leaks, runaways, share, worst_share
 from policies.policy import load_policy
+from policies.served_eval import Served, other_questions_for
 from policies.suites import Suites, pin, references
 
 FACT = Correction("c1", "The capital of France is", "Rome", rephrases=("France's capital city is",))
+NEWTON = Correction("newton", "Isaac Newton was born in", "Rome", subject="Isaac Newton")
 
 
 @pytest.fixture(scope="session")
@@ -198,3 +202,70 @@ def test_a_decision_stopped_by_leaks_names_the_corrections_whose_answers_leaked(
 def test_a_decision_stopped_by_locality_names_no_one() -> None:
     decision = _decision({"leaks": "fail", "locality": "fail"}, [("leak", "c2", False)])
     assert decision.suspects == frozenset()
+
+
+def test_a_decision_stopped_by_other_leak_names_the_corrections_whose_other_questions_leaked() -> None:
+    decision = _decision({"other_leak": "fail"}, [("other", "c2", False), ("other", "c1", True), ("edit", "c2", True)])
+    assert decision.suspects == {"c2"}
+
+
+# -- other questions about a corrected subject (issue #35) --------------------------------------------
+
+def newton_memory(tiny):
+    """Routed memories over tiny-llama's own weights: none, and one whose entry (a large random update)
+    serves every query that names Isaac Newton (τ just above -1: a query that does not name him gets -1)."""
+    from editors import routing
+    from editors.routing import Entry, Memory, Routed
+
+    torch.manual_seed(3)
+    update = {e.name: LowRankUpdate(3 * torch.randn(2, e.in_features), 3 * torch.randn(2, e.out_features), 0.5)
+              for e in tiny.anatomy.editable}
+    ref = routing.reference(tiny, ["Hello there my friend", "What is the time now"], 1)
+    empty = Memory(1, -0.99, ref.centre)
+    return Routed(empty), Routed(empty.plus([Entry("newton", ref.centre + 1, -1.0, update, subject="Isaac Newton")]))
+
+
+def test_a_candidate_whose_entry_answers_another_question_about_its_subject_with_its_target_is_stopped_naming_it(
+        tiny, tiny_gate) -> None:
+    current, candidate = newton_memory(tiny)
+    questions = [q.text for q in other_questions_for([NEWTON])]
+    said = Served.of(tiny, candidate).say(questions, SPOKEN)
+    leaking = replace(NEWTON, target_new=said[-1])  # what the entry answers one of the other questions
+    decision = tiny_gate.judge(current, candidate, [leaking])
+    other = {c.name: c for c in decision.checks}["other_leak"]
+    assert other.value > 0 and other.outcome in ("hold", "fail") and decision.outcome in ("held", "rejected")
+    assert any(reason.startswith("other_leak") for reason in decision.reasons)
+    assert any(e.kind == "other" and e.correction_id == "newton" and not e.passed for e in decision.examples)
+    assert "newton" in decision.suspects
+
+
+def test_a_candidate_whose_other_answers_change_without_saying_its_target_passes_other_leak(tiny, tiny_gate) -> None:
+    current, candidate = newton_memory(tiny)
+    decision = tiny_gate.judge(current, candidate, [NEWTON])  # the entry says no "Rome" to anything
+    assert {c.name: c for c in decision.checks}["other_leak"].outcome == "pass"
+    assert decision.metrics["other_leak"] == 0.0
+
+
+def test_other_changed_reaches_the_decision_metrics_beside_other_leak(tiny, tiny_gate) -> None:
+    current, candidate = newton_memory(tiny)
+    decision = tiny_gate.judge(current, candidate, [NEWTON])
+    assert decision.metrics["other_changed"] == 1.0  # the entry serves both questions: their openings change
+    assert "other_changed" not in {c.name for c in decision.checks}  # a figure for the record, no threshold
+
+
+def test_a_correction_whose_relation_is_unknown_leaves_other_leak_with_nothing_to_say(tiny, tiny_gate) -> None:
+    current = tiny.weights()
+    decision = tiny_gate.judge(current, dict(current), [FACT])  # no subject: no relation, no other questions
+    assert {c.name: c for c in decision.checks}["other_leak"].outcome == "skipped"
+    assert "other_leak" not in decision.metrics and "other_changed" not in decision.metrics
+
+
+def test_base_answers_to_other_questions_are_pinned_when_first_asked(tiny, tiny_suites) -> None:
+    gate = Gate(tiny, tiny_suites, load_policy())  # its own pinned answers: the shared gate's may be kept already
+    first = gate.judge(tiny.weights(), dict(tiny.weights()), [NEWTON])
+    pinned = [(e.prompt, e.before) for e in first.examples if e.kind == "other"]
+    with tiny.using_weights(noisy(tiny.weights(), 3.0)):  # the served weights drift
+        drifted = Served(tiny).say([prompt for prompt, _ in pinned], SPOKEN)
+        again = gate.judge(tiny.weights(), dict(tiny.weights()), [NEWTON])
+    assert [(e.prompt, e.before) for e in again.examples if e.kind == "other"] == pinned
+    assert drifted != [before for _, before in pinned]

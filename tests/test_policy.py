@@ -27,16 +27,16 @@ def test_the_default_policy_loads_with_every_check() -> None:
     policy = load_policy()
     assert policy.source == str(DEFAULT_POLICY)
     assert [t.check for t in policy.thresholds] == ["reliability", "generalization", "locality", "retention", "ppl_drawdown",
-                                                    "repetition", "leaks"]
-    assert not any(policy.threshold(name).higher_is_better for name in ("ppl_drawdown", "repetition", "leaks"))
+                                                    "repetition", "leaks", "other_leak"]
+    assert not any(policy.threshold(name).higher_is_better for name in ("ppl_drawdown", "repetition", "leaks", "other_leak"))
 
 
 def test_a_policy_without_the_generation_checks_does_not_have_them(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("\n".join(line for line in DEFAULT_POLICY.read_text().splitlines()
-                              if not line.lstrip().startswith(("repetition:", "leaks:"))))
+                              if not line.lstrip().startswith(("repetition:", "leaks:", "other_leak:"))))
     policy = load_policy(path)
-    assert not policy.checks("repetition") and not policy.checks("leaks") and policy.checks("locality")
+    assert not any(policy.checks(name) for name in ("repetition", "leaks", "other_leak")) and policy.checks("locality")
 
 
 def test_an_unknown_key_is_named(tmp_path: Path) -> None:
