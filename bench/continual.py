@@ -14,6 +14,10 @@ bisected). Every --every corrections it measures the served model:
   seconds_per_decision         the chunk's cycle time over its decisions (the cost per decision as T grows)
   memory_bytes, rss_bytes      model/memory/ on disk; this process's resident memory
   cache_bytes, tensor_bytes    of which the editable's caches hold (each bounded), and every live tensor
+  other_leak, other_changed    other questions about the subjects of the corrections accepted so far (two a
+                               correction, policies/relations.py; those of up to 500 of them, drawn with a
+                               fixed seed): the share whose served answer says the correction's target where
+                               the base weights' did not / whose first 4 words differ from the base's (issue #35)
 Past CounterFact val's 1,919 records the stream goes on with train (the shipped editor was
 meta-trained on those: reliability and generalization there are optimistic).
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import signal
 import sys
 import time
@@ -65,9 +70,11 @@ from editors.registry import make_editor
 from editors.routing import NONE, Routed
 from editors.types import Correction, apply_delta
 from policies.editing_eval import served_accuracy
-from policies.gate import Gate, Weights
+from policies.gate import Gate, PinnedAnswers, ReusingBase, Weights
 from policies.policy import load_policy
 from policies.probes import PERPLEXITY_FROM_LINE, data_dir, token_chunks, wikitext_lines
+from policies.relations import OtherQuestion
+from policies.served_eval import OTHER_SEED, TOKENS, Served, other_question_figures, other_questions_for
 from store.ledger_schema import CorrectionStatus
 from store.models import load_model
 
@@ -83,8 +90,10 @@ ROWS = {  # row -> settings for its home's mendd.yaml (batch_size: --batch unles
     "mendd-routed": {"editor": {"memory": "routed"}},
 }
 BEST = "mendd-routed"
-FINAL = ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed")
+FINAL = ("reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed", "other_leak",
+         "other_changed")
 VAL = 1919  # CounterFact val records; the stream goes on with train
+OTHER_SAMPLE = 500  # accepted corrections whose other questions a point asks: its cost stays bounded as T grows
 
 
 @dataclass(frozen=True)
@@ -104,13 +113,19 @@ class Point:
     rss_bytes: int | None = None  # the bench process's resident memory after the chunk
     cache_bytes: int | None = None  # of which the editable's caches (prefix states, routed outputs, similarities)
     tensor_bytes: int | None = None  # every live tensor's storage (caches, model, memory): the rest is Python and the allocator
+    # other questions about accepted corrections' subjects (None: measured before issue #35, or no relation known)
+    other_leak: float | None = None
+    other_changed: float | None = None
 
 
 def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Correction], submitted: int,
-            seconds: float, **costs) -> Point:
-    """The served model (`weights`, as the gate takes them) measured; `costs` as the row saw them."""
+            seconds: float, base: PinnedAnswers, **costs) -> Point:
+    """The served model (`weights`, as the gate takes them) measured; `base`: the base weights' answers
+    to other questions, kept across the row's points; `costs` as the row saw them."""
     print(f"  caches {editable.cache_bytes()}", file=sys.stderr, flush=True)  # each against its budget
     with torch.no_grad():
+        other_leak, other_changed, _ = other_question_figures(
+            ReusingBase(Served.of(editable, weights), base), base, accepted, drawn(other_questions_for(accepted)), TOKENS)
         reliability, generalization = served_accuracy(editable, accepted, weights)
         locality, _ = gate.locality(weights)
         ppl = gate.ppl_drawdown(weights)
@@ -122,7 +137,28 @@ def measure(editable: Editable, gate: Gate, weights: Weights, accepted: list[Cor
     return Point(submitted, len(accepted), _round(reliability), _round(generalization), round(locality, 4),
                  round(ppl, 4), round(len(accepted) / submitted, 4), round(seconds, 1), _round(routed),
                  _round(heldout), rss_bytes=resident_bytes(),
-                 cache_bytes=editable.cached_bytes(), tensor_bytes=live_tensor_bytes(lambda line: print(line, file=sys.stderr, flush=True)), **costs)
+                 cache_bytes=editable.cached_bytes(), tensor_bytes=live_tensor_bytes(lambda line: print(line, file=sys.stderr, flush=True)),
+                 other_leak=_round(other_leak), other_changed=_round(other_changed), **costs)
+
+
+def drawn(questions: list[OtherQuestion], limit: int = OTHER_SAMPLE, seed: int = OTHER_SEED) -> list[OtherQuestion]:
+    """The questions about up to `limit` of their corrections: those that rank first by a draw seeded
+    with `seed` and the correction's id, so a correction drawn at one point stays drawn at the next
+    unless later ones outrank it."""
+    ranked = sorted({q.correction_id for q in questions}, key=lambda cid: random.Random(f"{seed}:{cid}").random())
+    kept = set(ranked[:limit])
+    return [q for q in questions if q.correction_id in kept]
+
+
+def base_answers(editable: Editable, routed: bool) -> PinnedAnswers:
+    """The base weights' answers, kept as they are asked: a routed memory leaves the model's own
+    weights as they are; summed-weights rows change them in place, so theirs are the base model's
+    tensors, loaded afresh."""
+    if routed:
+        return PinnedAnswers(Served(editable), limit=None)
+    params = dict(load_model(MODEL).model.named_parameters())
+    return PinnedAnswers(Served(editable, weights={name: params[name].detach().clone() for name in editable.weights()}),
+                         limit=None)
 
 
 def resident_bytes() -> int:
@@ -215,6 +251,7 @@ def _run_gated(row: str, home: Home, progress: "Progress", records: list[Correct
         ledger = rt.records.versions.ledger
         # corrections submitted beyond the last measurement are decided now, then measured with the next chunk
         submitted = sum(1 for row_ in ledger.corrections() if row_.feed == FEED)
+        base = base_answers(rt.editable, rt.memory is not None)
         for start in range(progress.done, len(records), args.every):
             mark = time.perf_counter()
             end = min(start + args.every, len(records))
@@ -231,7 +268,7 @@ def _run_gated(row: str, home: Home, progress: "Progress", records: list[Correct
             per_decision = chunk.cycling / chunk.decisions if chunk.decisions else None
             accepted = _accepted(rt)
             point = measure(rt.editable, rt.gate, rt.served_weights(), accepted, end,
-                            progress.seconds + chunk.seconds + time.perf_counter() - mark,
+                            progress.seconds + chunk.seconds + time.perf_counter() - mark, base,
                             seconds_per_decision=_round(per_decision),
                             memory_bytes=tree_bytes(rt.records.versions.store.memory_dir) if rt.memory is not None else None)
             progress.add(point)
@@ -258,13 +295,14 @@ def run_ungated(row: str, work: Path, template: Home, records: list[Correction],
     editable = Editable(loaded.model, loaded.tokenizer)
     editor = make_editor("mend", editable, MODEL)
     gate = Gate(editable, load_suites(template), load_policy(None))
+    base = base_answers(editable, routed=False)
     started = time.perf_counter()
     for start in range(0, len(records), args.every):
         chunk = records[start : start + args.every]
         for i in range(0, len(chunk), args.batch):
             apply_delta(loaded.model, editor.propose(editable, chunk[i : i + args.batch]))
         point = measure(editable, gate, editable.weights(), records[: start + len(chunk)], start + len(chunk),
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, base)
         progress.add(point)
         say(row, point)
     return progress.points
@@ -278,7 +316,7 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
 
     panels = {m: (lambda p, m=m: getattr(p, m)) for m in (
         "reliability", "generalization", "locality", "ppl_drawdown", "acceptance", "text_routed", "text_routed_heldout",
-        "seconds_per_decision")}
+        "other_leak", "other_changed", "seconds_per_decision")}
     panels["MB per 1,000 entries"] = lambda p: p.memory_bytes / 1e3 / p.accepted if p.memory_bytes and p.accepted else None
     panels["resident GB"] = lambda p: p.rss_bytes / 1e9 if p.rss_bytes else None
     panels = {name: value for name, value in panels.items() if any(value(p) is not None for ps in rows.values() for p in ps)}
@@ -286,7 +324,8 @@ def plot(rows: dict[str, list[Point]], path: Path) -> None:
     long = max((p.corrections for ps in rows.values() for p in ps), default=0) > 1000
     bars = {"reliability": 0.95 if long else 0.90, "generalization": 0.80 if long else 0.75, "locality": 0.95,
             "ppl_drawdown": 0.02 if long else 0.05, "acceptance": 0.90 if long else 0.80, "text_routed": 0.10,
-            "text_routed_heldout": 0.10, "MB per 1,000 entries": 25.0}
+            "text_routed_heldout": 0.10, "MB per 1,000 entries": 25.0,
+            "other_leak": 0.05, "other_changed": 0.15}  # issue #35's bars
     columns = min(len(panels), 5)
     grid_rows = -(-len(panels) // columns)
     figure, grid = plt.subplots(grid_rows, columns, figsize=(4 * columns, 3.6 * grid_rows), squeeze=False)
@@ -371,7 +410,8 @@ def main() -> None:
 
     def say(row: str, p: Point) -> None:
         print(f"[{row}] T={p.corrections} accepted={p.accepted} rel={p.reliability} gen={p.generalization} "
-              f"loc={p.locality} ppl={p.ppl_drawdown} acc={p.acceptance} {p.seconds:.0f}s", file=sys.stderr, flush=True)
+              f"loc={p.locality} ppl={p.ppl_drawdown} acc={p.acceptance} other_leak={p.other_leak} "
+              f"other_changed={p.other_changed} {p.seconds:.0f}s", file=sys.stderr, flush=True)
 
     template = Home(args.work / "template")
     if not template.suites_path.exists() and not args.report:
