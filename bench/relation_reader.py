@@ -14,7 +14,7 @@ and question forms filled with tuning subjects of a kind it asks about, so relat
 CounterFact record (P26, P54, P69, ...) are read in many wordings. 20% of the tuning subjects are
 held out as a dev split that chooses the L2 strength and θ: the largest `refuse` (an other-relation
 question about the same subject, `policies.relations.questions_about`, below θ for the prompt's
-class) with `keep` (the record's rephrasing at or above θ for the prompt's class) >= 0.99. Then the
+class) with `keep` (the record's rephrasing at or above θ for the prompt's class) >= 0.98. Then the
 reader is refit on all tuning texts at the chosen strength (or at `--choose REG FLOOR`, a point of
 the table). The measuring half is never read.
 
@@ -50,7 +50,8 @@ MODEL = "smollm2-135m"
 LAYER = 8
 REGS = (1e-4, 3e-4, 1e-3)
 FLOORS = (0.001, 0.003, 0.01, 0.03)
-KEEP_BAR = 0.99
+# issue #35 lets gen_rephrase fall by at most 0.02: a reader may refuse at most 2% of rephrasings
+KEEP_BAR = 0.98
 DEV_SHARE = 0.2
 PER_RELATION = 80  # template texts per relation at least (forms x subjects), 4 subjects a form at least
 OTHER_PER_RECORD = 3
