@@ -175,12 +175,14 @@ def demo(
     for row in rows:
         if row.status in ("rejected", "held", "quarantined", "superseded"):
             print(f"  {row.correction_id} {row.status}: {row.reason[:300]}")
-    near = Table(title="neighbours no correction is about: their answers must not change")
-    for column in ("prompt", "next to", "before", "after", "unchanged"):
-        near.add_column(column, overflow="fold")
-    for row in neighbours:
-        near.add_row(row.prompt, row.next_to, row.before, row.after, "yes" if row.unchanged else "NO")
-    Console(width=160).print(near)
+    for title, other in (("neighbours no correction is about: their answers must not change", False),
+                         ("other questions about corrected subjects: a correction answers its own question only", True)):
+        near = Table(title=title)
+        for column in ("prompt", "about" if other else "next to", "before", "after", "unchanged"):
+            near.add_column(column, overflow="fold")
+        for row in (r for r in neighbours if r.other_question == other):
+            near.add_row(row.prompt, row.next_to, row.before, row.after, "yes" if row.unchanged else "NO")
+        Console(width=160).print(near)
     store = demo_home.store_dir
     print(f"""
 Next steps:

@@ -26,18 +26,20 @@ DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")
 DEMO_MODEL = "smollm2-135m"
 DEMO_BATCH = 2  # contradictions next to each other meet; larger batches of this editor are mostly bisected
 ANSWER_TOKENS = 12
-# Prompts next to the demo's corrections that no correction is about, and other questions about
-# corrected subjects (a correction answers its own question only): their answers must not change.
+# Prompts next to the demo's corrections that no correction is about: their answers must not change.
 NEIGHBOURS = {
     "The currency of China is the": "demo-09 (Japan's currency)",
     "The Nile River flows through": "demo-10 (the Amazon)",
     "The capital of Italy is": "demo-01/02 (France's capital)",
     "Mount Everest is located in": "demo-11 (Kilimanjaro)",
     "Cristiano Ronaldo plays the sport of": "demo-08 (Messi)",
-    "Lionel Messi was born in": "demo-08: another question about Messi",
-    "The official language of France is": "demo-02: another question about France",
-    "William Shakespeare was born in": "demo-13: another question about Shakespeare",
-    "Toyota was founded by": "demo-06: another question about Toyota",
+}
+# Other questions about corrected subjects: a correction answers its own question only (issue #35).
+OTHER_QUESTIONS = {
+    "Lionel Messi was born in": "demo-08 (Messi's sport)",
+    "The official language of France is": "demo-02 (France's capital)",
+    "William Shakespeare was born in": "demo-13 (Shakespeare's language)",
+    "Toyota was founded by": "demo-06 (Toyota's headquarters)",
 }
 
 
@@ -47,6 +49,7 @@ class NeighbourRow:
     next_to: str
     before: str
     after: str
+    other_question: bool = False  # about a corrected subject, not next to it
 
     @property
     def unchanged(self) -> bool:
@@ -80,14 +83,15 @@ def run_demo(root: Path | None, say) -> tuple[Home, list[DemoRow], list[CycleRep
             say(f"demo feed: {report.received} corrections received, {report.quarantined} quarantined")
             prompts = {row.external_id: row.payload["prompt"] for row in ledger.corrections() if "prompt" in row.payload}
             before = answers(rt, prompts)
-            near_before = answers(rt, dict(zip(NEIGHBOURS, NEIGHBOURS)))
+            asked = {**NEIGHBOURS, **OTHER_QUESTIONS}
+            near_before = answers(rt, dict(zip(asked, asked)))
             cycles = []
             while ledger.pending(1):
                 cycles.append(run_cycle(rt))
                 say(f"cycle {cycles[-1].cycle_id}: {cycles[-1].outcome}; serving {cycles[-1].version}")
             after = answers(rt, prompts)
-            near_after = answers(rt, dict(zip(NEIGHBOURS, NEIGHBOURS)))
-            neighbours = [NeighbourRow(p, n, near_before[p], near_after[p]) for p, n in NEIGHBOURS.items()]
+            near_after = answers(rt, dict(zip(asked, asked)))
+            neighbours = [NeighbourRow(p, n, near_before[p], near_after[p], p in OTHER_QUESTIONS) for p, n in asked.items()]
             rows = [DemoRow(row.external_id, row.payload.get("prompt", ""), row.payload.get("target_new", ""),
                             row.status.value, row.version, before.get(row.external_id, ""), after.get(row.external_id, ""),
                             row.reason or "") for row in ledger.corrections()]
