@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from editors.editable import Editable
@@ -123,9 +124,9 @@ def features(texts: list[str], cache: Path, threads: int) -> torch.Tensor:
     routing reads it; cached by text."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     known: dict[str, torch.Tensor] = {}
-    if cache.exists():
-        saved = torch.load(cache)
-        known = dict(zip(saved["texts"], saved["features"]))
+    if cache.exists():  # safetensors: nothing here unpickles
+        with safe_open(str(cache), "pt") as handle:
+            known = dict(zip(json.loads(handle.metadata()["texts"]), handle.get_tensor("features")))
     missing = sorted(set(texts) - set(known))
     if missing:
         from store.models import load_model
@@ -139,7 +140,8 @@ def features(texts: list[str], cache: Path, threads: int) -> torch.Tensor:
             for text, states in zip(part, prompt_states(editable, part, LAYER)):
                 known[text] = states[-1].float().clone()
             print(f"features: {at + len(part)}/{len(missing)} ({time.time() - start:.0f} s)", file=sys.stderr)
-        torch.save({"texts": list(known), "features": torch.stack(list(known.values()))}, cache)
+        save_file({"features": torch.stack(list(known.values())).contiguous()}, str(cache),
+                  metadata={"texts": json.dumps(list(known))})
     return torch.stack([known[t] for t in texts])
 
 
@@ -189,7 +191,7 @@ def main() -> None:
     refuse_pairs = [(by_id[q.correction_id].prompt, q.text) for q in others]
     every = sorted({t["text"] for t in train_texts} | {t for pair in keep_pairs + refuse_pairs for t in pair})
     row = {t: i for i, t in enumerate(every)}
-    x_all = features(every, args.work / f"features_block{LAYER}.pt", args.threads)
+    x_all = features(every, args.work / f"features_block{LAYER}.safetensors", args.threads)
 
     x_rows = [row[t["text"]] for t in train_texts]
     x = x_all[x_rows]
