@@ -63,8 +63,9 @@ class Editable:
         with torch.no_grad():
             queries = query_states(self.states_at(batch, memory.layer), batch)
             key = (batch.running_text, *(tuple(ids[:n].tolist()) for ids, n in zip(batch.input_ids, batch.lengths)))
-            sims = self._similarities.similarities(key, memory, queries, lambda: query_texts(self.tokenizer, batch))
-            return chosen_entries(memory, sims, queries)
+            texts = lambda: query_texts(self.tokenizer, batch)  # noqa: E731
+            sims = self._similarities.similarities(key, memory, queries, texts)
+            return chosen_entries(memory, sims, queries, texts)
 
     def logits(self, batch: TokenBatch, weights: dict[str, torch.Tensor] | Routed | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:

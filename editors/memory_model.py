@@ -264,11 +264,24 @@ def reader_tensors(reader: RelationReader, prefix: str = "") -> dict[str, torch.
     return {prefix + part: getattr(reader, part).float().contiguous() for part in READER_PARTS}
 
 
-def asked_of(reader: RelationReader | None, queries: list[torch.Tensor], entry_relations: torch.Tensor) -> Asked | None:
-    """What `queries` (their routed states) ask of entries answering `entry_relations`; None without a reader."""
+def unread(text: str) -> bool:
+    """A text the reader does not read: a question that ends in its question mark ("What is the
+    currency of Japan?"). The reader learnt from texts that end where the answer begins ("The currency
+    of Japan is the"), and reads every such question as one class; it abstains there, and the entry
+    serves as it did before the reader."""
+    return text.rstrip().endswith("?")
+
+
+def asked_of(reader: RelationReader | None, queries: list[torch.Tensor], entry_relations: torch.Tensor,
+             texts: list[str] | None = None) -> Asked | None:
+    """What `queries` (their routed states; `texts`, their words) ask of entries answering
+    `entry_relations`; None without a reader. A query the reader does not read (`unread`) asks anything."""
     if reader is None or not queries:
         return None
-    return Asked(reader.probabilities(torch.stack([q[-1] for q in queries])), entry_relations, reader.floor)
+    probabilities = reader.probabilities(torch.stack([q[-1] for q in queries]))
+    if texts is not None:
+        probabilities[torch.tensor([unread(t) for t in texts], dtype=torch.bool)] = 1.0
+    return Asked(probabilities, entry_relations, reader.floor)
 
 
 def entry_relations(reader: RelationReader | None, relations: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -314,7 +327,7 @@ def route_queries(queries: list[torch.Tensor], centre: torch.Tensor, unit_keys: 
         return torch.zeros(0, dtype=torch.long)
     columns = named_entries(texts, subjects, index) if texts is not None and subjects is not None and index is not None else None
     sims = named_similarities(queries, centre, unit_keys, unit_leads, tau, texts, subjects, columns)
-    asked = asked_of(reader, queries, relations) if relations is not None else None
+    asked = asked_of(reader, queries, relations, texts) if relations is not None else None
     return choose(sims, floors, tau, margin, unit_keys, query_ends(queries, centre), unit_relations, relation_tau, asked)
 
 

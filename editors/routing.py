@@ -180,14 +180,16 @@ def query_texts(tokenizer, batch: TokenBatch) -> list[str]:
     return [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(batch.input_ids, query_lengths(batch))]
 
 
-def chosen_entries(memory: Memory, similarity: torch.Tensor, queries: list[torch.Tensor]) -> torch.Tensor:
+def chosen_entries(memory: Memory, similarity: torch.Tensor, queries: list[torch.Tensor],
+                   texts: Callable[[], list[str]] | None = None) -> torch.Tensor:
     """[queries]: the entry serving each query (NONE: the base weights), from its named similarities
-    with the memory's entries (`SimilarityCache`) and its states."""
+    with the memory's entries (`SimilarityCache`), its states and (`texts`, read only with a reader) its words."""
     if not queries:
         return torch.zeros(0, dtype=torch.long)
+    said = texts() if texts is not None and memory.reader is not None else None
     return choose(similarity, memory.floors, memory.tau, memory.margin, memory.unit_keys,
                   query_ends(queries, memory.centre), memory.unit_relations,
-                  asked=asked_of(memory.reader, queries, memory.relations))
+                  asked=asked_of(memory.reader, queries, memory.relations, said))
 
 
 class SimilarityCache:

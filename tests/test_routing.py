@@ -556,3 +556,11 @@ def test_an_exported_memory_keeps_each_entry_s_subject_and_aliases(tmp_path: Pat
     assert stored.subjects == [("Mount Kilimanjaro", "Kilimanjaro"), ()]
     assert named_entries(["Kilimanjaro is in"], stored.subjects, stored.subject_index) == [0, 1]
 
+
+
+def test_a_question_that_ends_in_its_question_mark_is_not_read_and_asks_anything() -> None:
+    reader = reader_of(2, 3)
+    entry = entry_relations(reader, torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([True]))
+    queries = [torch.tensor([[0.0, 1.0, 0.0]])] * 2  # both read as the other relation
+    asked = asked_of(reader, queries, entry, ["What is the currency of Japan?", "Japan is a member of"])
+    assert choose(torch.tensor([[0.95], [0.95]]), torch.zeros(1), 0.8, asked=asked).tolist() == [0, NONE]
