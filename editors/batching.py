@@ -44,11 +44,6 @@ def answer_text(prompt: str, answer: str) -> str:
     return " " + answer
 
 
-def is_question(prompt: str) -> bool:
-    """A prompt asked as a question (zsRE's), which a chat model may be asked as it is."""
-    return prompt.rstrip().endswith("?")
-
-
 def chat_prompt(tokenizer, question: str) -> str:
     """`question` as a single-turn chat, up to where the assistant's answer begins."""
     return chat_template_text(tokenizer, [{"role": "user", "content": question}])

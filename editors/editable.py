@@ -1,6 +1,7 @@
 """A model made ready for editing: its tokenizer, its editable tensors, and the prefix-state cache."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -63,7 +64,8 @@ class Editable:
         with torch.no_grad():
             queries = query_states(self.states_at(batch, memory.layer), batch)
             key = (batch.running_text, *(tuple(ids[:n].tolist()) for ids, n in zip(batch.input_ids, batch.lengths)))
-            texts = lambda: query_texts(self.tokenizer, batch)  # noqa: E731
+            # read at most once: by the similarity cache for new entries, by the relation reader for questions
+            texts = functools.cache(lambda: query_texts(self.tokenizer, batch))
             sims = self._similarities.similarities(key, memory, queries, texts)
             return chosen_entries(memory, sims, queries, texts)
 

@@ -264,23 +264,23 @@ def reader_tensors(reader: RelationReader, prefix: str = "") -> dict[str, torch.
     return {prefix + part: getattr(reader, part).float().contiguous() for part in READER_PARTS}
 
 
-def unread(text: str) -> bool:
-    """A text the reader does not read: a question that ends in its question mark ("What is the
-    currency of Japan?"). The reader learnt from texts that end where the answer begins ("The currency
-    of Japan is the"), and reads every such question as one class; it abstains there, and the entry
-    serves as it did before the reader."""
+def is_question(text: str) -> bool:
+    """A text asked as a question that ends in its question mark (zsRE's, a chat's: "What is the
+    currency of Japan?"). The relation reader learnt from texts that end where the answer begins ("The
+    currency of Japan is the") and reads every such question as one class, so it does not read them."""
     return text.rstrip().endswith("?")
 
 
 def asked_of(reader: RelationReader | None, queries: list[torch.Tensor], entry_relations: torch.Tensor,
              texts: list[str] | None = None) -> Asked | None:
     """What `queries` (their routed states; `texts`, their words) ask of entries answering
-    `entry_relations`; None without a reader. A query the reader does not read (`unread`) asks anything."""
+    `entry_relations`; None without a reader. A question (`is_question`), which the reader does not
+    read, asks anything: the entry serves it as before the reader."""
     if reader is None or not queries:
         return None
     probabilities = reader.probabilities(torch.stack([q[-1] for q in queries]))
     if texts is not None:
-        probabilities[torch.tensor([unread(t) for t in texts], dtype=torch.bool)] = 1.0
+        probabilities[torch.tensor([is_question(t) for t in texts], dtype=torch.bool)] = 1.0
     return Asked(probabilities, entry_relations, reader.floor)
 
 

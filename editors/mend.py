@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editors.batching import chat_prompt, is_question, pair_ids
+from editors.batching import chat_prompt, pair_ids
 from editors.editable import Editable
+from editors.memory_model import is_question
 from editors.types import Correction, Delta, EditInputError, LowRankUpdate, Share
 from editors import scoring
 

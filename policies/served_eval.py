@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from editors import routing
-from editors.batching import is_question
 from editors.editable import Editable
-from editors.memory_model import RelationReader
+from editors.memory_model import RelationReader, is_question
 from editors.reading import first_words, goes_back, mentions, newly_says, ngram_entropy, repeats
 from editors.registry import Editor
 from editors.routing import NONE, Entry, Memory, Reference, Routed
