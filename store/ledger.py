@@ -286,8 +286,9 @@ class Ledger:
     # -- feeds --------------------------------------------------------------------------------
 
     def cursor(self, feed: str) -> str | None:
+        """A read: a feed not yet seen has no cursor (no row is made for it here)."""
         with self._transaction() as session:
-            return _feed(session, feed).cursor
+            return session.scalars(select(FeedRow.cursor).where(FeedRow.name == feed)).one_or_none()
 
     def set_cursor(self, feed: str, cursor: str) -> None:
         with self._transaction() as session:
@@ -361,12 +362,19 @@ class Ledger:
 
 
 def _feed(session: Session, name: str) -> FeedRow:
-    row = session.scalars(select(FeedRow).where(FeedRow.name == name)).one_or_none()
-    if row is None:
-        row = FeedRow(name=name, updated_at=now())
-        session.add(row)
-        session.flush()
-    return row
+    """The feed's row, made on first use. Two threads (a pull and a POST) may both make it: the
+    loser's insert, in its own savepoint, hits the unique name and reads the winner's row."""
+    found = select(FeedRow).where(FeedRow.name == name)
+    row = session.scalars(found).one_or_none()
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            row = FeedRow(name=name, updated_at=now())
+            session.add(row)
+        return row
+    except IntegrityError:
+        return session.scalars(found).one()
 
 
 def _existing(session: Session, feed: str, external_id: str, digest: str) -> CorrectionRow | None:

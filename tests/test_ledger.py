@@ -109,6 +109,29 @@ def test_concurrent_receivers_store_one_row(ledger: Ledger) -> None:
     assert sorted(results) == [False] * 5 + [True] and len(ledger.corrections()) == 1
 
 
+def test_the_first_records_of_a_new_feed_arriving_at_once_are_all_stored(ledger: Ledger) -> None:
+    # A pull and a POST may both make the feed's row; neither record may be lost to the race.
+    barrier = threading.Barrier(6)
+
+    def receive(number: int) -> None:
+        barrier.wait()
+        ledger.receive("new-feed", f"c{number}", fact(f"fact {number}"))
+
+    threads = [threading.Thread(target=receive, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(c.external_id for c in ledger.corrections()) == [f"c{n}" for n in range(6)]
+
+
+def test_reading_a_cursor_makes_no_feed_row(ledger: Ledger) -> None:
+    # /v1/status reads every feed's cursor while the feeds' first pulls make their rows.
+    assert ledger.cursor("never-pulled") is None
+    ledger.receive("never-pulled", "c1", fact("one"))
+    assert ledger.cursor("never-pulled") is None and len(ledger.corrections()) == 1
+
+
 def test_pending_corrections_come_oldest_first(ledger: Ledger) -> None:
     for minutes, name in ((3, "late"), (1, "early"), (2, "middle")):
         ledger.receive("feed", name, fact(name), received_at=T0 + timedelta(minutes=minutes))
