@@ -117,12 +117,12 @@ class EditorConfig(_Section):
         "the reader was tuned at; 0: no check. A model shipped without a reader has no check.",
     )
     memory_rank: int | None = Field(
-        2, ge=1,
+        Compression.rank, ge=1,
         description="editor.memory routed: each entry keeps the best rank-k approximation of its change per "
         "tensor (null: every rank the editor made, about one per prompt token); see memory_bits.",
     )
     memory_bits: Literal[4, 8] | None = Field(
-        4,
+        Compression.bits,
         description="editor.memory routed: bits per value of an entry's factors (a bfloat16 scale per 32 values); "
         "null: bfloat16. Rank 2 at 4 bits keeps an entry near 20 KB (bench/results/memory_compression*.json); the "
         "gate judges the entry as compressed, so what is served is what was judged.",

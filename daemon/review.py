@@ -55,7 +55,6 @@ class UnusableReview(ReviewError):
     was settled as unusable, and the corrections it still held rejected."""
 
 
-REVIEW_NOTE_TAG = "mendd.review_note"
 MISSING_CANDIDATE = "held candidate file missing; submit the corrections again"
 ABANDONED = ("the service stopped before this run's corrections were recorded as held; they were decided again "
              "by a later run")
@@ -102,8 +101,8 @@ def held(records: Records) -> list[HeldDecision]:
         tags = run.data.tags
         out.append(HeldDecision(
             run.info.run_id, datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc),
-            tags.get("mendd.base_version", "?"), tags.get("mendd.corrections", ""), tags.get("mendd.reasons", ""),
-            tags.get(tracking.REVIEW_TAG), tags.get(REVIEW_NOTE_TAG)))
+            tags.get(tracking.BASE_VERSION_TAG, "?"), tags.get(tracking.CORRECTIONS_TAG, ""),
+            tags.get(tracking.REASONS_TAG, ""), tags.get(tracking.REVIEW_TAG), tags.get(tracking.REVIEW_NOTE_TAG)))
     return out
 
 
@@ -131,8 +130,7 @@ def approve(records: Records, run_id: str, who: str, rejudge: Rejudge | None = N
         crash_point(APPROVAL_COMMITTED)
     else:
         sync_ledger(records.versions)  # the interrupted approval may have stopped before the ledger
-    records.mlflow.set_tag(run_id, tracking.VERSION_TAG, version.tag)
-    records.mlflow.set_tag(run_id, tracking.GIT_SHA_TAG, version.sha)
+    tracking.record_version(records.mlflow, run_id, version)
     _mark_settled(records, run_id, "approved", who)
     return version
 
@@ -146,12 +144,12 @@ def _commit_held(records: Records, run_id: str, rejudge: Rejudge | None) -> Vers
         _refuse(records, run_id, "unusable", "mendd", ABANDONED)
         raise UnusableReview(f"run {run_id} cannot be approved: {ABANDONED}")
     if not held_path(records.home, run_id).exists():
-        records.mlflow.set_tag(run_id, REVIEW_NOTE_TAG, MISSING_CANDIDATE)
+        tracking.note_review(records.mlflow, run_id, MISSING_CANDIDATE)
         _refuse(records, run_id, "unusable", "mendd", MISSING_CANDIDATE)
         raise UnusableReview(f"run {run_id} cannot be approved: {MISSING_CANDIDATE} (they are rejected)")
     delta = load_held(records.home, run_id)
     run = records.mlflow.get_run(run_id)
-    base, head = run.data.tags.get("mendd.base_version", "?"), records.versions.store.head().tag
+    base, head = run.data.tags.get(tracking.BASE_VERSION_TAG, "?"), records.versions.store.head().tag
     figures = dict(run.data.metrics) if base == head else _judged_again(records, run_id, delta, rejudge, base, head)
     chunk = read_memory_chunk(held_path(records.home, run_id))
     if is_routed(chunk):
@@ -177,8 +175,7 @@ def _mark_settled(records: Records, run_id: str, settled: str, who: str) -> None
     """Last of a settling: once the settled tag is set the run no longer waits, so all else is done
     before it (a settling stopped earlier is done again; an approval then needs no held file)."""
     held_path(records.home, run_id).unlink(missing_ok=True)
-    records.mlflow.set_tag(run_id, "mendd.settled_by", who)
-    records.mlflow.set_tag(run_id, tracking.SETTLED_TAG, settled)
+    tracking.mark_settled(records.mlflow, run_id, settled, who)
 
 
 def settle_tagged(records: Records, rejudge: Rejudge | None = None) -> list[Settled]:
@@ -211,8 +208,7 @@ def _settle_one(records: Records, run_id: str, action: str, rejudge: Rejudge | N
     try:
         return Settled(run_id, "approved", approve(records, run_id, "mlflow-ui tag", rejudge))
     except RejectedOnHead as refused:
-        records.mlflow.delete_tag(run_id, tracking.REVIEW_TAG)
-        records.mlflow.set_tag(run_id, REVIEW_NOTE_TAG, tracking.cut(str(refused)))
+        tracking.refuse_review(records.mlflow, run_id, str(refused))
         return Settled(run_id, "refused", note=str(refused))
     except UnusableReview as unusable:
         return Settled(run_id, "unusable", note=str(unusable))
@@ -236,10 +232,7 @@ def _judged_again(records: Records, run_id: str, delta: Delta, rejudge: Rejudge 
         raise StaleReview(f"run {run_id} was judged on {base}, but the head is now {head}: it must be judged "
                           "again on the head, with the model loaded; nothing was changed")
     decision = rejudge(delta, ledger_corrections(_held_rows(records, run_id)))
-    for name, value in decision.metrics.items():
-        records.mlflow.log_metric(run_id, f"rejudged.{name}", value)
-    records.mlflow.set_tag(run_id, "mendd.rejudged_on", head)
-    records.mlflow.set_tag(run_id, "mendd.rejudged", decision.outcome)
+    tracking.record_rejudged(records.mlflow, run_id, head, decision.outcome, decision.metrics)
     if decision.outcome == "rejected":
         raise RejectedOnHead(f"run {run_id} was held on {base}; judged again on the head {head} it is rejected "
                              f"({'; '.join(decision.reasons)}); nothing was changed")

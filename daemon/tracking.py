@@ -58,6 +58,16 @@ REVIEW_TAG = "mendd.review"  # set by a person in the UI: approve | reject
 SETTLED_TAG = "mendd.settled"  # set by mendd once a held decision is settled: approved | rejected | unusable | split
 VERSION_TAG = "mendd.version"
 GIT_SHA_TAG = "mendd.git_sha"
+BASE_VERSION_TAG = "mendd.base_version"  # the head the decision was judged on
+EDITOR_TAG = "mendd.editor"
+ACTION_TAG = "mendd.action"
+CORRECTIONS_TAG = "mendd.corrections"
+REASONS_TAG = "mendd.reasons"
+ERROR_TAG = "mendd.error"
+REVIEW_NOTE_TAG = "mendd.review_note"  # why a held run still waits (set by mendd)
+SETTLED_BY_TAG = "mendd.settled_by"
+REJUDGED_ON_TAG = "mendd.rejudged_on"  # the head a stale approval was judged again on
+REJUDGED_TAG = "mendd.rejudged"
 MAX_TAG = 4000  # MLflow caps tag values; long lists are cut and the artifact has them whole
 
 
@@ -85,12 +95,12 @@ def open_decision_run(mlflow_client, experiment: str, record: DecisionRecord) ->
     ids = [c.id for c in record.corrections]
     tags = {
         DECISION_TAG: decision.outcome,
-        "mendd.base_version": record.base.tag,
+        BASE_VERSION_TAG: record.base.tag,
         GIT_SHA_TAG: record.base.sha,
-        "mendd.editor": record.editor,
-        "mendd.action": record.action,
-        "mendd.corrections": cut(", ".join(ids)),
-        "mendd.reasons": cut(" | ".join(decision.reasons) or "every check passes"),
+        EDITOR_TAG: record.editor,
+        ACTION_TAG: record.action,
+        CORRECTIONS_TAG: cut(", ".join(ids)),
+        REASONS_TAG: cut(" | ".join(decision.reasons) or "every check passes"),
         "mlflow.note.content": _note(record),
     }
     what = "" if record.action == "edit" else f" {record.action}"
@@ -119,11 +129,41 @@ def mark_split(mlflow_client, run_id: str) -> None:
 def close_decision_run(mlflow_client, run_id: str, version: Version | None, failed: str | None = None) -> None:
     """Record the version a decision made (if any) and end the run."""
     if version is not None:
-        mlflow_client.set_tag(run_id, VERSION_TAG, version.tag)
-        mlflow_client.set_tag(run_id, GIT_SHA_TAG, version.sha)
+        record_version(mlflow_client, run_id, version)
     if failed:
-        mlflow_client.set_tag(run_id, "mendd.error", cut(failed))
+        mlflow_client.set_tag(run_id, ERROR_TAG, cut(failed))
     mlflow_client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def record_version(mlflow_client, run_id: str, version: Version) -> None:
+    """The version a decision's run made (at the decision, or later by an approval)."""
+    mlflow_client.set_tag(run_id, VERSION_TAG, version.tag)
+    mlflow_client.set_tag(run_id, GIT_SHA_TAG, version.sha)
+
+
+def mark_settled(mlflow_client, run_id: str, settled: str, who: str) -> None:
+    """A held run settled (approved, rejected, unusable): it no longer waits for review."""
+    mlflow_client.set_tag(run_id, SETTLED_BY_TAG, who)
+    mlflow_client.set_tag(run_id, SETTLED_TAG, settled)
+
+
+def note_review(mlflow_client, run_id: str, note: str) -> None:
+    """Why a held run still waits, shown beside it in the UI."""
+    mlflow_client.set_tag(run_id, REVIEW_NOTE_TAG, cut(note))
+
+
+def refuse_review(mlflow_client, run_id: str, note: str) -> None:
+    """A person's review tag that could not be acted on: removed, and the reason left as a note."""
+    mlflow_client.delete_tag(run_id, REVIEW_TAG)
+    note_review(mlflow_client, run_id, note)
+
+
+def record_rejudged(mlflow_client, run_id: str, head: str, outcome: str, metrics: dict[str, float]) -> None:
+    """A stale approval judged again on the head: its figures there and the outcome."""
+    for name, value in metrics.items():
+        mlflow_client.log_metric(run_id, f"rejudged.{name}", value)
+    mlflow_client.set_tag(run_id, REJUDGED_ON_TAG, head)
+    mlflow_client.set_tag(run_id, REJUDGED_TAG, outcome)
 
 
 def held_runs(mlflow_client, experiment: str, page_size: int = 1000) -> list:

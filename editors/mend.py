@@ -20,6 +20,7 @@ from torch import nn
 from editors.batching import chat_prompt, pair_ids
 from editors.editable import Editable
 from editors.memory_model import is_question
+from editors.settings import TrainSettings
 from editors.types import Correction, Delta, EditInputError, LowRankUpdate, Share
 from editors import scoring
 
@@ -28,8 +29,8 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 @dataclass(frozen=True)
 class MendSettings:
-    rank: int = 256
-    edit_lr: float = 1e-4  # initial α_l
+    rank: int = TrainSettings.rank
+    edit_lr: float = TrainSettings.edit_lr  # initial α_l
     edit_names: tuple[str, ...] = ()
     model_spec: str = ""
 
@@ -165,7 +166,8 @@ class MendEditor:
         self.chat_questions = chat_questions  # also edit each question as the chat template asks it
 
     @classmethod
-    def fresh(cls, editable: Editable, rank: int = 256, edit_lr: float = 1e-4, model_spec: str = "") -> "MendEditor":
+    def fresh(cls, editable: Editable, rank: int = TrainSettings.rank, edit_lr: float = TrainSettings.edit_lr,
+              model_spec: str = "") -> "MendEditor":
         settings = MendSettings(rank=rank, edit_lr=edit_lr, edit_names=tuple(editable.edit_names), model_spec=model_spec)
         shapes = [(e.in_features, e.out_features) for e in editable.anatomy.editable]
         return cls(MendNetwork(shapes, settings).eval())

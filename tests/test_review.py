@@ -247,7 +247,7 @@ def test_a_held_run_without_its_candidate_file_is_settled_unusable_and_the_tick_
     assert problems == {}
     assert (served.tag, served.restores) == ("v0002", "v0000")
     assert waiting == [] and tags[tracking.SETTLED_TAG] == "unusable"
-    assert tags[review.REVIEW_NOTE_TAG] == reason == review.MISSING_CANDIDATE
+    assert tags[tracking.REVIEW_NOTE_TAG] == reason == review.MISSING_CANDIDATE
     assert statuses(home)["c2"] == ("rejected", None)
 
 
