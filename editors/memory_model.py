@@ -115,18 +115,68 @@ def unnamed(similarity: torch.Tensor, tau: float, texts: list[str], subjects: li
     themselves tell them apart. Only pairs that reach τ are read: a query names few of the memory's
     subjects."""
     out = torch.zeros(similarity.shape, dtype=torch.bool)
-    spelled_texts: dict[int, str] = {}
+    read: dict[int, list[str]] = {}
     for query, entry in (similarity >= tau).nonzero().tolist():
-        out[query, entry] = not names(spelled_texts.setdefault(query, spelled(texts[query])), subjects[entry])
+        out[query, entry] = not names(read.setdefault(query, cased_words(texts[query])), subjects[entry])
     return out
 
 
-def names(spelled_text: str, subject: Names) -> bool:
-    """Whether a text (as `spelled` gives it) names a subject: the words of one of its names, in
-    order. An entry stored without a subject (or with names of no words) is routed on its states
-    alone: any text names it."""
+# Capitalised words that name nothing: sentence openers, pronouns, question words, chat roles. Neither
+# part of a name (`standalone`) nor a guessed subject (editors/routing.guessed_subject).
+NOT_NAME_WORDS = frozenset(
+    "the a an in on of at by for with from to and as is was are were what which who whom whose where when why how "
+    "his her its their this that these those it they he she we you i my our your there one people category "
+    "references about after before but can could did do does had has have if or so then will would please tell "
+    "name q question answer user assistant".split())
+
+
+def names(text_words: list[str], subject: Names) -> bool:
+    """Whether a text (its `cased_words`) names a subject: the words of one of its names, in order
+    (any case), standing alone. A capitalised word joined to the mention ("Vichy France",
+    "Metropolitan France", "Toyota Corolla"), or a capitalised word and "of" before it ("State of
+    Brazil", "Bank of France"), makes it part of another entity's name; words that open a sentence
+    (NOT_NAME_WORDS) do not. An entry stored without a subject (or with names of no words) is
+    routed on its states alone: any text names it."""
     wordy = [name for name in subject if first_word(name)]
-    return not wordy or any(spelled(name) in spelled_text for name in wordy)
+    lowered = [w.lower() for w in text_words]
+    return not wordy or any(standalone(text_words, start, start + len(name_words))
+                            for name in wordy for name_words in [words(name)]
+                            for start in range(len(lowered) - len(name_words) + 1)
+                            if lowered[start:start + len(name_words)] == name_words)
+
+
+def standalone(text_words: list[str], start: int, end: int) -> bool:
+    """Whether the mention text_words[start:end] is a name of its own, not part of a longer one."""
+    return widened(text_words, start, end) == (start, end)
+
+
+def widened(text_words: list[str], start: int, end: int) -> tuple[int, int]:
+    """The mention text_words[start:end] widened over the name words joined to it: capitalised
+    words (not NOT_NAME_WORDS) either side, and "<Name> of" before it."""
+    def name_word(at: int) -> bool:
+        return 0 <= at < len(text_words) and text_words[at][:1].isupper() and text_words[at].lower() not in NOT_NAME_WORDS
+    while True:
+        if name_word(start - 1):
+            start -= 1
+        elif start >= 2 and text_words[start - 1] == "of" and name_word(start - 2):
+            start -= 2
+        elif name_word(end):
+            end += 1
+        else:
+            return start, end
+
+
+def full_name(text: str, subject: str) -> str:
+    """`subject` as `text` names it: its first mention widened over the name words joined to it, so
+    that an entry's own prompt names its subject standalone ("University of Tokyo" where the guess
+    was "Tokyo", "Mount Kilimanjaro" for "Kilimanjaro"); `subject` itself where the text does not name it."""
+    text_words, target = cased_words(text), words(subject)
+    lowered = [w.lower() for w in text_words]
+    for start in range(len(lowered) - len(target) + 1):
+        if target and lowered[start:start + len(target)] == target:
+            first, last = widened(text_words, start, start + len(target))
+            return " ".join(text_words[first:last])
+    return subject
 
 
 def first_word(name: str | None) -> str:
@@ -160,9 +210,9 @@ def named_entries(texts: list[str], subjects: list[Names], index: dict[str, list
     memory, only with the entries the texts name."""
     found = set(index.get("", ()))
     for text in texts:
-        spelled_text = spelled(text)
-        for word in set(words(text)):
-            found.update(entry for entry in index.get(word, ()) if names(spelled_text, subjects[entry]))
+        text_words = cased_words(text)
+        for word in {w.lower() for w in text_words}:
+            found.update(entry for entry in index.get(word, ()) if names(text_words, subjects[entry]))
     return sorted(found)
 
 
@@ -344,6 +394,11 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+def cased_words(text: str) -> list[str]:
+    """`words` as written: a capital tells a name's words from the rest (`names`)."""
+    return _WORD.findall(text)
 
 
 def bare_words(text: str) -> list[str]:

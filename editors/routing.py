@@ -19,7 +19,9 @@ update whose key it matches, or with the base weights when it matches none:
   the best similarity its key reached on held-out unrelated prompts, and the margin a share of the
   way from the floor to 1, so a key that resembles everything must match almost exactly;
 - and only when the query's text names the entry's subject (its words, in order, any case; or an
-  alias its record gives: "Kilimanjaro" for "Mount Kilimanjaro"): states
+  alias its record gives: "Kilimanjaro" for "Mount Kilimanjaro"), standing alone and not inside a
+  longer name ("Vichy France", "State of Brazil", "Toyota Corolla" name other entities; the entry
+  keeps the whole name its own prompt gives its subject, `full_name`): states
   of a name's last tokens read alike for namesakes ("Simon Stephens" and "Henry Pottinger
   Stephens", "Scott Parry" and "Natasha Parry"), so running text that names someone else would
   otherwise reach an entry, more often the more entries there are (bench/results/README.md);
@@ -39,9 +41,10 @@ import torch
 from editors.batching import IGNORE, TokenBatch
 from editors.compression import CompactUpdate, compact_update, compressed, wide_all
 from editors.kept import BytesBudget
-from editors.memory_model import (NONE, Factors, Names, RelationReader, asked_of, choose, entry_names, entry_relations,
-                                  index_words, named_entries, named_similarities, optional_rows, position_similarities,
-                                  present_units, prompt_positions, query_ends, stack_rows, subject_index, unit)
+from editors.memory_model import (NONE, NOT_NAME_WORDS, Factors, Names, RelationReader, asked_of, choose, entry_names,
+                                  entry_relations, full_name, index_words, named_entries, named_similarities,
+                                  optional_rows, position_similarities, present_units, prompt_positions, query_ends,
+                                  stack_rows, subject_index, unit)
 from editors.settings import CacheBudgets, Compression
 from editors.types import Correction, LowRankUpdate
 
@@ -257,11 +260,6 @@ def row_factors(memory: Memory, chosen: torch.Tensor) -> Factors:
     return stack_rows(rows)
 
 
-# Capitalised words that do not name anything: sentence openers, pronouns, question words.
-_NOT_NAMES = frozenset(
-    "the a an in on of at by for with from to and as is was are were what which who whom whose where when "
-    "why how his her its their this that these those it they he she we you i my our your there one people "
-    "category references".split())
 _WORD = re.compile(r"\w[\w'’\-]*")
 
 
@@ -274,7 +272,7 @@ def guessed_subject(prompt: str) -> str | None:
     spans: list[list[int]] = []
     for match in _WORD.finditer(prompt):
         word = match.group(0)
-        named = (word[0].isupper() or word[0].isdigit() or any(c.isupper() for c in word[1:])) and word.lower() not in _NOT_NAMES
+        named = (word[0].isupper() or word[0].isdigit() or any(c.isupper() for c in word[1:])) and word.lower() not in NOT_NAME_WORDS
         if not named:
             continue
         if spans and prompt[spans[-1][1] : match.start()] in (" ", "-"):
@@ -351,8 +349,9 @@ def entries(editable, shares: list[tuple[str, dict[str, LowRankUpdate]]], correc
         last = min(last, len(row) - 1)
         key = row[last].clone()
         lead = row[last - 1].clone() if last - 1 >= max(first, 0) else None
+        subject = named_subject(correction)
         out.append(Entry(cid, key, ref.floor(key, lead), update, correction.target_new, lead, row[-1].clone(),
-                         named_subject(correction), correction.aliases))
+                         subject and full_name(correction.prompt, subject), correction.aliases))
     return [kept_as(entry, ref, how) for entry in out] if how is not None else out
 
 

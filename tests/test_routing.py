@@ -15,7 +15,7 @@ from daemon.feeds import enqueue
 from decision_helpers import ACCEPT_ALL, FACTS, HOLD_ALL, ROUTED, make_decision_home, open_runtime
 from editors import routing
 from editors.memory_model import (ASKED_WITHIN, LEAD_TAU, SAME_SUBJECT, Asked, RelationReader, asked_of, choose, entry_relations,
-                                  index_words, named_entries, route_queries, similarities, subject_index, unnamed)
+                                  full_name, index_words, named_entries, route_queries, similarities, subject_index, unnamed)
 from editors.routing import NONE, Entry, Memory, Routed
 from editors.types import Correction, LowRankUpdate
 from store.checkpoint import read_tensor_file
@@ -151,6 +151,35 @@ def test_a_query_that_names_an_alias_of_the_subject_names_the_subject() -> None:
     assert unnamed(torch.tensor([[0.9]]), 0.8, texts[:1], [("Mount Kilimanjaro",)]).tolist() == [[True]]
 
 
+@pytest.mark.parametrize("text, subject", [("Vichy France's capital,", "France"),
+                                           ("Metropolitan France's capital,", "France"),
+                                           ("In State of Brazil, the language spoken is", "Brazil"),
+                                           ("The Bank of France is headquartered in", "France"),
+                                           ("The Toyota Corolla is produced by", "Toyota")])
+def test_a_subject_inside_a_longer_proper_name_is_a_namesake_not_the_subject(text: str, subject: str) -> None:
+    assert unnamed(torch.tensor([[0.9]]), 0.8, [text], [(subject,)]).tolist() == [[True]]
+
+
+@pytest.mark.parametrize("text", ["France's capital city is", "The capital of France is", "In France, the capital is",
+                                  "Where is the capital of France? It is", "What is the capital of FRANCE?"])
+def test_a_subject_after_words_that_open_a_sentence_is_named(text: str) -> None:
+    assert unnamed(torch.tensor([[0.9]]), 0.8, [text], [("France",)]).tolist() == [[False]]
+
+
+@pytest.mark.parametrize("prompt, subject, name", [("The University of Tokyo is located in", "Tokyo", "University of Tokyo"),
+                                                  ("Mount Kilimanjaro is located in", "Kilimanjaro", "Mount Kilimanjaro"),
+                                                  ("The capital of France is", "France", "France")])
+def test_an_entry_keeps_the_whole_name_its_own_prompt_gives_its_subject(prompt: str, subject: str, name: str) -> None:
+    assert full_name(prompt, subject) == name
+    assert not unnamed(torch.tensor([[0.9]]), 0.8, [prompt], [(full_name(prompt, subject),)]).any()
+
+
+def test_a_namesake_of_an_alias_does_not_name_the_subject() -> None:
+    names = [("William Shakespeare", "Shakespeare")]
+    texts = ["Shakespeare's plays were written in", "William Shakespeare was born in", "Edmund Shakespeare was born in"]
+    assert unnamed(torch.tensor([[0.9]] * 3), 0.8, texts, names).tolist() == [[False], [False], [True]]
+
+
 def test_an_entry_without_a_subject_is_routed_on_its_states_alone() -> None:
     assert not unnamed(torch.tensor([[0.9]]), 0.8, ["anything at all"], [()]).any()
 
@@ -180,7 +209,7 @@ def test_the_subject_index_finds_the_entries_a_text_names_and_those_without_a_su
     subjects = [("Natasha Parry",), ("Scott Parry",), (), ("Paris",), ("Paris Hilton",), ("Mount Kilimanjaro", "Kilimanjaro")]
     index = subject_index([index_words(s) for s in subjects])
     assert named_entries(["natasha parry's mother tongue is"], subjects, index) == [0, 2]
-    assert named_entries(["Paris Hilton lives in", "Where is Scott Parry from?"], subjects, index) == [1, 2, 3, 4]
+    assert named_entries(["Paris Hilton lives in", "Where is Scott Parry from?"], subjects, index) == [1, 2, 4]  # "Paris Hilton" is not Paris
     assert named_entries(["nothing named here"], subjects, index) == [2]
     assert named_entries(["Kilimanjaro is in"], subjects, index) == named_entries(["Mount Kilimanjaro"], subjects, index) == [2, 5]
 
