@@ -59,10 +59,10 @@ from daemon.config import load_config
 from daemon.cycle import run_cycle
 from daemon.feeds import enqueue
 from daemon.home import Home
+from daemon.home_lock import home_lock
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
 from daemon.suite_files import load_suites
-from daemon.versioning import home_lock
 from editors.batching import text_batch
 from editors.editable import Editable
 from editors.formats import from_record, load_corrections

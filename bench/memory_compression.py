@@ -32,8 +32,8 @@ import torch
 from daemon.editor_jobs import edit_as_served
 from daemon.home import Home
 from daemon.provision import base_editable, provisioned
+from daemon.stored_form import entry_to_stored, memory_chunk
 from daemon.suite_files import routing_reference
-from daemon.versioning import entry_to_stored, memory_chunk
 from editors.formats import load_corrections
 from editors.memory_model import NONE
 from editors.reading import first_words, mentions
@@ -42,8 +42,8 @@ from editors.serving import serving_entries
 from editors.settings import Compression
 from policies.probes import data_dir
 from policies.served_eval import Served
-from store.versions import write_shares
 from report import report
+from store.versions import write_shares
 
 MODEL = "smollm2-135m"
 TOKENS = 20

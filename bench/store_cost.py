@@ -24,9 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from daemon.home import Home, init_home
+from daemon.commits import commit_change, edit_change, rollback
 from daemon.config import load_config
-from daemon.versioning import commit_change, create_versions, edit_change, open_versions, rollback
+from daemon.home import Home, init_home
+from daemon.versioning import create_versions, open_versions
 from editors.editable import Editable
 from editors.formats import load_corrections
 from editors.registry import guarded, make_editor

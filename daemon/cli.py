@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from daemon.config import ConfigError, MenddConfig, check_serving, load_config
-from editors.settings import TrainSettings
 from daemon.home import Home, HomeError, check_new_home, init_home, resolve_home
+from editors.settings import TrainSettings
 from store.errors import StoreError
 
 if TYPE_CHECKING:  # torch-heavy modules, imported by the commands that need them
@@ -214,8 +214,8 @@ def run(ctx: typer.Context) -> None:
 def cycle(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Run one maintenance cycle now (waits for the home lock if the service is mid-cycle)."""
     from daemon.cycle import run_cycle
+    from daemon.home_lock import home_lock
     from daemon.runtime import Runtime
-    from daemon.versioning import home_lock
 
     config = _config(ctx)
     with home_lock(ctx.obj):
@@ -247,8 +247,8 @@ def ask(
 ) -> None:
     """What the served version says: its greedy continuation of PROMPT, and with editor.memory routed,
     which correction's entry served it."""
+    from daemon.home_lock import home_lock
     from daemon.runtime import Runtime
-    from daemon.versioning import home_lock
     from editors.routing import NONE
     from editors.serving import continuation, serving_entry
 
@@ -369,7 +369,8 @@ def rollback(
     version: Annotated[str, typer.Argument(help="Version tag, e.g. v0003.")],
 ) -> None:
     """Make the served model equal to an earlier version (as a new commit; history is kept)."""
-    from daemon.versioning import changing, rollback as roll_back
+    from daemon.commits import rollback as roll_back
+    from daemon.versioning import changing
 
     with changing(ctx.obj, _config(ctx)) as (opened, recovery):
         _report_recovery(recovery)
@@ -390,8 +391,8 @@ def revert(
     The gate judges the result first, as it judges every change: the other corrections must still
     hold and unrelated answers and perplexity stay in bounds. The decision is an MLflow run."""
     from daemon.cycle import decide_revert
+    from daemon.home_lock import home_lock
     from daemon.runtime import Runtime
-    from daemon.versioning import home_lock
 
     config = _config(ctx)
     with home_lock(ctx.obj):
@@ -550,8 +551,8 @@ def export(
     `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` (a routed version brings its
     memory and a self-contained modeling file; a weights version is a plain Hugging Face folder)."""
     from daemon.exporting import ExportError, export_version
-    from editors.registry import relation_reader
     from daemon.versioning import open_versions
+    from editors.registry import relation_reader
     from store.errors import StoreError
 
     config = _config(ctx)

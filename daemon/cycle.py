@@ -15,9 +15,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from daemon import tracking
+from daemon.commits import commit_change, commit_delta, commit_entries, revert_change
 from daemon.review import Rejudge, save_held
 from daemon.runtime import Runtime, ledger_corrections
-from daemon.versioning import commit_change, commit_delta, commit_entries, memory_chunk, revert_change
+from daemon.stored_form import memory_chunk
 from editors.formats import FormatError, from_record
 from editors.routing import Routed
 from editors.types import Correction, apply_delta

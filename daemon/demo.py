@@ -17,9 +17,9 @@ from daemon.config import load_config
 from daemon.cycle import CycleReport, run_cycle
 from daemon.feeds import ingest, located
 from daemon.home import Home
+from daemon.home_lock import home_lock
 from daemon.provision import provision_home
 from daemon.runtime import Runtime
-from daemon.versioning import home_lock
 from editors.serving import continuations
 
 DEMO_FEED = Path(__file__).with_name("demo_feed.jsonl")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from daemon.versioning import entry_from_stored
+from daemon.stored_form import entry_from_stored
 from editors import memory_model
 from editors.routing import Entry
 from store.checkpoint import write_tensor_file

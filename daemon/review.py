@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from daemon import tracking
+from daemon.commits import commit_chunk, commit_delta
 from daemon.health import describe_failure
 from daemon.home import Home
 from daemon.runtime import Records, ledger_corrections
-from daemon.versioning import (Versions, commit_chunk, commit_delta, is_routed, share_from_stored, share_to_stored,
-                               sync_ledger)
+from daemon.stored_form import is_routed, share_from_stored, share_to_stored
+from daemon.versioning import Versions, sync_ledger
 from editors.types import Correction, Delta
 from policies.gate import Decision
 from store.crash import APPROVAL_COMMITTED, HELD_SAVED, crash_point

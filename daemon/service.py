@@ -27,19 +27,20 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon import systemd
-from daemon.config import MenddConfig, load_config
 from daemon.answering import Answering, Snapshot
 from daemon.compute import on_own_thread, on_own_thread_each_call
+from daemon.config import MenddConfig, load_config
 from daemon.cycle import rejudge_on_head, run_cycle
 from daemon.feeds import FeedError, quarantine_line, pull
 from daemon.health import Health, describe_failure
 from daemon.home import Home
+from daemon.home_lock import home_lock
 from daemon.http_api import Api, serve
 from daemon.metrics import Metrics
 from daemon.review import Settled, settle_tagged
 from daemon.runtime import Runtime
 from daemon.status import snapshot
-from daemon.versioning import Versions, home_lock, recover, served_version
+from daemon.versioning import Versions, recover, served_version
 from policies.policy import load_policy
 from store.errors import StoreError
 from store.ledger import Ledger

@@ -12,7 +12,7 @@ import signal
 
 CRASH_ENV = "MENDD_CRASH_AT"
 
-# The steps of a commit, in the order they happen (store/versions.py and daemon/versioning.py).
+# The steps of a commit, in the order they happen (store/versions.py and daemon/commits.py).
 TENSORS_WRITTEN = "tensors-written"
 DVC_ADDED = "dvc-added"
 GIT_COMMITTED = "git-committed"

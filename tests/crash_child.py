@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from daemon.commits import commit_delta, commit_entries, rollback
 from daemon.config import load_config
 from daemon.home import Home
-from daemon.versioning import changing, commit_delta, commit_entries, rollback
+from daemon.versioning import changing
 from editors.routing import Entry, Memory
 from store_helpers import FACTS, mend_delta
 

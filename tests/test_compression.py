@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from daemon.versioning import entry_from_stored, entry_to_stored
+from daemon.stored_form import entry_from_stored, entry_to_stored
 from editors.compression import best_rank, compressed, from_bytes, held_in, packed, rounded, to_bytes, unpacked
 from editors.routing import Entry
 from editors.settings import Compression
@@ -91,7 +91,7 @@ def test_compressing_folds_the_scale_into_the_outputs() -> None:
 
 
 def test_an_uncompressed_share_keeps_its_scale_and_orientation() -> None:
-    from daemon.versioning import share_from_stored, share_to_stored
+    from daemon.stored_form import share_from_stored, share_to_stored
     from editors.types import Share
 
     update = LowRankUpdate(torch.randn(2, 5), torch.randn(2, 3), 0.25, transposed=True)

@@ -103,7 +103,7 @@ def test_a_rollback_killed_between_checkout_and_commit_is_undone(tmp_path: Path,
 
 
 def test_after_recovery_the_store_takes_new_commits(tmp_path: Path, model_digests) -> None:
-    from daemon.versioning import commit_delta
+    from daemon.commits import commit_delta
 
     home = make_home(tmp_path / "home")
     assert run_child(home, "edit", DVC_ADDED).returncode == -signal.SIGKILL

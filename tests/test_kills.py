@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.commits import edit_change
+from daemon.versioning import sync_ledger
 from decision_helpers import ACCEPT_ALL, make_decision_home
-from daemon.versioning import edit_change, sync_ledger
 from service_harness import KILL_SCHEDULE, audit, configure, free_port, kill_at, kill_rounds
-from store_helpers import FACTS, make_home, mend_delta, open_home
 from store.crash import TAGGED
+from store_helpers import FACTS, make_home, mend_delta, open_home
 
 ROUNDS = 25
 

@@ -11,7 +11,7 @@ import torch
 
 from daemon.config import ConfigError, load_config
 from daemon.home import Home
-from daemon.versioning import entry_from_stored, entry_to_stored
+from daemon.stored_form import entry_from_stored, entry_to_stored
 from editors import routing
 from editors.compression import CompactUpdate, compact, compressed, rounded, wide_all
 from editors.editable import Editable

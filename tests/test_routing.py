@@ -559,7 +559,7 @@ def test_ask_says_which_correction_served_a_prompt(tmp_path: Path, data_root) ->
 
 
 def test_an_entry_s_lead_relation_subject_and_aliases_are_stored_with_it_and_read_back() -> None:
-    from daemon.versioning import entry_from_stored, entry_to_stored
+    from daemon.stored_form import entry_from_stored, entry_to_stored
 
     update = {"w": LowRankUpdate(torch.randn(1, 4), torch.randn(1, 3), 1.0)}
     for state, subject, aliases in ((torch.randn(4), "Zürich Straße", ("Zürich", "ZH")), (None, None, ())):

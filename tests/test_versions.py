@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from daemon.commits import commit_change, commit_delta, revert_change, rollback
 from daemon.home import Home
-from daemon.versioning import commit_change, commit_delta, load_served_model, revert_change, rollback, served_version
+from daemon.versioning import load_served_model, served_version
 from store.checkpoint import INDEX, read_tensors
 from store.errors import DirtyStoreError, MissingObjectsError, StoreError, UnknownCorrectionError, UnknownVersionError
 from store.ledger_schema import CorrectionStatus
@@ -196,7 +197,7 @@ def test_revert_subtracts_one_correction_exactly_and_keeps_later_ones(home: Home
 
 
 def test_stored_factors_rebuild_the_delta_bit_for_bit(home: Home, deltas) -> None:
-    from daemon.versioning import share_from_stored
+    from daemon.stored_form import share_from_stored
 
     versions = open_home(home)
     commit_delta(versions, deltas["c1"], run_id="r1", figures={})
@@ -209,7 +210,7 @@ def test_stored_factors_rebuild_the_delta_bit_for_bit(home: Home, deltas) -> Non
 
 
 def test_factors_rounded_for_storage_are_kept_in_bfloat16_and_rebuild_bit_for_bit(home: Home, deltas) -> None:
-    from daemon.versioning import share_from_stored
+    from daemon.stored_form import share_from_stored
 
     rounded = deltas["c1"].rounded(torch.bfloat16)
     versions = open_home(home)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.commits import commit_delta
+from daemon.home import Home
 from decision_helpers import ACCEPT_ALL, make_decision_home, policy
 from home_copies import copy_home
-from daemon.home import Home
-from daemon.versioning import commit_delta
-from store_helpers import FACTS, mend_delta, open_home, store_is_clean
 from store.versions import Version
+from store_helpers import FACTS, mend_delta, open_home, store_is_clean
 from test_cli import mendd
 
 
