@@ -7,7 +7,7 @@ import torch
 
 from editors import scoring
 from editors.editable import Editable
-from editors.mend import admissible
+from editors.admission import admissible
 from editors.types import Correction, Delta, Share
 
 

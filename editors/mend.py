@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editors.batching import chat_prompt, pair_ids
+from editors.admission import admissible
+from editors.batching import chat_prompt
 from editors.editable import Editable
 from editors.memory_model import is_question
 from editors.settings import TrainSettings
-from editors.types import Correction, Delta, EditInputError, LowRankUpdate, Share
+from editors.types import Correction, Delta, LowRankUpdate, Share
 from editors import scoring
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -220,35 +221,6 @@ class MendEditor:
                     inputs=u_t[mine], outputs=delta_t[mine], scale=-lr, transposed=tensor.transposed
                 )
         return out
-
-
-def admissible(editable: Editable, corrections: list[Correction], delta: Delta) -> list[Correction]:
-    """The corrections that need an edit; the others go into delta.invalid or delta.holding."""
-    ready = []
-    for correction in corrections:
-        try:
-            correction.validate()
-            check_length(editable, correction)
-        except EditInputError as error:
-            delta.invalid.append(error)
-            continue
-        ready.append(correction)
-    if not ready:
-        return ready
-    batch = editable.batch([(c.prompt, c.target_new) for c in ready])
-    with torch.no_grad():
-        acc = scoring.accuracy(editable.logits(batch), batch.answer_labels, batch.row_of_answer, len(ready))
-    delta.holding.extend(c.id for c, a in zip(ready, acc) if a >= 1.0)
-    return [c for c, a in zip(ready, acc) if a < 1.0]
-
-
-def check_length(editable: Editable, correction: Correction) -> None:
-    prompt_ids, answer_ids = pair_ids(editable.tokenizer, correction.prompt, correction.target_new)
-    total = len(prompt_ids) + len(answer_ids)
-    if total > editable.max_positions:
-        raise EditInputError(
-            correction.id, "prompt", f"prompt+target is {total} tokens, longer than the model's context of {editable.max_positions}"
-        )
 
 
 def edit_pairs(editable: Editable, corrections: list[Correction], chat_questions: bool = False
