@@ -32,8 +32,9 @@ from policies.probes import data_dir
 from policies.relations import HALVES, half
 
 MODEL = "smollm2-135m"
+# issue #35 raised chat_success to 0.80
 BARS = {"gen_prompt": (">=", 0.95), "gen_rephrase": (">=", 0.80), "nbhd_kept": (">=", 0.95), "nbhd_leak": ("<=", 0.02),
-        "fluency": (">=", 0.97), "chat_success": (">=", 0.60), "other_leak": ("<=", 0.05), "other_changed": ("<=", 0.15)}
+        "fluency": (">=", 0.97), "chat_success": (">=", 0.80), "other_leak": ("<=", 0.05), "other_changed": ("<=", 0.15)}
 SAME_WITHOUT_SUBJECT = 0.03  # every figure of the --no-subject run within this of the subject run
 RUNS = ("subject", "no_subject", "zsre_chat")
 
