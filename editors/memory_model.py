@@ -138,11 +138,16 @@ def names(text_words: list[str], subject: Names) -> bool:
     (NOT_NAME_WORDS) do not. An entry stored without a subject (or with names of no words) is
     routed on its states alone: any text names it."""
     wordy = [name for name in subject if first_word(name)]
+    return not wordy or any(standalone(text_words, start, end) for name in wordy
+                            for start, end in mentions_of(text_words, words(name)))
+
+
+def mentions_of(text_words: list[str], name_words: list[str]) -> list[tuple[int, int]]:
+    """Where `name_words` (lower-cased) occur among `text_words` (any case), in order: (start, end) spans."""
     lowered = [w.lower() for w in text_words]
-    return not wordy or any(standalone(text_words, start, start + len(name_words))
-                            for name in wordy for name_words in [words(name)]
-                            for start in range(len(lowered) - len(name_words) + 1)
-                            if lowered[start:start + len(name_words)] == name_words)
+    size = len(name_words)
+    return [(start, start + size) for start in range(len(lowered) - size + 1)
+            if size and lowered[start:start + size] == name_words]
 
 
 def standalone(text_words: list[str], start: int, end: int) -> bool:
@@ -170,13 +175,12 @@ def full_name(text: str, subject: str) -> str:
     """`subject` as `text` names it: its first mention widened over the name words joined to it, so
     that an entry's own prompt names its subject standalone ("University of Tokyo" where the guess
     was "Tokyo", "Mount Kilimanjaro" for "Kilimanjaro"); `subject` itself where the text does not name it."""
-    text_words, target = cased_words(text), words(subject)
-    lowered = [w.lower() for w in text_words]
-    for start in range(len(lowered) - len(target) + 1):
-        if target and lowered[start:start + len(target)] == target:
-            first, last = widened(text_words, start, start + len(target))
-            return " ".join(text_words[first:last])
-    return subject
+    text_words = cased_words(text)
+    found = mentions_of(text_words, words(subject))
+    if not found:
+        return subject
+    first, last = widened(text_words, *found[0])
+    return " ".join(text_words[first:last])
 
 
 def first_word(name: str | None) -> str:
